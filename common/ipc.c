@@ -1,0 +1,959 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * ipc: mailboxes over nng PUSH/PULL with batching and at-least-once hops.
+ * See ipc.h for the model and the wire form, docs/architecture.md for the
+ * why.  Callers: every process, through proto/ (typed sends) and svc.
+ *
+ * Threads.  nng's aio callbacks run on nng's threads and only move nng
+ * messages: a received message is queued for the loop (and the eventfd
+ * written); a finished send starts the next batch.  Packing, decoding and
+ * handlers run on the loop thread.  A peer's mutex guards its outgoing
+ * buffer and its unacknowledged batches; it is never held across an nng
+ * call that might complete synchronously.
+ *
+ * nng 1.5.2 pitfalls handled here (PITFALLS.md): dials are non-blocking
+ * with a bounded reconnect back-off; RECVMAXSZ is set before listening; a
+ * lock file keeps a second instance from probing our path; the listener is
+ * checked every 5 s by a full handshake and re-created if it died.
+ * Never logs; counts what it drops.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <nng/nng.h>
+#include <nng/protocol/pipeline0/pull.h>
+#include <nng/protocol/pipeline0/push.h>
+
+#include "conf.h"
+#include "ipc.h"
+#include "mpk.h"
+
+#define IPC_TYPE_ACK 1
+#define IPC_RECVMAX (64u << 20)	  /* bytes per nng message */
+#define IPC_RESEND_MS 1000	  /* no ack progress: send again */
+#define IPC_SEND_TIMEOUT_MS 1000  /* a send waiting for a pipe */
+#define IPC_PROBE_EVERY_MS 5000	  /* listener health check */
+#define IPC_PROBE_WAIT_MS 1000
+#define IPC_PEER_GC_MS 60000	  /* forget a peer unreachable this long */
+#define IPC_WINDOW 8192		  /* dedup window, in envelopes */
+#define IPC_HASH 128
+
+struct batch {
+	struct batch *next;
+	uint64_t last_seq;
+	size_t count; /* reliable envelopes */
+	struct buf b;
+};
+
+struct peer {
+	struct peer *hnext;
+	char name[64];
+	struct ipc *ipc;
+	nng_socket sock;
+	nng_aio *aio;
+	pthread_mutex_t mu;
+	/* under mu */
+	struct buf out;		/* packed, not yet a batch */
+	size_t out_count;	/* reliable envelopes in out */
+	struct batch *head, *tail, *cursor;
+	size_t backlog;		/* reliable envelopes queued or unacked */
+	int inflight;
+	uint64_t next_seq;
+	uint64_t acked;
+	/* loop thread */
+	uint64_t progress_ms;	/* last ack progress, or first unacked */
+	uint64_t down_since;	/* no pipe since (0: up) */
+	atomic_int pipes;
+	atomic_int rewind;
+};
+
+struct sender {
+	struct sender *hnext;
+	char name[64];
+	uint64_t incarnation;
+	uint64_t lo;		/* every seq <= lo arrived */
+	uint64_t win[IPC_WINDOW / 64]; /* bit i: lo + 1 + i arrived */
+	size_t ahead;		/* bits set in win */
+	int need_ack;
+	uint64_t last_seen_ms;
+};
+
+struct inq {
+	nng_msg **v;
+	size_t n, cap;
+};
+
+struct ipc {
+	char name[64];
+	char url[512];
+	uint64_t incarnation;
+	ipc_handler handler;
+	void *arg;
+	nng_socket pull;
+	nng_listener listener;
+	nng_aio *raio;
+	int efd;
+	int lockfd;
+	pthread_mutex_t qmu;
+	struct inq q, work;
+	struct peer *peers[IPC_HASH];
+	struct sender *senders[IPC_HASH];
+	int64_t max_backlog;
+	struct ipc_stats st;
+	atomic_uint_fast64_t nngmsg_in;
+	/* listener probe */
+	nng_socket probe;
+	int probing;
+	atomic_int probe_ok;
+	uint64_t probe_at;
+	uint64_t last_tick;
+	int closing;
+};
+
+static unsigned
+hash(const char *s, size_t n)
+{
+	uint32_t h = 2166136261u;
+
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ (unsigned char)s[i]) * 16777619u;
+	return (h % IPC_HASH);
+}
+
+int
+ipc_url(const char *name, char *out, size_t outlen)
+{
+	char key[96];
+	const char *v;
+	int n;
+
+	snprintf(key, sizeof(key), "%s_url", name);
+	if ((v = conf_get("ipc", key, NULL)) != NULL && *v != '\0')
+		n = snprintf(out, outlen, "%s", v);
+	else
+		n = snprintf(out, outlen, "ipc://%s/%s.ipc", conf_rundir(),
+		    name);
+	return (n < 0 || (size_t)n >= outlen ? -1 : 0);
+}
+
+/* Receiving. */
+
+static void
+recv_cb(void *arg)
+{
+	struct ipc *ipc = arg;
+	nng_msg *m;
+	int wake = 0;
+
+	if (nng_aio_result(ipc->raio) != 0) {
+		if (nng_aio_result(ipc->raio) == NNG_ECLOSED)
+			return;
+		nng_recv_aio(ipc->pull, ipc->raio);
+		return;
+	}
+	m = nng_aio_get_msg(ipc->raio);
+	pthread_mutex_lock(&ipc->qmu);
+	if (ipc->q.n == ipc->q.cap) {
+		size_t n = ipc->q.cap ? ipc->q.cap * 2 : 64;
+		nng_msg **v = realloc(ipc->q.v, n * sizeof(*v));
+		if (v == NULL) {
+			pthread_mutex_unlock(&ipc->qmu);
+			nng_msg_free(m); /* resent after IPC_RESEND_MS */
+			nng_recv_aio(ipc->pull, ipc->raio);
+			return;
+		}
+		ipc->q.v = v;
+		ipc->q.cap = n;
+	}
+	wake = ipc->q.n == 0;
+	ipc->q.v[ipc->q.n++] = m;
+	pthread_mutex_unlock(&ipc->qmu);
+	atomic_fetch_add(&ipc->nngmsg_in, 1);
+	if (wake) {
+		uint64_t one = 1;
+		(void)!write(ipc->efd, &one, sizeof(one));
+	}
+	nng_recv_aio(ipc->pull, ipc->raio);
+}
+
+static int
+listen_mailbox(struct ipc *ipc)
+{
+	int rv;
+
+	if ((rv = nng_listener_create(&ipc->listener, ipc->pull, ipc->url)))
+		return (rv);
+	nng_listener_set_size(ipc->listener, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
+	if (strncmp(ipc->url, "ipc://", 6) == 0)
+		unlink(ipc->url + 6); /* we hold the lock: it is stale */
+	return (nng_listener_start(ipc->listener, 0));
+}
+
+static int
+lock_mailbox(struct ipc *ipc, char *err, size_t errlen)
+{
+	char path[600];
+
+	ipc->lockfd = -1;
+	if (strncmp(ipc->url, "ipc://", 6) != 0)
+		return (0);
+	snprintf(path, sizeof(path), "%s.lock", ipc->url + 6);
+	if ((ipc->lockfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) ==
+	    -1) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return (-1);
+	}
+	if (flock(ipc->lockfd, LOCK_EX | LOCK_NB) == -1) {
+		snprintf(err, errlen,
+		    "%s: another process already owns mailbox %s", path,
+		    ipc->name);
+		close(ipc->lockfd);
+		ipc->lockfd = -1;
+		return (-1);
+	}
+	return (0);
+}
+
+struct ipc *
+ipc_open(const char *name, ipc_handler h, void *arg, char *err,
+    size_t errlen)
+{
+	struct ipc *ipc;
+	int rv;
+	int64_t mb = 100000;
+	char e2[256];
+
+	if ((ipc = calloc(1, sizeof(*ipc))) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return (NULL);
+	}
+	snprintf(ipc->name, sizeof(ipc->name), "%s", name);
+	ipc->handler = h;
+	ipc->arg = arg;
+	ipc->efd = -1;
+	pthread_mutex_init(&ipc->qmu, NULL);
+	if (conf_get_int("ipc", "max_backlog", 100000, 16, 100000000, &mb, e2,
+	    sizeof(e2)) == -1) {
+		snprintf(err, errlen, "%s", e2);
+		goto fail;
+	}
+	ipc->max_backlog = mb;
+	if (random_bytes(&ipc->incarnation, sizeof(ipc->incarnation)) == -1) {
+		snprintf(err, errlen, "getrandom: %s", strerror(errno));
+		goto fail;
+	}
+	if (ipc_url(name, ipc->url, sizeof(ipc->url)) == -1) {
+		snprintf(err, errlen, "mailbox URL too long");
+		goto fail;
+	}
+	if ((ipc->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) == -1) {
+		snprintf(err, errlen, "eventfd: %s", strerror(errno));
+		goto fail;
+	}
+	if (lock_mailbox(ipc, err, errlen) == -1)
+		goto fail;
+	if ((rv = nng_pull0_open(&ipc->pull)) != 0 ||
+	    (rv = nng_socket_set_size(ipc->pull, NNG_OPT_RECVMAXSZ,
+	    IPC_RECVMAX)) != 0 ||
+	    (rv = nng_aio_alloc(&ipc->raio, recv_cb, ipc)) != 0) {
+		snprintf(err, errlen, "nng: %s", nng_strerror(rv));
+		goto fail;
+	}
+	if ((rv = listen_mailbox(ipc)) != 0) {
+		snprintf(err, errlen, "listen %s: %s", ipc->url,
+		    nng_strerror(rv));
+		goto fail;
+	}
+	nng_recv_aio(ipc->pull, ipc->raio);
+	ipc->probe_at = now_mono_ms() + IPC_PROBE_EVERY_MS;
+	return (ipc);
+fail:
+	if (ipc->raio)
+		nng_aio_free(ipc->raio);
+	if (ipc->efd != -1)
+		close(ipc->efd);
+	if (ipc->lockfd > 0)
+		close(ipc->lockfd);
+	free(ipc);
+	return (NULL);
+}
+
+const char *
+ipc_name(const struct ipc *ipc)
+{
+	return (ipc->name);
+}
+
+int
+ipc_fd(const struct ipc *ipc)
+{
+	return (ipc->efd);
+}
+
+/* Sending. */
+
+static void send_cb(void *);
+
+static void
+pipe_cb(nng_pipe p, nng_pipe_ev ev, void *arg)
+{
+	struct peer *pe = arg;
+
+	(void)p;
+	/* The socket lock is held here: only touch atomics. */
+	if (ev == NNG_PIPE_EV_ADD_POST) {
+		atomic_fetch_add(&pe->pipes, 1);
+		atomic_store(&pe->rewind, 1);
+	} else if (ev == NNG_PIPE_EV_REM_POST)
+		atomic_fetch_sub(&pe->pipes, 1);
+}
+
+static struct peer *
+peer_find(struct ipc *ipc, const char *name, size_t n)
+{
+	struct peer *p;
+
+	for (p = ipc->peers[hash(name, n)]; p; p = p->hnext)
+		if (strlen(p->name) == n && memcmp(p->name, name, n) == 0)
+			return (p);
+	return (NULL);
+}
+
+static struct peer *
+peer_get(struct ipc *ipc, const char *name, size_t n)
+{
+	struct peer *p;
+	char url[512];
+	nng_dialer d;
+	unsigned h;
+
+	if ((p = peer_find(ipc, name, n)) != NULL)
+		return (p);
+	if (n == 0 || n >= sizeof(p->name))
+		return (NULL);
+	if ((p = calloc(1, sizeof(*p))) == NULL)
+		return (NULL);
+	memcpy(p->name, name, n);
+	p->ipc = ipc;
+	p->next_seq = 1;
+	pthread_mutex_init(&p->mu, NULL);
+	if (ipc_url(p->name, url, sizeof(url)) == -1 ||
+	    nng_push0_open(&p->sock) != 0) {
+		free(p);
+		return (NULL);
+	}
+	nng_socket_set_ms(p->sock, NNG_OPT_RECONNMINT, 10);
+	nng_socket_set_ms(p->sock, NNG_OPT_RECONNMAXT, 1000);
+	nng_pipe_notify(p->sock, NNG_PIPE_EV_ADD_POST, pipe_cb, p);
+	nng_pipe_notify(p->sock, NNG_PIPE_EV_REM_POST, pipe_cb, p);
+	if (nng_aio_alloc(&p->aio, send_cb, p) != 0 ||
+	    nng_dialer_create(&d, p->sock, url) != 0) {
+		if (p->aio)
+			nng_aio_free(p->aio);
+		nng_close(p->sock);
+		free(p);
+		return (NULL);
+	}
+	nng_dialer_set_size(d, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
+	nng_dialer_start(d, NNG_FLAG_NONBLOCK);
+	nng_aio_set_timeout(p->aio, IPC_SEND_TIMEOUT_MS);
+	p->down_since = now_mono_ms();
+	h = hash(name, n);
+	p->hnext = ipc->peers[h];
+	ipc->peers[h] = p;
+	return (p);
+}
+
+static int
+pack_header(struct buf *b, const struct ipc *ipc, uint64_t base)
+{
+	msgpack_packer pk;
+
+	mpk_packer_init(&pk, b);
+	return (msgpack_pack_array(&pk, 5) || mpk_pack_cstr(&pk, "trp") ||
+	    msgpack_pack_uint16(&pk, IPC_VERSION) ||
+	    mpk_pack_cstr(&pk, ipc->name) ||
+	    msgpack_pack_uint64(&pk, ipc->incarnation) ||
+	    msgpack_pack_uint64(&pk, base) ? -1 : 0);
+}
+
+static void
+batch_append(struct peer *p, struct batch *bt)
+{
+	bt->next = NULL;
+	if (p->tail)
+		p->tail->next = bt;
+	else
+		p->head = bt;
+	p->tail = bt;
+}
+
+/* With p->mu held: the next nng message to send, or NULL.  Moves out into
+ * a new batch when there is no resend pending. */
+static nng_msg *
+next_msg(struct peer *p, uint64_t *nsent)
+{
+	struct batch *bt = NULL;
+	struct buf hdr = { 0 };
+	nng_msg *m;
+	int fresh = 0;
+
+	if (p->inflight)
+		return (NULL);
+	if (p->cursor != NULL) {
+		bt = p->cursor;
+		p->cursor = bt->next;
+	} else if (p->out.len > 0) {
+		if ((bt = calloc(1, sizeof(*bt))) == NULL)
+			return (NULL);
+		bt->b = p->out;
+		bt->count = p->out_count;
+		bt->last_seq = p->next_seq - 1;
+		memset(&p->out, 0, sizeof(p->out));
+		p->out_count = 0;
+		fresh = 1;
+	} else
+		return (NULL);
+	if (pack_header(&hdr, p->ipc, p->acked + 1) == -1 ||
+	    nng_msg_alloc(&m, 0) != 0) {
+		buf_free(&hdr);
+		if (fresh && bt->count > 0)
+			batch_append(p, bt); /* sent again on a rewind */
+		else if (fresh) {
+			buf_free(&bt->b);
+			free(bt);
+		}
+		return (NULL);
+	}
+	nng_msg_append(m, hdr.b, hdr.len);
+	nng_msg_append(m, bt->b.b, bt->b.len);
+	buf_free(&hdr);
+	*nsent = bt->count;
+	if (fresh && bt->count > 0)
+		batch_append(p, bt);
+	else if (fresh) { /* only acks: nothing to keep */
+		buf_free(&bt->b);
+		free(bt);
+	}
+	p->inflight = 1;
+	return (m);
+}
+
+static void
+kick(struct peer *p)
+{
+	nng_msg *m;
+	uint64_t n = 0;
+
+	pthread_mutex_lock(&p->mu);
+	m = next_msg(p, &n);
+	pthread_mutex_unlock(&p->mu);
+	if (m != NULL) {
+		nng_aio_set_msg(p->aio, m);
+		nng_send_aio(p->sock, p->aio);
+	}
+}
+
+static void
+send_cb(void *arg)
+{
+	struct peer *p = arg;
+	int rv = nng_aio_result(p->aio);
+
+	if (rv != 0) {
+		/* Kept in the batch list: resent on the next rewind. */
+		nng_msg_free(nng_aio_get_msg(p->aio));
+		if (rv == NNG_ECLOSED)
+			return;
+	}
+	pthread_mutex_lock(&p->mu);
+	p->inflight = 0;
+	pthread_mutex_unlock(&p->mu);
+	kick(p);
+}
+
+static int
+pack_envelope(msgpack_packer *pk, uint16_t type, uint64_t seq,
+    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+{
+	if (msgpack_pack_array(pk, 8) || msgpack_pack_uint16(pk, IPC_VERSION) ||
+	    msgpack_pack_uint16(pk, type) || msgpack_pack_uint64(pk, seq) ||
+	    mpk_pack_mstr(pk, h->reqid) || mpk_pack_mstr(pk, h->traceparent) ||
+	    msgpack_pack_uint64(pk, h->deadline_ms) ||
+	    mpk_pack_mstr(pk, h->reply_to))
+		return (-1);
+	return (fn(pk, body));
+}
+
+static int
+send_to(struct ipc *ipc, struct peer *p, uint16_t type,
+    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+{
+	msgpack_packer pk;
+	size_t mark;
+	int reliable = type != IPC_TYPE_ACK;
+
+	pthread_mutex_lock(&p->mu);
+	if (reliable && p->backlog >= (size_t)ipc->max_backlog) {
+		pthread_mutex_unlock(&p->mu);
+		ipc->st.send_refused++;
+		return (-1);
+	}
+	mark = p->out.len;
+	mpk_packer_init(&pk, &p->out);
+	if (pack_envelope(&pk, type, reliable ? p->next_seq : 0, h, fn,
+	    body) == -1) {
+		p->out.len = mark;
+		pthread_mutex_unlock(&p->mu);
+		return (-1);
+	}
+	if (reliable) {
+		if (p->backlog == 0)
+			p->progress_ms = now_mono_ms();
+		p->next_seq++;
+		p->out_count++;
+		p->backlog++;
+	}
+	pthread_mutex_unlock(&p->mu);
+	ipc->st.env_out++;
+	kick(p);
+	return (0);
+}
+
+int
+ipc_send(struct ipc *ipc, const char *peer, uint16_t type,
+    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+{
+	struct peer *p;
+
+	if ((p = peer_get(ipc, peer, strlen(peer))) == NULL)
+		return (-1);
+	return (send_to(ipc, p, type, h, fn, body));
+}
+
+struct ack {
+	uint64_t incarnation, seq;
+};
+
+static int
+ack_pack(msgpack_packer *pk, const void *v)
+{
+	const struct ack *a = v;
+
+	return (msgpack_pack_array(pk, 2) ||
+	    msgpack_pack_uint64(pk, a->incarnation) ||
+	    msgpack_pack_uint64(pk, a->seq) ? -1 : 0);
+}
+
+/* The peer acknowledged everything up to seq: free those batches. */
+static void
+peer_acked(struct ipc *ipc, struct peer *p, uint64_t seq)
+{
+	struct batch *bt;
+
+	pthread_mutex_lock(&p->mu);
+	if (seq > p->acked && seq < p->next_seq) {
+		p->acked = seq;
+		p->progress_ms = now_mono_ms();
+	}
+	while ((bt = p->head) != NULL && bt->last_seq <= p->acked) {
+		p->head = bt->next;
+		if (p->tail == bt)
+			p->tail = NULL;
+		if (p->cursor == bt)
+			p->cursor = bt->next;
+		p->backlog -= bt->count;
+		buf_free(&bt->b);
+		free(bt);
+	}
+	pthread_mutex_unlock(&p->mu);
+	(void)ipc;
+}
+
+static void
+peer_free(struct peer *p)
+{
+	struct batch *bt;
+
+	nng_close(p->sock);
+	nng_aio_stop(p->aio);
+	nng_aio_free(p->aio);
+	while ((bt = p->head) != NULL) {
+		p->head = bt->next;
+		buf_free(&bt->b);
+		free(bt);
+	}
+	buf_free(&p->out);
+	pthread_mutex_destroy(&p->mu);
+	free(p);
+}
+
+void
+ipc_forget(struct ipc *ipc, const char *name)
+{
+	unsigned h = hash(name, strlen(name));
+	struct peer **pp, *p;
+
+	for (pp = &ipc->peers[h]; (p = *pp) != NULL; pp = &p->hnext) {
+		if (strcmp(p->name, name) == 0) {
+			*pp = p->hnext;
+			peer_free(p);
+			return;
+		}
+	}
+}
+
+size_t
+ipc_backlog(struct ipc *ipc, const char *name)
+{
+	struct peer *p = peer_find(ipc, name, strlen(name));
+	size_t n;
+
+	if (p == NULL)
+		return (0);
+	pthread_mutex_lock(&p->mu);
+	n = p->backlog;
+	pthread_mutex_unlock(&p->mu);
+	return (n);
+}
+
+int
+ipc_connected(struct ipc *ipc, const char *name)
+{
+	struct peer *p = peer_get(ipc, name, strlen(name));
+
+	return (p != NULL && atomic_load(&p->pipes) > 0);
+}
+
+void
+ipc_stats(const struct ipc *ipc, struct ipc_stats *st)
+{
+	*st = ipc->st;
+	st->nngmsg_in = atomic_load(&((struct ipc *)(uintptr_t)ipc)->nngmsg_in);
+}
+
+/* Receiving, on the loop thread. */
+
+static struct sender *
+sender_get(struct ipc *ipc, struct mstr name, uint64_t inc, uint64_t base)
+{
+	unsigned h = hash(name.p, name.n);
+	struct sender *s;
+
+	for (s = ipc->senders[h]; s; s = s->hnext)
+		if (strlen(s->name) == name.n &&
+		    memcmp(s->name, name.p, name.n) == 0)
+			break;
+	if (s == NULL) {
+		if (name.n == 0 || name.n >= sizeof(s->name) ||
+		    (s = calloc(1, sizeof(*s))) == NULL)
+			return (NULL);
+		memcpy(s->name, name.p, name.n);
+		s->hnext = ipc->senders[h];
+		ipc->senders[h] = s;
+		s->incarnation = inc + 1; /* force the reset below */
+	}
+	if (s->incarnation != inc) {
+		s->incarnation = inc;
+		s->lo = 0;
+		memset(s->win, 0, sizeof(s->win));
+		s->ahead = 0;
+	}
+	/* Everything below base is settled at the sender. */
+	while (base > 0 && s->lo < base - 1) {
+		if (s->ahead == 0) {
+			s->lo = base - 1;
+			break;
+		}
+		/* shift the window by one */
+		if (s->win[0] & 1)
+			s->ahead--;
+		for (size_t i = 0; i < nitems(s->win); i++)
+			s->win[i] = (s->win[i] >> 1) |
+			    (i + 1 < nitems(s->win) ? s->win[i + 1] << 63 : 0);
+		s->lo++;
+	}
+	return (s);
+}
+
+/* 1 if seq is new (and record it), 0 if a duplicate or out of window. */
+static int
+sender_accept(struct sender *s, uint64_t seq)
+{
+	uint64_t off;
+
+	if (seq <= s->lo)
+		return (0);
+	if (seq == s->lo + 1 && s->ahead == 0) {
+		s->lo++;
+		return (1);
+	}
+	off = seq - s->lo - 1;
+	if (off >= IPC_WINDOW)
+		return (0); /* too far ahead: it will be sent again */
+	if (s->win[off / 64] & (1ull << (off % 64)))
+		return (0);
+	s->win[off / 64] |= 1ull << (off % 64);
+	s->ahead++;
+	while (s->win[0] & 1) {
+		s->ahead--;
+		for (size_t i = 0; i < nitems(s->win); i++)
+			s->win[i] = (s->win[i] >> 1) |
+			    (i + 1 < nitems(s->win) ? s->win[i + 1] << 63 : 0);
+		s->lo++;
+	}
+	return (1);
+}
+
+static void
+handle_nngmsg(struct ipc *ipc, nng_msg *nm)
+{
+	struct mpk_cur c;
+	struct mstr magic, sname;
+	struct sender *s;
+	uint64_t ver, inc, base;
+	uint32_t n;
+	struct msg m;
+
+	mpk_cur_init(&c, nng_msg_body(nm), nng_msg_len(nm));
+	if (mpk_read_array(&c, &n) == -1 || n < 5 ||
+	    mpk_read_str(&c, &magic) == -1 || !mstr_eq(magic, "trp") ||
+	    mpk_read_u64(&c, &ver) == -1 || ver != IPC_VERSION ||
+	    mpk_read_str(&c, &sname) == -1 || mpk_read_u64(&c, &inc) == -1 ||
+	    mpk_read_u64(&c, &base) == -1) {
+		ipc->st.bad_in++;
+		return;
+	}
+	for (uint32_t i = 5; i < n; i++)
+		if (mpk_skip(&c) == -1) {
+			ipc->st.bad_in++;
+			return;
+		}
+	if ((s = sender_get(ipc, sname, inc, base)) == NULL) {
+		ipc->st.bad_in++;
+		return;
+	}
+	s->last_seen_ms = now_mono_ms();
+	while (mpk_left(&c) > 0) {
+		uint64_t v, t;
+		const uint8_t *b0;
+
+		memset(&m, 0, sizeof(m));
+		if (mpk_read_array(&c, &n) == -1 || n < 8 ||
+		    mpk_read_u64(&c, &v) == -1 || mpk_read_u64(&c, &t) == -1 ||
+		    t > UINT16_MAX || mpk_read_u64(&c, &m.seq) == -1 ||
+		    mpk_read_str(&c, &m.reqid) == -1 ||
+		    mpk_read_str(&c, &m.traceparent) == -1 ||
+		    mpk_read_u64(&c, &m.deadline_ms) == -1 ||
+		    mpk_read_str(&c, &m.reply_to) == -1) {
+			ipc->st.bad_in++;
+			return; /* cannot resynchronise: drop the rest */
+		}
+		b0 = c.p;
+		if (mpk_skip(&c) == -1) {
+			ipc->st.bad_in++;
+			return;
+		}
+		for (uint32_t i = 8; i < n; i++)
+			if (mpk_skip(&c) == -1) {
+				ipc->st.bad_in++;
+				return;
+			}
+		m.version = (uint16_t)v;
+		m.type = (uint16_t)t;
+		m.sender = (struct mstr){ s->name, (uint32_t)strlen(s->name) };
+		m.body = (const char *)b0;
+		m.body_len = (size_t)(c.p - b0);
+		if (m.type == IPC_TYPE_ACK) {
+			struct mpk_cur ac;
+			uint32_t an;
+			uint64_t ainc, aseq;
+			struct peer *p;
+
+			mpk_cur_init(&ac, m.body, m.body_len);
+			if (mpk_read_array(&ac, &an) == -1 || an < 2 ||
+			    mpk_read_u64(&ac, &ainc) == -1 ||
+			    mpk_read_u64(&ac, &aseq) == -1) {
+				ipc->st.bad_in++;
+				continue;
+			}
+			if (ainc == ipc->incarnation &&
+			    (p = peer_find(ipc, s->name, strlen(s->name))))
+				peer_acked(ipc, p, aseq);
+			continue;
+		}
+		s->need_ack = 1;
+		if (!sender_accept(s, m.seq)) {
+			ipc->st.dup_in++;
+			continue;
+		}
+		ipc->st.env_in++;
+		ipc->handler(ipc->arg, &m);
+	}
+}
+
+int
+ipc_process(struct ipc *ipc)
+{
+	uint64_t junk;
+	struct inq t;
+	int n = 0;
+
+	(void)!read(ipc->efd, &junk, sizeof(junk));
+	pthread_mutex_lock(&ipc->qmu);
+	t = ipc->q;
+	ipc->q = ipc->work;
+	ipc->q.n = 0;
+	pthread_mutex_unlock(&ipc->qmu);
+	for (size_t i = 0; i < t.n; i++) {
+		handle_nngmsg(ipc, t.v[i]);
+		nng_msg_free(t.v[i]);
+		n++;
+	}
+	t.n = 0;
+	ipc->work = t;
+	return (n);
+}
+
+static void
+probe_cb(nng_pipe p, nng_pipe_ev ev, void *arg)
+{
+	struct ipc *ipc = arg;
+
+	(void)p;
+	if (ev == NNG_PIPE_EV_ADD_POST)
+		atomic_store(&ipc->probe_ok, 1);
+}
+
+/* Every IPC_PROBE_EVERY_MS, dial our own mailbox and see the handshake
+ * finish; if it does not, nng's accept loop has died (nng #1518): make a
+ * new listener.  The probe completes the handshake before closing, so it
+ * cannot itself trigger the bug. */
+static void
+probe_listener(struct ipc *ipc, uint64_t now)
+{
+	if (!ipc->probing) {
+		if (now < ipc->probe_at)
+			return;
+		if (nng_push0_open(&ipc->probe) != 0)
+			return;
+		atomic_store(&ipc->probe_ok, 0);
+		nng_pipe_notify(ipc->probe, NNG_PIPE_EV_ADD_POST, probe_cb, ipc);
+		if (nng_dial(ipc->probe, ipc->url, NULL, NNG_FLAG_NONBLOCK)) {
+			nng_close(ipc->probe);
+			ipc->probe_at = now + IPC_PROBE_EVERY_MS;
+			return;
+		}
+		ipc->probing = 1;
+		ipc->probe_at = now + IPC_PROBE_WAIT_MS;
+		return;
+	}
+	if (!atomic_load(&ipc->probe_ok) && now < ipc->probe_at)
+		return;
+	ipc->probing = 0;
+	nng_close(ipc->probe);
+	if (!atomic_load(&ipc->probe_ok)) {
+		nng_listener_close(ipc->listener);
+		if (listen_mailbox(ipc) == 0)
+			ipc->st.listener_restarts++;
+	}
+	ipc->probe_at = now + IPC_PROBE_EVERY_MS;
+}
+
+void
+ipc_tick(struct ipc *ipc)
+{
+	uint64_t now = now_mono_ms();
+	struct msg_head h = { MSTR_NULL, MSTR_NULL, 0, MSTR_NULL };
+
+	/* Acknowledge what arrived since the last tick. */
+	for (size_t i = 0; i < IPC_HASH; i++) {
+		for (struct sender *s = ipc->senders[i]; s; s = s->hnext) {
+			struct ack a = { s->incarnation, s->lo };
+			struct peer *p;
+
+			if (!s->need_ack)
+				continue;
+			s->need_ack = 0;
+			if ((p = peer_get(ipc, s->name, strlen(s->name))))
+				(void)send_to(ipc, p, IPC_TYPE_ACK, &h, ack_pack,
+				    &a);
+		}
+	}
+	/* Resend after a reconnection or a silence; forget the long gone. */
+	for (size_t i = 0; i < IPC_HASH; i++) {
+		struct peer **pp = &ipc->peers[i], *p;
+
+		while ((p = *pp) != NULL) {
+			int up = atomic_load(&p->pipes) > 0, again = 0;
+
+			if (up)
+				p->down_since = 0;
+			else if (p->down_since == 0)
+				p->down_since = now;
+			pthread_mutex_lock(&p->mu);
+			if (p->head != NULL &&
+			    (atomic_exchange(&p->rewind, 0) ||
+			    now - p->progress_ms >= IPC_RESEND_MS)) {
+				for (struct batch *b = p->head; b; b = b->next)
+					ipc->st.resent += b->count;
+				p->cursor = p->head;
+				p->progress_ms = now;
+				again = 1;
+			}
+			pthread_mutex_unlock(&p->mu);
+			if (again)
+				kick(p);
+			if (!up && p->down_since &&
+			    now - p->down_since >= IPC_PEER_GC_MS) {
+				*pp = p->hnext;
+				peer_free(p);
+				continue;
+			}
+			pp = &p->hnext;
+		}
+	}
+	probe_listener(ipc, now);
+	ipc->last_tick = now;
+}
+
+void
+ipc_close(struct ipc *ipc)
+{
+	if (ipc == NULL)
+		return;
+	if (ipc->probing)
+		nng_close(ipc->probe);
+	nng_close(ipc->pull);
+	nng_aio_stop(ipc->raio);
+	nng_aio_free(ipc->raio);
+	for (size_t i = 0; i < IPC_HASH; i++) {
+		struct peer *p, *n;
+		struct sender *s, *sn;
+
+		for (p = ipc->peers[i]; p; p = n) {
+			n = p->hnext;
+			peer_free(p);
+		}
+		for (s = ipc->senders[i]; s; s = sn) {
+			sn = s->hnext;
+			free(s);
+		}
+	}
+	for (size_t i = 0; i < ipc->q.n; i++)
+		nng_msg_free(ipc->q.v[i]);
+	free(ipc->q.v);
+	free(ipc->work.v);
+	close(ipc->efd);
+	if (ipc->lockfd >= 0)
+		close(ipc->lockfd);
+	free(ipc);
+}

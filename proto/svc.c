@@ -1,0 +1,320 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * svc: the common skeleton of every Troupe service (see svc.h).  Callers:
+ * each service's main().  It may log and exit: it is where a process meets
+ * its environment (bad command line or config: fatal, exit 1).
+ */
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <systemd/sd-daemon.h>
+
+#include "proto.h"
+#include "svc.h"
+
+#define SVC_DEFAULT_CONFIG "/etc/troupe/troupe.conf"
+#define SVC_METRICS_MS 1000
+
+static char svc_namebuf[64];
+
+static void
+usage(const struct svc_def *d, FILE *f)
+{
+	fprintf(f,
+	    "usage: troupe-%s [-c config] [-n name] [-d] [-h] [-V]\n"
+	    "%s\n\n"
+	    "  -c, --config PATH  config file (default %s, or $TROUPE_CONFIG)\n"
+	    "  -n, --name NAME    mailbox name (default %s)\n"
+	    "  -d, --debug        log debug messages\n"
+	    "  -h, --help         this text\n"
+	    "  -V, --version      print the version\n"
+	    "\nEvery config key [section] key can be overridden by the\n"
+	    "environment variable TROUPE_<SECTION>_<KEY>.\n",
+	    d->kind, d->summary, SVC_DEFAULT_CONFIG, d->kind);
+	if (d->help_extra)
+		fprintf(f, "\n%s", d->help_extra);
+}
+
+static void
+on_ipc(struct loop *l, int fd, uint32_t ev, void *arg)
+{
+	struct svc *s = arg;
+
+	(void)l;
+	(void)fd;
+	(void)ev;
+	ipc_process(s->ipc);
+}
+
+struct svc_timers {
+	struct loop_timer *tick, *metrics, *watchdog;
+	uint64_t watchdog_ms;
+};
+static struct svc_timers svc_t;
+
+static void
+tick_cb(struct loop *l, void *arg)
+{
+	struct svc *s = arg;
+
+	(void)l;
+	ipc_tick(s->ipc);
+	loop_timer_set(svc_t.tick, IPC_TICK_MS);
+}
+
+static void
+watchdog_cb(struct loop *l, void *arg)
+{
+	(void)l;
+	(void)arg;
+	sd_notify(0, "WATCHDOG=1");
+	loop_timer_set(svc_t.watchdog, (int64_t)svc_t.watchdog_ms);
+}
+
+static void
+render_ipc(struct svc *s)
+{
+	struct ipc_stats st;
+	char lb[128];
+
+	ipc_stats(s->ipc, &st);
+	snprintf(lb, sizeof(lb), "service=\"%s\",direction=\"in\"", s->name);
+	*metrics_gauge(s->metrics, "troupe_ipc_envelopes",
+	    "Envelopes received or sent by this process since it started",
+	    lb) = (double)st.env_in;
+	*metrics_gauge(s->metrics, "troupe_ipc_nng_messages",
+	    "nng messages (batches of envelopes) since start", lb) =
+	    (double)st.nngmsg_in;
+	snprintf(lb, sizeof(lb), "service=\"%s\",direction=\"out\"", s->name);
+	*metrics_gauge(s->metrics, "troupe_ipc_envelopes",
+	    "Envelopes received or sent by this process since it started",
+	    lb) = (double)st.env_out;
+	snprintf(lb, sizeof(lb), "service=\"%s\"", s->name);
+	*metrics_gauge(s->metrics, "troupe_ipc_duplicates_dropped",
+	    "Duplicate envelopes dropped since start", lb) =
+	    (double)st.dup_in;
+	*metrics_gauge(s->metrics, "troupe_ipc_bad_messages",
+	    "Undecodable messages dropped since start", lb) =
+	    (double)st.bad_in;
+	*metrics_gauge(s->metrics, "troupe_ipc_resent_envelopes",
+	    "Envelopes sent again after a silence or reconnection", lb) =
+	    (double)st.resent;
+	*metrics_gauge(s->metrics, "troupe_ipc_send_refused",
+	    "Sends refused because a peer's backlog was full", lb) =
+	    (double)st.send_refused;
+	*metrics_gauge(s->metrics, "troupe_ipc_listener_restarts",
+	    "Mailbox listeners re-created after they stopped accepting", lb) =
+	    (double)st.listener_restarts;
+}
+
+static void
+metrics_cb(struct loop *l, void *arg)
+{
+	struct svc *s = arg;
+	struct buf b = { 0 };
+	struct msg_head h = { MSTR_NULL, MSTR_NULL, 0, MSTR_NULL };
+	struct metrics_report mr;
+
+	(void)l;
+	loop_timer_set(svc_t.metrics, SVC_METRICS_MS);
+	render_ipc(s);
+	if (metrics_render(s->metrics, &b) == -1)
+		goto done;
+	if (s->def->on_metrics)
+		s->def->on_metrics(s, &b, s->def->arg);
+	/* Telemetry renders its own.  Others send theirs unless telemetry is
+	 * not taking them: they are cumulative, so a lost one costs nothing,
+	 * and a backlog of stale ones would. */
+	if (strcmp(s->def->kind, "telemetry") == 0 ||
+	    ipc_backlog(s->ipc, "telemetry") >= 4)
+		goto done;
+	mr.service = MSTR(s->name);
+	mr.text = (struct mstr){ b.b ? b.b : "", (uint32_t)b.len };
+	h.deadline_ms = now_wall_ms() + 10000;
+	(void)msg_send_metrics(s->ipc, "telemetry", &h, &mr);
+done:
+	buf_free(&b);
+}
+
+static void
+sig_stop(struct loop *l, int signo, void *arg)
+{
+	struct svc *s = arg;
+
+	(void)l;
+	if (s->stopping) {
+		log_info("signal %d again: stopping now", signo);
+		svc_stop_done(s);
+		return;
+	}
+	s->stopping = 1;
+	log_info("signal %d: stopping", signo);
+	sd_notify(0, "STOPPING=1");
+	if (s->def->on_stop)
+		s->def->on_stop(s, s->def->arg);
+	else
+		svc_stop_done(s);
+}
+
+static void
+sig_reload(struct loop *l, int signo, void *arg)
+{
+	struct svc *s = arg;
+	char err[512];
+
+	(void)l;
+	(void)signo;
+	sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu",
+	    (unsigned long long)(now_mono_ns() / 1000));
+	if (conf_load(s->config_path, 1, err, sizeof(err)) == -1)
+		log_warnx("reload: %s (keeping the old config)", err);
+	else if (s->def->on_reload && s->def->on_reload(s, s->def->arg) == -1)
+		log_warnx("reload: refused by the service (old values kept)");
+	else
+		log_info("reload: config re-read from %s", s->config_path);
+	sd_notify(0, "READY=1");
+}
+
+void
+svc_init(struct svc *s, const struct svc_def *d, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "name", required_argument, NULL, 'n' },
+		{ "debug", no_argument, NULL, 'd' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *cfg = getenv("TROUPE_CONFIG"), *lvl;
+	char err[512];
+	int ch, debug = 0, explicit_cfg = cfg != NULL;
+	uint64_t usec;
+
+	memset(s, 0, sizeof(*s));
+	s->def = d;
+	s->name = d->kind;
+	signal(SIGPIPE, SIG_IGN);
+	while ((ch = getopt_long(argc, argv, "c:n:dhV", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'c':
+			cfg = optarg;
+			explicit_cfg = 1;
+			break;
+		case 'n':
+			snprintf(svc_namebuf, sizeof(svc_namebuf), "%s",
+			    optarg);
+			s->name = svc_namebuf;
+			break;
+		case 'd':
+			debug = 1;
+			break;
+		case 'h':
+			usage(d, stdout);
+			exit(0);
+		case 'V':
+			printf("troupe-%s %s\n", d->kind, TROUPE_VERSION);
+			exit(0);
+		default:
+			usage(d, stderr);
+			exit(2);
+		}
+	}
+	s->argc = argc - optind;
+	s->argv = argv + optind;
+	s->config_path = cfg ? cfg : SVC_DEFAULT_CONFIG;
+	log_init(s->name, debug ? LOG_L_DEBUG : LOG_L_INFO);
+	if (conf_load(s->config_path, !explicit_cfg, err, sizeof(err)) == -1)
+		fatalx("config: %s", err);
+	lvl = conf_get("log", "level", "info");
+	if (!debug && strcmp(lvl, "debug") == 0)
+		log_setlevel(LOG_L_DEBUG);
+	else if (!debug && strcmp(lvl, "warning") == 0)
+		log_setlevel(LOG_L_WARN);
+	if ((s->metrics = metrics_new()) == NULL)
+		fatalx("out of memory");
+	if ((s->loop = loop_new()) == NULL)
+		fatal("loop");
+	if ((s->ipc = ipc_open(s->name, d->on_msg, d->arg, err,
+	    sizeof(err))) == NULL)
+		fatalx("mailbox %s: %s", s->name, err);
+	if (loop_fd_add(s->loop, ipc_fd(s->ipc), EPOLLIN, on_ipc, s) == -1)
+		fatal("loop_fd_add");
+	if (loop_signal(s->loop, SIGTERM, sig_stop, s) == -1 ||
+	    loop_signal(s->loop, SIGINT, sig_stop, s) == -1 ||
+	    loop_signal(s->loop, SIGHUP, sig_reload, s) == -1)
+		fatal("signalfd");
+	svc_t.tick = loop_timer_new(s->loop, tick_cb, s);
+	svc_t.metrics = loop_timer_new(s->loop, metrics_cb, s);
+	if (svc_t.tick == NULL || svc_t.metrics == NULL)
+		fatalx("out of memory");
+	loop_timer_set(svc_t.tick, IPC_TICK_MS);
+	loop_timer_set(svc_t.metrics, SVC_METRICS_MS);
+	if (sd_watchdog_enabled(0, &usec) > 0) {
+		svc_t.watchdog_ms = usec / 2000;
+		if (svc_t.watchdog_ms == 0)
+			svc_t.watchdog_ms = 1;
+		if ((svc_t.watchdog = loop_timer_new(s->loop, watchdog_cb,
+		    s)) == NULL)
+			fatalx("out of memory");
+		loop_timer_set(svc_t.watchdog, 0);
+	}
+}
+
+void
+svc_ready(struct svc *s, const char *status)
+{
+	sd_notifyf(0, "READY=1\nSTATUS=%s\nMAINPID=%d", status, (int)getpid());
+	log_info("ready: %s (mailbox %s)", status, s->name);
+}
+
+void
+svc_status(struct svc *s, const char *fmt, ...)
+{
+	char b[512];
+	va_list ap;
+
+	(void)s;
+	va_start(ap, fmt);
+	vsnprintf(b, sizeof(b), fmt, ap);
+	va_end(ap);
+	sd_notifyf(0, "STATUS=%s", b);
+}
+
+void
+svc_stop_done(struct svc *s)
+{
+	s->stopped = 1;
+	loop_break(s->loop);
+}
+
+int
+svc_exit(struct svc *s)
+{
+	/* Let the last answers leave: a few ticks of sending and acks. */
+	uint64_t until = now_mono_ms() + 200;
+
+	while (now_mono_ms() < until) {
+		loop_run_once(s->loop, IPC_TICK_MS);
+		ipc_tick(s->ipc);
+	}
+	ipc_close(s->ipc);
+	loop_free(s->loop);
+	metrics_free(s->metrics);
+	log_info("stopped");
+	return (0);
+}
+
+int
+svc_run(struct svc *s)
+{
+	while (!s->stopped)
+		if (loop_run(s->loop) == -1)
+			fatal("epoll_wait");
+	return (svc_exit(s));
+}
