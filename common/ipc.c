@@ -111,7 +111,7 @@ struct ipc {
 	atomic_uint_fast64_t nngmsg_in;
 	/* listener probe */
 	nng_socket probe;
-	int probing;
+	atomic_int probing;
 	atomic_int probe_ok;
 	uint64_t probe_at;
 	uint64_t last_tick;
@@ -183,6 +183,8 @@ recv_cb(void *arg)
 	}
 	nng_recv_aio(ipc->pull, ipc->raio);
 }
+
+static void mailbox_pipe_cb(nng_pipe, nng_pipe_ev, void *);
 
 static int
 listen_mailbox(struct ipc *ipc)
@@ -272,6 +274,7 @@ ipc_open(const char *name, ipc_handler h, void *arg, char *err,
 		    nng_strerror(rv));
 		goto fail;
 	}
+	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_POST, mailbox_pipe_cb, ipc);
 	nng_recv_aio(ipc->pull, ipc->raio);
 	ipc->probe_at = now_mono_ms() + IPC_PROBE_EVERY_MS;
 	return (ipc);
@@ -365,7 +368,7 @@ peer_get(struct ipc *ipc, const char *name, size_t n)
 	nng_dialer_set_size(d, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
 	nng_dialer_start(d, NNG_FLAG_NONBLOCK);
 	nng_aio_set_timeout(p->aio, IPC_SEND_TIMEOUT_MS);
-	p->down_since = now_mono_ms();
+	p->down_since = 0; /* the tick notes when it is first seen down */
 	h = hash(name, n);
 	p->hnext = ipc->peers[h];
 	ipc->peers[h] = p;
@@ -468,16 +471,13 @@ send_cb(void *arg)
 	struct peer *p = arg;
 	int rv = nng_aio_result(p->aio);
 
-	if (rv != 0) {
-		/* Kept in the batch list: resent on the next rewind. */
+	if (rv != 0) /* kept in the batch list: resent on a rewind */
 		nng_msg_free(nng_aio_get_msg(p->aio));
-		if (rv == NNG_ECLOSED)
-			return;
-	}
 	pthread_mutex_lock(&p->mu);
 	p->inflight = 0;
 	pthread_mutex_unlock(&p->mu);
-	kick(p);
+	if (rv != NNG_ECLOSED)
+		kick(p);
 }
 
 static int
@@ -823,20 +823,30 @@ ipc_process(struct ipc *ipc)
 	return (n);
 }
 
+/* A pipe was accepted by our mailbox: if it comes from this very process
+ * it is the listener probe (ipc:// tells the peer's pid; over tcp:// any
+ * accepted pipe shows the accept loop is alive). */
 static void
-probe_cb(nng_pipe p, nng_pipe_ev ev, void *arg)
+mailbox_pipe_cb(nng_pipe p, nng_pipe_ev ev, void *arg)
 {
 	struct ipc *ipc = arg;
+	int pid;
 
-	(void)p;
-	if (ev == NNG_PIPE_EV_ADD_POST)
+	/* The socket lock is held here: only touch atomics and the pipe. */
+	if (ev != NNG_PIPE_EV_ADD_POST || !ipc->probing)
+		return;
+	if (nng_pipe_get_int(p, NNG_OPT_IPC_PEER_PID, &pid) != 0 ||
+	    pid == (int)getpid())
 		atomic_store(&ipc->probe_ok, 1);
 }
 
-/* Every IPC_PROBE_EVERY_MS, dial our own mailbox and see the handshake
- * finish; if it does not, nng's accept loop has died (nng #1518): make a
- * new listener.  The probe completes the handshake before closing, so it
- * cannot itself trigger the bug. */
+/* Every IPC_PROBE_EVERY_MS, dial our own mailbox and wait until the
+ * *listening* side has accepted that pipe; if it does not within
+ * IPC_PROBE_WAIT_MS, nng's accept loop has died (nng #1518): its
+ * transport may still finish handshakes, so the dialing side's view
+ * proves nothing.  Make a new listener.  The probe is closed only after
+ * both sides finished the handshake, so it cannot itself trigger the
+ * bug. */
 static void
 probe_listener(struct ipc *ipc, uint64_t now)
 {
@@ -846,13 +856,13 @@ probe_listener(struct ipc *ipc, uint64_t now)
 		if (nng_push0_open(&ipc->probe) != 0)
 			return;
 		atomic_store(&ipc->probe_ok, 0);
-		nng_pipe_notify(ipc->probe, NNG_PIPE_EV_ADD_POST, probe_cb, ipc);
+		ipc->probing = 1;
 		if (nng_dial(ipc->probe, ipc->url, NULL, NNG_FLAG_NONBLOCK)) {
 			nng_close(ipc->probe);
+			ipc->probing = 0;
 			ipc->probe_at = now + IPC_PROBE_EVERY_MS;
 			return;
 		}
-		ipc->probing = 1;
 		ipc->probe_at = now + IPC_PROBE_WAIT_MS;
 		return;
 	}
@@ -912,7 +922,7 @@ ipc_tick(struct ipc *ipc)
 			pthread_mutex_unlock(&p->mu);
 			if (again)
 				kick(p);
-			if (!up && p->down_since &&
+			if (!up && p->down_since && now > p->down_since &&
 			    now - p->down_since >= IPC_PEER_GC_MS) {
 				*pp = p->hnext;
 				peer_free(p);

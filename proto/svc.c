@@ -5,6 +5,7 @@
  * its environment (bad command line or config: fatal, exit 1).
  */
 #include <getopt.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -200,6 +201,22 @@ svc_init(struct svc *s, const struct svc_def *d, int argc, char **argv)
 	s->def = d;
 	s->name = d->kind;
 	signal(SIGPIPE, SIG_IGN);
+	/* Block the signals the loop takes through its signalfd before any
+	 * thread exists (nng starts its threads in ipc_open), or one of
+	 * those threads would take them: SIGHUP would kill the process and
+	 * a SIGCHLD would be lost.  Children reset their mask before exec. */
+	{
+		sigset_t ss;
+
+		sigemptyset(&ss);
+		sigaddset(&ss, SIGTERM);
+		sigaddset(&ss, SIGINT);
+		sigaddset(&ss, SIGHUP);
+		sigaddset(&ss, SIGCHLD);
+		sigaddset(&ss, SIGUSR1);
+		sigaddset(&ss, SIGUSR2);
+		pthread_sigmask(SIG_BLOCK, &ss, NULL);
+	}
 	while ((ch = getopt_long(argc, argv, "c:n:dhV", opts, NULL)) != -1) {
 		switch (ch) {
 		case 'c':
