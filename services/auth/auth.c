@@ -1,0 +1,274 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * troupe-auth: checks the bearer JWT of every chat the edge accepts and
+ * sends the authenticated chat on to the dispatcher (docs/services/auth.md).
+ *
+ * This file holds main(), the peer table and the configuration: it reads
+ * [auth] at start and on reload, and hands every envelope to the dispatch
+ * function of the peer that sent it (auth_dispatch.c).  The token work is
+ * auth_token.c's.
+ *
+ * DIAGNOSTICS: a missing, short or unusable secret, or an invalid [auth]
+ * key, is fatal at start; on reload it is logged and the previous settings
+ * stay.  A message that no peer may send us, or whose body does not decode,
+ * is logged once per type and counted, never fatal (the peer may be a
+ * newer build).  It never logs per request above debug level.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "auth.h"
+#include "auth_token.h"
+#include "conf.h"
+#include "log.h"
+#include "metrics.h"
+#include "proto.h"
+#include "svc.h"
+#include "util.h"
+
+struct auth_peer {
+	const char *name;
+	enum proc proc;
+	int (*dispatch)(struct auth *, const struct msg *);
+};
+
+/* Who talks to us; anyone else is unhandled. */
+static const struct auth_peer peers[] = {
+        {"edge", PROC_EDGE, auth_dispatch_edge},
+};
+
+static struct auth auth;
+
+static void auth_msg(void *, const struct msg *);
+static int auth_reload(struct svc *, void *);
+static void auth_metrics(struct svc *, struct buf *, void *);
+
+static const struct svc_def auth_def = {
+        .kind = "auth",
+        .summary = "check bearer JWTs, forward authenticated chats",
+        .help_extra =
+                "Config keys, section [auth] (env TROUPE_AUTH_<KEY>):\n"
+                "  jwt_secret  HMAC secret, at least 32 bytes (48 for HS384, "
+                "64\n"
+                "              for HS512); the systemd credential jwt-secret\n"
+                "              takes precedence\n"
+                "  algorithm   HS256 (default), HS384 or HS512\n"
+                "  leeway_s    clock skew allowed on exp, nbf, iat (default "
+                "30)\n"
+                "  audience    if set, the token's aud must contain it\n"
+                "  issuer      if set, the token's iss must equal it\n",
+        .on_msg = auth_msg,
+        .on_reload = auth_reload,
+        .on_metrics = auth_metrics,
+        .arg = &auth,
+};
+
+/*
+ * Build a verifier from the credential or [auth]; NULL with err filled if
+ * the settings are unusable.  *src tells where the secret came from.
+ */
+static struct auth_token_conf *
+auth_conf(const char **src, char *err, size_t errlen)
+{
+	struct auth_token_params p;
+	struct auth_token_conf *c = NULL;
+	const char *secret, *why;
+	char *cred;
+	int64_t leeway;
+
+	cred = conf_credential("jwt-secret");
+	if (cred != NULL) {
+		secret = cred;
+		*src = "credential jwt-secret";
+	} else {
+		secret = conf_get("auth", "jwt_secret", NULL);
+		*src = "[auth] jwt_secret";
+	}
+	if (conf_get_int("auth", "leeway_s", 30, 0, 3600, &leeway, err,
+	                 errlen) == -1)
+		goto done;
+	memset(&p, 0, sizeof(p));
+	p.algorithm = conf_get("auth", "algorithm", "HS256");
+	p.secret = secret;
+	p.secret_len = secret != NULL ? strlen(secret) : 0;
+	p.leeway_s = leeway;
+	p.audience = conf_get("auth", "audience", NULL);
+	p.issuer = conf_get("auth", "issuer", NULL);
+	if ((c = auth_token_conf_new(&p, &why)) == NULL)
+		snprintf(err, errlen, "%s", why);
+done:
+	if (cred != NULL) {
+		explicit_bzero(cred, strlen(cred));
+		free(cred);
+	}
+	return (c);
+}
+
+static void
+auth_conf_log(const char *what, const char *src)
+{
+	const char *aud = conf_get("auth", "audience", NULL);
+	const char *iss = conf_get("auth", "issuer", NULL);
+
+	log_info("%s: %s from %s, leeway %s s, audience %s, issuer %s", what,
+	         auth_token_conf_alg(auth.tok), src,
+	         conf_get("auth", "leeway_s", "30"),
+	         aud != NULL && *aud != '\0' ? aud : "(any)",
+	         iss != NULL && *iss != '\0' ? iss : "(any)");
+}
+
+static int
+auth_reload(struct svc *svc, void *arg)
+{
+	struct auth *a = arg;
+	struct auth_token_conf *c;
+	const char *src;
+	char err[256];
+
+	(void)svc;
+	if ((c = auth_conf(&src, err, sizeof(err))) == NULL) {
+		log_warnx("%s: keeping the previous token settings: %s",
+		          __func__, err);
+		return (-1);
+	}
+	auth_token_conf_free(a->tok);
+	a->tok = c;
+	auth_conf_log("reloaded", src);
+	return (0);
+}
+
+static void
+auth_metrics(struct svc *svc, struct buf *b, void *arg)
+{
+	struct auth *a = arg;
+
+	(void)svc;
+	if (metrics_render(a->metrics, b) == -1)
+		log_warnx("%s: out of memory", __func__);
+}
+
+static int
+auth_stats_init(struct auth *a)
+{
+	static const char vf[] = "troupe_auth_verdicts_total";
+	static const char vh[] = "Bearer tokens checked, by verdict.";
+	static const char df[] = "troupe_auth_dropped_total";
+	static const char dh[] = "Messages dropped unanswered, by reason.";
+	static const char rf[] = "troupe_auth_refused_total";
+	static const char rh[] = "Chats answered with an error other than "
+	                         "401, by reason.";
+	struct auth_stats *st = &a->st;
+	char l[64];
+
+	if ((a->metrics = metrics_new()) == NULL)
+		return (-1);
+	for (int v = 0; v < AUTH_TOKEN_NVERDICTS; v++) {
+		snprintf(l, sizeof(l), "result=\"%s\"",
+		         auth_token_verdict_label(v));
+		if ((st->verdicts[v] =
+		             metrics_counter(a->metrics, vf, vh, l)) == NULL)
+			return (-1);
+	}
+	st->forwarded = metrics_counter(
+	        a->metrics, "troupe_auth_forwarded_total",
+	        "Authenticated chats sent to the dispatcher.", "");
+	st->deadline =
+	        metrics_counter(a->metrics, rf, rh, "reason=\"deadline\"");
+	st->unavailable = metrics_counter(a->metrics, rf, rh,
+	                                  "reason=\"dispatcher_unavailable\"");
+	st->reply_lost = metrics_counter(a->metrics, df, dh,
+	                                 "reason=\"reply_refused\"");
+	st->dropped_bad =
+	        metrics_counter(a->metrics, df, dh, "reason=\"bad_body\"");
+	st->dropped_unhandled =
+	        metrics_counter(a->metrics, df, dh, "reason=\"unhandled\"");
+	st->dropped_no_reply =
+	        metrics_counter(a->metrics, df, dh, "reason=\"no_reply_to\"");
+	if (st->forwarded == NULL || st->deadline == NULL ||
+	    st->unavailable == NULL || st->reply_lost == NULL ||
+	    st->dropped_bad == NULL || st->dropped_unhandled == NULL ||
+	    st->dropped_no_reply == NULL)
+		return (-1);
+	return (0);
+}
+
+/* Whether this is the first time for type in the bitmap (then mark it). */
+static int
+auth_first(uint8_t *seen, uint16_t type)
+{
+	uint8_t bit = (uint8_t)(1u << (type & 7));
+
+	if (seen[type >> 3] & bit)
+		return (0);
+	seen[type >> 3] |= bit;
+	return (1);
+}
+
+static void
+auth_msg(void *arg, const struct msg *m)
+{
+	struct auth *a = arg;
+	const struct auth_peer *p = NULL;
+	const char *name;
+	enum proc from;
+	int r = DISPATCH_UNHANDLED;
+
+	from = proc_of(m->sender);
+	for (size_t i = 0; i < nitems(peers); i++)
+		if (peers[i].proc == from)
+			p = &peers[i];
+	if (p != NULL && msg_route_ok(m->type, from, PROC_AUTH))
+		r = p->dispatch(a, m);
+	if (r == DISPATCH_OK)
+		return;
+
+	name = msg_name(m->type);
+	if (r == DISPATCH_BAD) {
+		(*a->st.dropped_bad)++;
+		if (auth_first(a->warned_bad, m->type))
+			log_warnx("%s: undecodable %s from %.*s dropped; "
+			          "further ones only counted",
+			          __func__, name ? name : "message",
+			          (int)m->sender.n, m->sender.p);
+		return;
+	}
+	(*a->st.dropped_unhandled)++;
+	if (auth_first(a->warned_unhandled, m->type))
+		log_warnx("%s: %s (0x%04x) from %.*s not handled here, "
+		          "dropped; further ones only counted",
+		          __func__, name ? name : "unknown message", m->type,
+		          (int)m->sender.n, m->sender.p);
+}
+
+int
+main(int argc, char *argv[])
+{
+	const char *src;
+	char err[256];
+	sigset_t ss;
+	int rc;
+
+	/* XXX svc_init starts nng's threads (ipc_open) before the loop
+	 * blocks these for its signalfd, so a SIGHUP could land on an nng
+	 * thread and kill us.  Block them first; threads inherit the mask.
+	 * Harmless once svc.c does it itself. */
+	sigemptyset(&ss);
+	sigaddset(&ss, SIGHUP);
+	sigaddset(&ss, SIGTERM);
+	sigaddset(&ss, SIGINT);
+	sigprocmask(SIG_BLOCK, &ss, NULL);
+
+	svc_init(&auth.svc, &auth_def, argc, argv);
+	if (auth_stats_init(&auth) == -1)
+		fatalx("%s: out of memory", __func__);
+	if ((auth.tok = auth_conf(&src, err, sizeof(err))) == NULL)
+		fatalx("cannot check tokens: %s", err);
+	auth_conf_log("checking", src);
+	svc_ready(&auth.svc, "checking tokens");
+	rc = svc_run(&auth.svc);
+	auth_token_conf_free(auth.tok);
+	metrics_free(auth.metrics);
+	return (rc);
+}
