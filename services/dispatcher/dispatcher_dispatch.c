@@ -1,0 +1,55 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * dispatcher_dispatch: one switch per peer of troupe-dispatcher (relayd's
+ * pfe_dispatch_*).  A case decodes the body and calls one function named
+ * after the message; the work lives in dispatcher_run.c and
+ * dispatcher_spawn.c.  Returns DISPATCH_BAD for a body that does not
+ * decode and DISPATCH_UNHANDLED for a type not expected from the peer;
+ * dispatcher.c counts and logs both.  Never logs, never exits.
+ */
+#include "dispatcher.h"
+
+int
+dispatcher_dispatch_auth(struct dispatcher *d, const struct msg *m)
+{
+	struct chat_request req;
+
+	switch (m->type) {
+	case MSG_CHAT_RUN:
+		if (chat_request_unpack(m, &req) == -1)
+			return (DISPATCH_BAD);
+		dispatcher_run_chat(d, m, &req);
+		break;
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
+	return (DISPATCH_OK);
+}
+
+int
+dispatcher_dispatch_worker(struct dispatcher *d, const struct msg *m)
+{
+	struct worker_hello hello;
+	struct run_done done;
+	int slot;
+
+	/* Only "worker-<k>" names a slot we may have started. */
+	if ((slot = dispatcher_spawn_slot_of(m->sender,
+	                                     DISPATCHER_SLOTS_MAX)) == -1)
+		return (DISPATCH_BAD);
+	switch (m->type) {
+	case MSG_WORKER_HELLO:
+		if (worker_hello_unpack(m, &hello) == -1)
+			return (DISPATCH_BAD);
+		dispatcher_spawn_hello(d, slot, &hello);
+		break;
+	case MSG_RUN_DONE:
+		if (run_done_unpack(m, &done) == -1)
+			return (DISPATCH_BAD);
+		dispatcher_run_done(d, slot, m, &done);
+		break;
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
+	return (DISPATCH_OK);
+}

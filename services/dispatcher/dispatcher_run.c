@@ -1,0 +1,577 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * dispatcher_run: the runs troupe-dispatcher has taken from auth and not
+ * yet seen finish.  A run is either assigned to a worker child (on that
+ * child's list) or waiting in one bounded FIFO queue for room; every run
+ * is also in a hash table by request id, so RUN_DONE and duplicates find
+ * it at once.  The queue keeps a copy of the body bytes, re-decoded when
+ * the run is assigned; an assigned run keeps only what an error answer
+ * needs (request id, traceparent, deadline, the edge's mailbox).
+ *
+ * Callers: dispatcher_dispatch.c (CHAT_RUN, RUN_DONE), dispatcher_spawn.c
+ * (a child died), the tick in dispatcher.c (deadlines).  Every run ends
+ * in exactly one of: RUN_DONE from its child, an error CHAT_REPLY sent
+ * from here (503 queue full or stopping, 504 deadline, 502 child died),
+ * or a stale sweep long after its deadline (the edge has answered 504).
+ *
+ * DIAGNOSTICS: a refused send to a child (ipc backlog full) blocks that
+ * child for DISPATCHER_BLOCK_MS and is logged; overload answers are
+ * counted and logged at doubling counts only.  Never exits.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "dispatcher.h"
+
+#define RUN_BUCKETS_MIN 1024
+
+/* FNV-1a: request ids are short and already random. */
+static uint32_t
+run_hash(struct mstr s)
+{
+	uint32_t h = 2166136261u;
+
+	for (uint32_t i = 0; i < s.n; i++) {
+		h ^= (uint8_t)s.p[i];
+		h *= 16777619u;
+	}
+	return (h);
+}
+
+static int
+run_mstr_eq(struct mstr a, struct mstr b)
+{
+	return (a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, a.n) == 0));
+}
+
+/* Whether a counter just reached a power of two: log those only. */
+static int
+run_log_now(uint64_t *counter)
+{
+	uint64_t n = counter ? *counter : 1;
+
+	return (n != 0 && (n & (n - 1)) == 0);
+}
+
+static void
+run_count(uint64_t *counter)
+{
+	if (counter)
+		(*counter)++;
+}
+
+int
+dispatcher_run_init(struct runtab *rt)
+{
+	memset(rt, 0, sizeof(*rt));
+	TAILQ_INIT(&rt->rt_queue);
+	if ((rt->rt_bucket =
+	             calloc(RUN_BUCKETS_MIN, sizeof(*rt->rt_bucket))) == NULL)
+		return (-1);
+	rt->rt_mask = RUN_BUCKETS_MIN - 1;
+	return (0);
+}
+
+void
+dispatcher_run_free(struct runtab *rt)
+{
+	struct run *r, *next;
+
+	if (rt->rt_bucket == NULL)
+		return;
+	for (size_t i = 0; i <= rt->rt_mask; i++) {
+		for (r = rt->rt_bucket[i]; r != NULL; r = next) {
+			next = r->r_hnext;
+			free(r);
+		}
+	}
+	free(rt->rt_bucket);
+	memset(rt, 0, sizeof(*rt));
+	TAILQ_INIT(&rt->rt_queue);
+}
+
+struct run *
+dispatcher_run_new(struct mstr reqid, struct mstr trace, struct mstr edge,
+                   uint64_t deadline_ms, const void *body, size_t body_len)
+{
+	struct run *r;
+	char *p;
+	size_t n;
+
+	if (body_len > UINT32_MAX)
+		return (NULL);
+	n = sizeof(*r) + reqid.n + trace.n + edge.n + 1 + body_len;
+	if ((r = malloc(n)) == NULL)
+		return (NULL);
+	memset(r, 0, sizeof(*r));
+	r->r_slot = -1;
+	r->r_deadline_ms = deadline_ms;
+	r->r_hash = run_hash(reqid);
+	p = r->r_buf;
+	memcpy(p, reqid.p, reqid.n);
+	r->r_reqid = (struct mstr){p, reqid.n};
+	p += reqid.n;
+	memcpy(p, trace.p, trace.n);
+	r->r_trace = (struct mstr){p, trace.n};
+	p += trace.n;
+	memcpy(p, edge.p, edge.n);
+	p[edge.n] = '\0';
+	r->r_edge = p;
+	p += edge.n + 1;
+	if (body_len > 0)
+		memcpy(p, body, body_len);
+	r->r_body = (struct mstr){p, (uint32_t)body_len};
+	return (r);
+}
+
+/* Double the buckets when runs outnumber them; silently keep the old
+ * size if memory is short (chains get longer, nothing breaks). */
+static void
+run_grow(struct runtab *rt)
+{
+	size_t n = (rt->rt_mask + 1) * 2;
+	struct run **b, *r, *next;
+
+	if ((b = calloc(n, sizeof(*b))) == NULL)
+		return;
+	for (size_t i = 0; i <= rt->rt_mask; i++) {
+		for (r = rt->rt_bucket[i]; r != NULL; r = next) {
+			next = r->r_hnext;
+			r->r_hnext = b[r->r_hash & (n - 1)];
+			b[r->r_hash & (n - 1)] = r;
+		}
+	}
+	free(rt->rt_bucket);
+	rt->rt_bucket = b;
+	rt->rt_mask = n - 1;
+}
+
+int
+dispatcher_run_insert(struct runtab *rt, struct run *r)
+{
+	struct run **b;
+
+	if (rt->rt_bucket == NULL)
+		return (-1);
+	if (rt->rt_count >= rt->rt_mask + 1)
+		run_grow(rt);
+	b = &rt->rt_bucket[r->r_hash & rt->rt_mask];
+	r->r_hnext = *b;
+	*b = r;
+	rt->rt_count++;
+	return (0);
+}
+
+struct run *
+dispatcher_run_find(const struct runtab *rt, struct mstr reqid,
+                    struct mstr edge)
+{
+	uint32_t h = run_hash(reqid);
+	struct run *r;
+
+	for (r = rt->rt_bucket[h & rt->rt_mask]; r != NULL; r = r->r_hnext)
+		if (r->r_hash == h && run_mstr_eq(r->r_reqid, reqid) &&
+		    strlen(r->r_edge) == edge.n &&
+		    memcmp(r->r_edge, edge.p, edge.n) == 0)
+			return (r);
+	return (NULL);
+}
+
+struct run *
+dispatcher_run_find_slot(const struct runtab *rt, struct mstr reqid, int slot)
+{
+	uint32_t h = run_hash(reqid);
+	struct run *r;
+
+	for (r = rt->rt_bucket[h & rt->rt_mask]; r != NULL; r = r->r_hnext)
+		if (r->r_hash == h && r->r_slot == slot &&
+		    run_mstr_eq(r->r_reqid, reqid))
+			return (r);
+	return (NULL);
+}
+
+void
+dispatcher_run_remove(struct runtab *rt, struct run *r)
+{
+	struct run **pp;
+
+	for (pp = &rt->rt_bucket[r->r_hash & rt->rt_mask]; *pp != NULL;
+	     pp = &(*pp)->r_hnext) {
+		if (*pp == r) {
+			*pp = r->r_hnext;
+			r->r_hnext = NULL;
+			rt->rt_count--;
+			return;
+		}
+	}
+}
+
+void
+dispatcher_run_enqueue(struct runtab *rt, struct run *r)
+{
+	r->r_slot = -1;
+	TAILQ_INSERT_TAIL(&rt->rt_queue, r, r_link);
+	rt->rt_qlen++;
+}
+
+struct run *
+dispatcher_run_dequeue(struct runtab *rt)
+{
+	struct run *r;
+
+	if ((r = TAILQ_FIRST(&rt->rt_queue)) != NULL)
+		dispatcher_run_unqueue(rt, r);
+	return (r);
+}
+
+void
+dispatcher_run_unqueue(struct runtab *rt, struct run *r)
+{
+	TAILQ_REMOVE(&rt->rt_queue, r, r_link);
+	rt->rt_qlen--;
+}
+
+int
+dispatcher_run_pick(const struct child *c, int n, uint32_t limit, uint64_t now)
+{
+	int best = -1;
+
+	for (int i = 0; i < n; i++) {
+		if (c[i].c_state != CHILD_READY || c[i].c_inflight >= limit ||
+		    c[i].c_blocked_until > now)
+			continue;
+		if (best == -1 || c[i].c_inflight < c[best].c_inflight)
+			best = i;
+	}
+	return (best);
+}
+
+void
+dispatcher_run_reply(struct dispatcher *d, const char *edge,
+                     const struct msg_head *h, uint64_t status, int64_t code,
+                     const char *msg, uint64_t retry_after)
+{
+	struct chat_reply b = {
+	        .status = status,
+	        .code = code,
+	        .msg = MSTR(msg),
+	        .data = MSTR_NULL,
+	        .retry_after = retry_after,
+	};
+
+	if (msg_send_chat_reply(d->d_svc->ipc, edge, h, &b) == -1)
+		log_req(LOG_L_WARN, h->reqid, h->traceparent, MSTR_NULL,
+		        "%s: cannot send %llu/%lld to %s (backlog full)",
+		        __func__, (unsigned long long)status, (long long)code,
+		        edge);
+}
+
+/* The head of an error answer about r. */
+static struct msg_head
+run_head(const struct run *r)
+{
+	struct msg_head h = {
+	        .reqid = r->r_reqid,
+	        .traceparent = r->r_trace,
+	        .deadline_ms = r->r_deadline_ms,
+	        .reply_to = MSTR_NULL,
+	};
+
+	return (h);
+}
+
+static void
+run_fail(struct dispatcher *d, struct run *r, uint64_t status, int64_t code,
+         const char *msg, uint64_t retry_after)
+{
+	struct msg_head h = run_head(r);
+
+	dispatcher_run_reply(d, r->r_edge, &h, status, code, msg, retry_after);
+}
+
+/* Hand r to the least busy child.  0, or -1 if no child takes it (r is
+ * then on no list). */
+static int
+run_assign(struct dispatcher *d, struct run *r, const struct chat_request *req)
+{
+	struct msg_head h = {
+	        .reqid = r->r_reqid,
+	        .traceparent = r->r_trace,
+	        .deadline_ms = r->r_deadline_ms,
+	        .reply_to = MSTR(r->r_edge),
+	};
+	uint64_t now = loop_now(d->d_loop);
+	struct child *c;
+	int k;
+
+	for (;;) {
+		k = dispatcher_run_pick(d->d_child, d->d_max, d->d_per_child,
+		                        now);
+		if (k == -1)
+			return (-1);
+		c = &d->d_child[k];
+		if (msg_send_run_assign(d->d_svc->ipc, c->c_name, &h, req) ==
+		    -1) {
+			log_warnx(
+			        "%s: %s refused a run (backlog %zu): no runs "
+			        "to it for %d ms",
+			        __func__, c->c_name,
+			        ipc_backlog(d->d_svc->ipc, c->c_name),
+			        DISPATCHER_BLOCK_MS);
+			c->c_blocked_until = now + DISPATCHER_BLOCK_MS;
+			continue;
+		}
+		r->r_slot = k;
+		r->r_since_ms = now;
+		TAILQ_INSERT_TAIL(&c->c_runs, r, r_link);
+		c->c_inflight++;
+		d->d_inflight++;
+		run_count(d->m_assigned);
+		return (0);
+	}
+}
+
+/* Forget an assigned run. */
+static void
+run_finish(struct dispatcher *d, struct run *r)
+{
+	struct child *c = &d->d_child[r->r_slot];
+
+	TAILQ_REMOVE(&c->c_runs, r, r_link);
+	c->c_inflight--;
+	d->d_inflight--;
+	dispatcher_run_remove(&d->d_runs, r);
+	free(r);
+}
+
+/* Forget a queued run, answering its edge. */
+static void
+run_drop_queued(struct dispatcher *d, struct run *r, uint64_t status,
+                int64_t code, const char *msg, uint64_t retry_after)
+{
+	dispatcher_run_unqueue(&d->d_runs, r);
+	dispatcher_run_remove(&d->d_runs, r);
+	run_fail(d, r, status, code, msg, retry_after);
+	free(r);
+}
+
+void
+dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
+                    const struct chat_request *req)
+{
+	struct msg_head rh = msg_head_reply(m, NULL);
+	struct run *r = NULL;
+	char edge[64];
+
+	if (m->reply_to.n == 0 || m->reply_to.n >= sizeof(edge)) {
+		run_count(d->m_drop_bad);
+		log_req(LOG_L_WARN, m->reqid, m->traceparent, req->bot_id,
+		        "%s: CHAT_RUN without a usable reply_to: dropped",
+		        __func__);
+		return;
+	}
+	memcpy(edge, m->reply_to.p, m->reply_to.n);
+	edge[m->reply_to.n] = '\0';
+
+	if (d->d_stopping) {
+		run_count(d->m_rej_stopping);
+		dispatcher_run_reply(d, edge, &rh, 503, 5030, "shutting down",
+		                     1);
+		return;
+	}
+	if (m->deadline_ms != 0 && m->deadline_ms <= now_wall_ms()) {
+		run_count(d->m_rej_deadline);
+		dispatcher_run_reply(d, edge, &rh, 504, 5040,
+		                     "deadline exceeded", 0);
+		return;
+	}
+	/* The same request from the same edge again: a resend after a
+	 * sender restart.  The first copy answers. */
+	if (dispatcher_run_find(&d->d_runs, m->reqid, m->reply_to) != NULL) {
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "%s: duplicate CHAT_RUN dropped", __func__);
+		return;
+	}
+
+	/* Runs wait in order: a new one overtakes no queued one. */
+	if (d->d_runs.rt_qlen == 0) {
+		r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to,
+		                       m->deadline_ms, NULL, 0);
+		if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
+			free(r);
+			goto nomem;
+		}
+		if (run_assign(d, r, req) == 0) {
+			dispatcher_scale_refresh(d, 0);
+			return;
+		}
+		dispatcher_run_remove(&d->d_runs, r);
+		free(r);
+	}
+
+	dispatcher_scale_full(d);
+	if (d->d_runs.rt_qlen >= d->d_queue_max) {
+		run_count(d->m_rej_overload);
+		if (run_log_now(d->m_rej_overload))
+			log_warnx(
+			        "%s: queue full (%zu runs, %d workers): "
+			        "answering 503 (%llu so far)",
+			        __func__, d->d_runs.rt_qlen, d->d_ready,
+			        (unsigned long long)(d->m_rej_overload
+			                                     ? *d->m_rej_overload
+			                                     : 0));
+		dispatcher_run_reply(d, edge, &rh, 503, 5030, "overloaded", 1);
+		return;
+	}
+	r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to,
+	                       m->deadline_ms, m->body, m->body_len);
+	if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
+		free(r);
+		goto nomem;
+	}
+	r->r_since_ms = loop_now(d->d_loop);
+	dispatcher_run_enqueue(&d->d_runs, r);
+	dispatcher_scale_refresh(d, 0);
+	return;
+nomem:
+	log_warn("%s: run table", __func__);
+	run_count(d->m_rej_overload);
+	dispatcher_run_reply(d, edge, &rh, 503, 5030, "overloaded", 1);
+}
+
+void
+dispatcher_run_done(struct dispatcher *d, int slot, const struct msg *m,
+                    const struct run_done *done)
+{
+	struct run *r;
+
+	if ((r = dispatcher_run_find_slot(&d->d_runs, m->reqid, slot)) ==
+	    NULL) {
+		/* Already answered (stale sweep) or a late duplicate. */
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
+		        "%s: RUN_DONE from worker-%d for no known run",
+		        __func__, slot);
+		return;
+	}
+	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
+	        "run done on worker-%d: status %llu, upstream %llu in %llu us",
+	        slot, (unsigned long long)done->status,
+	        (unsigned long long)done->upstream_status,
+	        (unsigned long long)done->upstream_us);
+	run_finish(d, r);
+	run_count(d->m_done);
+	dispatcher_run_drain(d);
+}
+
+void
+dispatcher_run_drain(struct dispatcher *d)
+{
+	struct runtab *rt = &d->d_runs;
+	uint64_t wall = now_wall_ms(), now = loop_now(d->d_loop);
+	struct chat_request req;
+	struct run *r;
+
+	while ((r = TAILQ_FIRST(&rt->rt_queue)) != NULL) {
+		if (r->r_deadline_ms != 0 && r->r_deadline_ms <= wall) {
+			run_count(d->m_rej_deadline);
+			run_drop_queued(d, r, 504, 5040, "deadline exceeded",
+			                0);
+			continue;
+		}
+		if (dispatcher_run_pick(d->d_child, d->d_max, d->d_per_child,
+		                        now) == -1)
+			break;
+		dispatcher_run_unqueue(rt, r);
+		/* The bytes decoded once already (CHAT_RUN); a failure here
+		 * is our bug, but the client still deserves an answer. */
+		if (chat_request_decode(r->r_body.p, r->r_body.n, &req) ==
+		    -1) {
+			log_req(LOG_L_ERR, r->r_reqid, r->r_trace, MSTR_NULL,
+			        "%s: queued run does not decode", __func__);
+			dispatcher_run_remove(rt, r);
+			run_fail(d, r, 500, 5000, "internal error", 0);
+			free(r);
+			continue;
+		}
+		if (run_assign(d, r, &req) == -1) {
+			TAILQ_INSERT_HEAD(&rt->rt_queue, r, r_link);
+			rt->rt_qlen++;
+			break;
+		}
+	}
+	if (rt->rt_qlen > 0)
+		dispatcher_scale_full(d);
+	dispatcher_scale_refresh(d, 0);
+}
+
+void
+dispatcher_run_child_gone(struct dispatcher *d, struct child *c)
+{
+	uint32_t n = c->c_inflight;
+	struct run *r;
+
+	while ((r = TAILQ_FIRST(&c->c_runs)) != NULL) {
+		log_req(LOG_L_DEBUG, r->r_reqid, r->r_trace, MSTR_NULL,
+		        "%s: %s exited under this run: 502", __func__,
+		        c->c_name);
+		run_count(d->m_rej_exited);
+		run_fail(d, r, 502, 5000, "worker exited mid-run", 0);
+		run_finish(d, r);
+	}
+	if (n > 0)
+		log_warnx("%s: %s exited with %u runs in flight: answered 502",
+		          __func__, c->c_name, n);
+}
+
+void
+dispatcher_run_flush_queue(struct dispatcher *d)
+{
+	struct run *r;
+
+	while ((r = TAILQ_FIRST(&d->d_runs.rt_queue)) != NULL) {
+		run_count(d->m_rej_stopping);
+		run_drop_queued(d, r, 503, 5030, "shutting down", 1);
+	}
+	dispatcher_scale_refresh(d, 0);
+}
+
+void
+dispatcher_run_expire(struct dispatcher *d)
+{
+	uint64_t wall = now_wall_ms();
+	struct run *r, *next;
+	int changed = 0;
+
+	for (r = TAILQ_FIRST(&d->d_runs.rt_queue); r != NULL; r = next) {
+		next = TAILQ_NEXT(r, r_link);
+		if (r->r_deadline_ms != 0 && r->r_deadline_ms <= wall) {
+			run_count(d->m_rej_deadline);
+			run_drop_queued(d, r, 504, 5040, "deadline exceeded",
+			                0);
+			changed = 1;
+		}
+	}
+	/* A RUN_DONE can only go missing through a bug in a worker, but
+	 * a run that never ends would hold a place in its child for good. */
+	for (int k = 0; k < DISPATCHER_SLOTS_MAX; k++) {
+		struct child *c = &d->d_child[k];
+
+		for (r = TAILQ_FIRST(&c->c_runs); r != NULL; r = next) {
+			next = TAILQ_NEXT(r, r_link);
+			if (r->r_deadline_ms == 0 ||
+			    r->r_deadline_ms + DISPATCHER_STALE_MS > wall)
+				continue;
+			run_count(d->m_drop_stale);
+			log_req(LOG_L_WARN, r->r_reqid, r->r_trace, MSTR_NULL,
+			        "%s: %s sent no RUN_DONE %d s after the "
+			        "deadline: "
+			        "forgotten",
+			        __func__, c->c_name,
+			        DISPATCHER_STALE_MS / 1000);
+			run_finish(d, r);
+			changed = 1;
+		}
+	}
+	if (changed)
+		dispatcher_run_drain(d);
+}
