@@ -1,0 +1,119 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * worker: what the files of troupe-worker share.  worker.c owns the
+ * process (main, config, metrics, stop), worker_dispatch.c turns
+ * envelopes into calls, worker_run.c runs the chats, worker_upstream.c
+ * talks HTTP to the LLM upstreams.  Nothing here is used outside
+ * services/worker and its unit tests.
+ */
+#ifndef TROUPE_WORKER_H
+#define TROUPE_WORKER_H
+
+#include <sys/types.h>
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto.h"
+#include "svc.h"
+#include "worker_upstream.h"
+
+#define WORKER_CHAT_ID_LEN 19 /* decimal digits, as Coze's ids */
+#define WORKER_CONV_ID_LEN 37 /* "conv_" and 32 hex digits */
+#define WORKER_PEER_MAX 128   /* longest mailbox name we answer to */
+#define WORKER_EDGES_MAX 8    /* edge names remembered for the drain */
+
+enum dispatch_rc { DISPATCH_OK, DISPATCH_BAD, DISPATCH_UNHANDLED };
+
+/* The state behind chat ids: the last millisecond used and a counter
+ * within it. */
+struct chat_idgen {
+	uint64_t last_ms;
+	unsigned seq;
+};
+
+struct run;
+
+struct worker {
+	struct svc svc; /* first: the svc's arg and &worker agree */
+	unsigned slot;
+	pid_t ppid;   /* the dispatcher that started us */
+	int stopping; /* no new runs; stop when the last ends */
+
+	struct upstream *up;
+	struct upstream_conf upconf;
+	int64_t run_timeout_ms; /* deadline of a run that came without */
+
+	/* Runs by request id: a chained hash table. */
+	struct run **buckets;
+	size_t nbuckets;
+	size_t nruns;
+
+	struct chat_idgen idgen;
+	char edges[WORKER_EDGES_MAX][WORKER_PEER_MAX];
+	size_t nedges;
+
+	struct loop_timer *ppid_timer;
+	struct loop_timer *drain_timer;
+	uint64_t drain_start_ms;
+	uint64_t warn_ms; /* last rate-limited warning */
+
+	struct metrics *metrics;
+	double *m_inflight;
+	double *m_queued;
+	struct histo *m_upstream;
+	uint64_t *m_dup_assign;
+	uint64_t *m_unknown_ctx;
+	uint64_t *m_bad_msg;
+	uint64_t *m_send_refused;
+	struct {
+		uint64_t status;
+		uint64_t *count;
+	} m_status[16];
+	size_t nm_status;
+};
+
+/* worker.c */
+/* Count one finished run by the status its client got. */
+void worker_count_status(struct worker *, uint64_t status);
+/* A run ended: when stopping and none is left, finish the stop. */
+void worker_stop_check(struct worker *);
+/* Whether a rate-limited warning may be logged now (one a second). */
+int worker_warn_ok(struct worker *);
+/* Remember an edge's mailbox name, so the stop waits for its backlog. */
+void worker_note_edge(struct worker *, const char *);
+
+/* worker_dispatch.c */
+/* The svc's on_msg: route an envelope to its peer's dispatch. */
+void worker_dispatch(void *arg, const struct msg *);
+int worker_dispatch_dispatcher(struct worker *, const struct msg *);
+int worker_dispatch_storage(struct worker *, const struct msg *);
+
+/* worker_run.c */
+/* Start a run (RUN_ASSIGN); duplicates of a running one are ignored. */
+void worker_run_assign(struct worker *, const struct msg *,
+                       const struct chat_request *);
+/* Answer a RUN_ASSIGN that did not decode: 500 to its edge, RUN_DONE. */
+void worker_run_reject(struct worker *, const struct msg *);
+/* Continue a run with storage's CTX_REPLY (NULL: it did not decode). */
+void worker_run_ctx(struct worker *, const struct msg *,
+                    const struct ctx_reply *);
+/* Set up / tear down the run table (teardown answers nobody). */
+int worker_run_init(struct worker *);
+void worker_run_free_all(struct worker *);
+
+/* Write the next chat id for slot at wall time now_ms: 19 digits, the
+ * 13-digit millisecond, the slot modulo 1000 and a 3-digit counter,
+ * NUL-terminated.  Never goes back in time within one generator. */
+void worker_run_chat_id(struct chat_idgen *, uint64_t now_ms, unsigned slot,
+                        char out[WORKER_CHAT_ID_LEN + 1]);
+/* Write a new conversation id "conv_<32 hex>", NUL-terminated; -1 if the
+ * system has no randomness to give. */
+int worker_run_conv_id(char out[WORKER_CONV_ID_LEN + 1]);
+/* Append the "data" JSON of a successful chat. */
+int worker_run_reply_json(struct buf *, const char *chat_id,
+                          struct mstr conversation_id, struct mstr bot_id,
+                          const char *answer, size_t answer_len,
+                          uint64_t prompt_tokens, uint64_t completion_tokens);
+
+#endif

@@ -1,0 +1,283 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * fake_upstream.h: a tiny HTTP/1.1 server on a common/loop.h loop, on
+ * 127.0.0.1 and a kernel-chosen port, for the worker's unit tests.  The
+ * first path segment picks the answer ("/ok/v1/chat/completions"):
+ *
+ *   ok       200, a chat completion ("hi \"there\"", usage 3 + 5)
+ *   r429     429 with Retry-After: 7
+ *   s500     500
+ *   garbage  200, not JSON
+ *   nochoice 200, JSON without choices
+ *   big      200, a 5000-byte body with Content-Length
+ *   bigchunk 200, a 5000-byte body, chunked (no length known up front)
+ *   hang     never answers
+ *
+ * Connections are kept alive; accepted and requests count them, and the
+ * last request (head and body) is kept.  Included by the tests (all static).
+ */
+#ifndef FAKE_UPSTREAM_H
+#define FAKE_UPSTREAM_H
+
+#include <sys/socket.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "loop.h"
+#include "util.h"
+
+#define FAKE_CONNS 64
+
+struct fake_conn {
+	int fd;
+	struct buf in;
+};
+
+struct fake_srv {
+	struct loop *loop;
+	int lfd;
+	int port;
+	int accepted;
+	int requests;
+	struct buf last_body;
+	struct buf last_head; /* request line and headers */
+	char last_path[128];
+	struct fake_conn conns[FAKE_CONNS];
+};
+
+static void
+fake_close(struct fake_srv *s, struct fake_conn *c)
+{
+	loop_fd_del(s->loop, c->fd);
+	close(c->fd);
+	c->fd = -1;
+	buf_free(&c->in);
+}
+
+static void
+fake_send(int fd, const char *status, const char *extra, const char *body,
+          int chunked)
+{
+	char head[512];
+	size_t blen = strlen(body);
+	int n;
+
+	if (chunked)
+		n = snprintf(
+		        head, sizeof(head),
+		        "HTTP/1.1 %s\r\nContent-Type: application/json\r\n%s"
+		        "Transfer-Encoding: chunked\r\n\r\n%zx\r\n",
+		        status, extra, blen);
+	else
+		n = snprintf(
+		        head, sizeof(head),
+		        "HTTP/1.1 %s\r\nContent-Type: application/json\r\n%s"
+		        "Content-Length: %zu\r\n\r\n",
+		        status, extra, blen);
+	/* Small answers on loopback: a blocking-enough write is fine. */
+	(void)!write(fd, head, (size_t)n);
+	(void)!write(fd, body, blen);
+	if (chunked)
+		(void)!write(fd, "\r\n0\r\n\r\n", 7);
+}
+
+static void
+fake_answer(struct fake_srv *s, struct fake_conn *c, const char *path)
+{
+	static char big[5001];
+	const char *seg = path + 1;
+
+	if (big[0] == '\0') {
+		memset(big, 'x', sizeof(big) - 1);
+		big[sizeof(big) - 1] = '\0';
+	}
+	(void)s;
+	if (strncmp(seg, "ok/", 3) == 0)
+		fake_send(
+		        c->fd, "200 OK", "",
+		        "{\"id\":\"x\",\"choices\":[{\"index\":0,\"message\":"
+		        "{\"role\":\"assistant\",\"content\":\"hi "
+		        "\\\"there\\\"\"},"
+		        "\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_"
+		        "tokens\":"
+		        "3,\"completion_tokens\":5,\"total_tokens\":8}}",
+		        0);
+	else if (strncmp(seg, "r429/", 5) == 0)
+		fake_send(c->fd, "429 Too Many Requests", "Retry-After: 7\r\n",
+		          "{\"error\":{\"message\":\"slow down\"}}", 0);
+	else if (strncmp(seg, "s500/", 5) == 0)
+		fake_send(c->fd, "500 Internal Server Error", "", "{}", 0);
+	else if (strncmp(seg, "garbage/", 8) == 0)
+		fake_send(c->fd, "200 OK", "", "<html>nope", 0);
+	else if (strncmp(seg, "nochoice/", 9) == 0)
+		fake_send(c->fd, "200 OK", "", "{\"choices\":[]}", 0);
+	else if (strncmp(seg, "big/", 4) == 0)
+		fake_send(c->fd, "200 OK", "", big, 0);
+	else if (strncmp(seg, "bigchunk/", 9) == 0)
+		fake_send(c->fd, "200 OK", "", big, 1);
+	else if (strncmp(seg, "hang/", 5) == 0)
+		; /* never */
+	else
+		fake_send(c->fd, "404 Not Found", "", "{}", 0);
+}
+
+/* A whole request in c->in?  Then answer it and drop it from the
+ * buffer. */
+static void
+fake_parse(struct fake_srv *s, struct fake_conn *c)
+{
+	char *end, *cl, path[128];
+	size_t hlen, blen = 0;
+
+	for (;;) {
+		if (c->in.len == 0 || buf_reserve(&c->in, 1) == -1)
+			return;
+		c->in.b[c->in.len] = '\0';
+		if ((end = strstr(c->in.b, "\r\n\r\n")) == NULL)
+			return;
+		hlen = (size_t)(end - c->in.b) + 4;
+		if ((cl = strcasestr(c->in.b, "\r\nContent-Length:")) !=
+		            NULL &&
+		    cl < end)
+			blen = strtoul(cl + 17, NULL, 10);
+		if (c->in.len < hlen + blen)
+			return;
+		if (sscanf(c->in.b, "%*s %127s", path) != 1)
+			path[0] = '\0';
+		snprintf(s->last_path, sizeof(s->last_path), "%s", path);
+		buf_reset(&s->last_head);
+		(void)buf_add(&s->last_head, c->in.b, hlen);
+		(void)buf_add(&s->last_head, "", 1);
+		s->last_head.len--;
+		buf_reset(&s->last_body);
+		(void)buf_add(&s->last_body, c->in.b + hlen, blen);
+		(void)buf_add(&s->last_body, "", 1);
+		s->last_body.len--;
+		s->requests++;
+		fake_answer(s, c, path);
+		memmove(c->in.b, c->in.b + hlen + blen,
+		        c->in.len - hlen - blen);
+		c->in.len -= hlen + blen;
+	}
+}
+
+static void
+fake_conn_cb(struct loop *l, int fd, uint32_t ev, void *arg)
+{
+	struct fake_srv *s = arg;
+	struct fake_conn *c = NULL;
+	char tmp[4096];
+	ssize_t n;
+
+	(void)l;
+	(void)ev;
+	for (int i = 0; i < FAKE_CONNS; i++)
+		if (s->conns[i].fd == fd)
+			c = &s->conns[i];
+	if (c == NULL)
+		return;
+	for (;;) {
+		n = read(fd, tmp, sizeof(tmp));
+		if (n > 0) {
+			(void)buf_add(&c->in, tmp, (size_t)n);
+			continue;
+		}
+		if (n == -1 && errno == EAGAIN)
+			break;
+		fake_close(s, c);
+		return;
+	}
+	fake_parse(s, c);
+}
+
+static void
+fake_accept_cb(struct loop *l, int fd, uint32_t ev, void *arg)
+{
+	struct fake_srv *s = arg;
+	int cfd;
+
+	(void)ev;
+	while ((cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)) !=
+	       -1) {
+		int i;
+
+		for (i = 0; i < FAKE_CONNS && s->conns[i].fd != -1; i++)
+			;
+		if (i == FAKE_CONNS) {
+			close(cfd);
+			continue;
+		}
+		s->accepted++;
+		s->conns[i].fd = cfd;
+		memset(&s->conns[i].in, 0, sizeof(s->conns[i].in));
+		(void)loop_fd_add(l, cfd, EPOLLIN, fake_conn_cb, s);
+	}
+}
+
+/* A port nobody listens on (bound, then closed). */
+static inline int
+fake_dead_port(void)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET};
+	socklen_t sl = sizeof(sa);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (fd == -1 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
+	    getsockname(fd, (struct sockaddr *)&sa, &sl) == -1)
+		return (-1);
+	port = ntohs(sa.sin_port);
+	close(fd);
+	return (port);
+}
+
+static int
+fake_start(struct fake_srv *s, struct loop *l)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET};
+	socklen_t sl = sizeof(sa);
+
+	memset(s, 0, sizeof(*s));
+	s->loop = l;
+	for (int i = 0; i < FAKE_CONNS; i++)
+		s->conns[i].fd = -1;
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if ((s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0)) == -1 ||
+	    bind(s->lfd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
+	    listen(s->lfd, 64) == -1 ||
+	    getsockname(s->lfd, (struct sockaddr *)&sa, &sl) == -1 ||
+	    loop_fd_add(l, s->lfd, EPOLLIN, fake_accept_cb, s) == -1)
+		return (-1);
+	s->port = ntohs(sa.sin_port);
+	return (0);
+}
+
+static void
+fake_stop(struct fake_srv *s)
+{
+	for (int i = 0; i < FAKE_CONNS; i++)
+		if (s->conns[i].fd != -1)
+			fake_close(s, &s->conns[i]);
+	loop_fd_del(s->loop, s->lfd);
+	close(s->lfd);
+	buf_free(&s->last_body);
+	buf_free(&s->last_head);
+}
+
+/* Close every connection the server holds (the client must reconnect). */
+static inline void
+fake_drop_conns(struct fake_srv *s)
+{
+	for (int i = 0; i < FAKE_CONNS; i++)
+		if (s->conns[i].fd != -1)
+			fake_close(s, &s->conns[i]);
+}
+
+#endif

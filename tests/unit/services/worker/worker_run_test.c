@@ -1,0 +1,737 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * Unit tests of services/worker/worker_run.c, which this file includes
+ * (h2o's t/00unit style): chat and conversation ids, the reply JSON, and
+ * the run state machine driven by hand-made envelopes.  ipc_send() is
+ * replaced by a recorder (common's ipc.o is then never linked), so every
+ * envelope the worker sends is decoded and checked; the upstream is
+ * fake_upstream.h on a real loop, on 127.0.0.1.
+ */
+#include <cjson/cJSON.h>
+
+#include "fake_upstream.h"
+#include "mpk.h"
+#include "t.h"
+#include "worker_run.c"
+
+/* --- what worker.c would provide --- */
+
+static int stop_checks;
+static uint64_t last_status_counted;
+
+void
+worker_count_status(struct worker *w, uint64_t status)
+{
+	(void)w;
+	last_status_counted = status;
+}
+
+void
+worker_stop_check(struct worker *w)
+{
+	(void)w;
+	stop_checks++;
+}
+
+int
+worker_warn_ok(struct worker *w)
+{
+	(void)w;
+	return (0);
+}
+
+void
+worker_note_edge(struct worker *w, const char *edge)
+{
+	(void)w;
+	(void)edge;
+}
+
+/* --- the ipc recorder --- */
+
+struct sent {
+	char peer[64];
+	uint16_t type;
+	char reqid[64];
+	char reply_to[64];
+	char tp[80];
+	uint64_t deadline_ms;
+	struct buf body;
+};
+
+static struct sent sent[512];
+static int nsent;
+static const char *refuse_peer; /* ipc_send to it returns -1 */
+
+static void
+cstr(char *out, size_t n, struct mstr s)
+{
+	snprintf(out, n, "%.*s", (int)s.n, s.p);
+}
+
+int
+ipc_send(struct ipc *ipc, const char *peer, uint16_t type,
+         const struct msg_head *h, ipc_pack_fn fn, const void *body)
+{
+	msgpack_packer pk;
+	struct sent *s;
+
+	(void)ipc;
+	if (refuse_peer != NULL && strcmp(peer, refuse_peer) == 0)
+		return (-1);
+	if (nsent == (int)nitems(sent))
+		return (-1);
+	s = &sent[nsent++];
+	snprintf(s->peer, sizeof(s->peer), "%s", peer);
+	s->type = type;
+	cstr(s->reqid, sizeof(s->reqid), h->reqid);
+	cstr(s->reply_to, sizeof(s->reply_to), h->reply_to);
+	cstr(s->tp, sizeof(s->tp), h->traceparent);
+	s->deadline_ms = h->deadline_ms;
+	memset(&s->body, 0, sizeof(s->body));
+	mpk_packer_init(&pk, &s->body);
+	return (fn(&pk, body) == 0 ? 0 : -1);
+}
+
+/* --- the harness --- */
+
+#define TP "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+static struct worker w;
+static struct fake_srv srv;
+static struct buf inbody;
+
+static void
+setup(void)
+{
+	struct upstream_conf c = {.connections = 8,
+	                          .max_body = 65536,
+	                          .connect_timeout_ms = 2000};
+
+	for (int i = 0; i < nsent; i++)
+		buf_free(&sent[i].body);
+	nsent = 0;
+	refuse_peer = NULL;
+	stop_checks = 0;
+	memset(&w, 0, sizeof(w));
+	w.svc.name = "worker-3";
+	w.svc.ipc = NULL; /* the recorder ignores it */
+	w.slot = 3;
+	w.run_timeout_ms = 30000;
+	if ((w.svc.loop = loop_new()) == NULL)
+		T_FAIL("loop_new");
+	if (fake_start(&srv, w.svc.loop) == -1)
+		T_FAIL("fake server");
+	if ((w.up = worker_upstream_new(w.svc.loop, &c)) == NULL)
+		T_FAIL("upstream");
+	T_EQ_INT(worker_run_init(&w), 0);
+}
+
+static void
+teardown(void)
+{
+	worker_run_free_all(&w);
+	worker_upstream_free(w.up);
+	fake_stop(&srv);
+	loop_free(w.svc.loop);
+	buf_free(&inbody);
+}
+
+static struct msg
+envelope(uint16_t type, const char *sender, const char *reqid,
+         const char *reply_to, uint64_t deadline_ms, ipc_pack_fn fn,
+         const void *body)
+{
+	struct msg m = {0};
+	msgpack_packer pk;
+
+	buf_reset(&inbody);
+	mpk_packer_init(&pk, &inbody);
+	if (fn(&pk, body) != 0)
+		T_FAIL("pack");
+	m.version = 1;
+	m.type = type;
+	m.sender = MSTR(sender);
+	m.reqid = MSTR(reqid);
+	m.traceparent = MSTR(TP);
+	m.deadline_ms = deadline_ms;
+	m.reply_to = MSTR(reply_to);
+	m.body = inbody.b;
+	m.body_len = inbody.len;
+	return (m);
+}
+
+/* worker_dispatch.c is not linked here: decode as it does. */
+static int
+worker_dispatch_dispatcher_stub(const struct msg *m)
+{
+	struct chat_request q;
+
+	if (chat_request_unpack(m, &q) == -1)
+		return (-1);
+	worker_run_assign(&w, m, &q);
+	return (0);
+}
+
+static void
+assign(const char *reqid, const char *history_id, uint64_t deadline_ms)
+{
+	struct chat_request q = {.route = MSTR("v1.chat"),
+	                         .token = MSTR_NULL,
+	                         .sub = MSTR("u1"),
+	                         .bot_id = MSTR("bot7"),
+	                         .user_id = MSTR("u1"),
+	                         .query = MSTR("what is \"2+2\"?"),
+	                         .history_id = MSTR(history_id),
+	                         .received_ms = now_wall_ms()};
+	struct msg m = envelope(MSG_RUN_ASSIGN, "dispatcher", reqid, "edge",
+	                        deadline_ms, chat_request_pack, &q);
+
+	T_EQ_INT(worker_dispatch_dispatcher_stub(&m), 0);
+}
+
+static void
+ctx_reply(const char *reqid, uint64_t status, const char *upstream)
+{
+	struct ctx_reply c = {
+	        .status = status,
+	        .code = status == 200 ? 0 : 4006,
+	        .msg = MSTR(status == 200 ? "" : "bot not found"),
+	        .upstream = MSTR(upstream),
+	        .model = MSTR("sim-1"),
+	        .system_prompt = MSTR("be brief"),
+	        .context_turns = 5,
+	        .context = MSTR("{\"role\":\"user\",\"content\":\"1+1\"},"
+	                        "{\"role\":\"assistant\",\"content\":\"2\"}")};
+	struct msg m = envelope(MSG_CTX_REPLY, "storage", reqid, "", 0,
+	                        ctx_reply_pack, &c);
+	struct ctx_reply d;
+
+	T_EQ_INT(ctx_reply_unpack(&m, &d), 0);
+	worker_run_ctx(&w, &m, &d);
+}
+
+static char *
+upstream_url(const char *which)
+{
+	static char url[128];
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/%s", srv.port, which);
+	return (url);
+}
+
+static void
+wait_sent(int want, int ms)
+{
+	uint64_t until = now_mono_ms() + (uint64_t)ms;
+
+	while (nsent < want && now_mono_ms() < until)
+		(void)loop_run_once(w.svc.loop, 20);
+}
+
+static const struct sent *
+expect(int i, const char *peer, uint16_t type)
+{
+	if (i >= nsent)
+		T_FAIL("envelope %d: got none (%d sent), want %s to %s", i,
+		       nsent, msg_name(type), peer);
+	if (strcmp(sent[i].peer, peer) != 0 || sent[i].type != type)
+		T_FAIL("envelope %d: got %s to %s, want %s to %s", i,
+		       msg_name(sent[i].type), sent[i].peer, msg_name(type),
+		       peer);
+	return (&sent[i]);
+}
+
+static void
+expect_reply(int i, uint64_t status, int64_t code, const char *msg,
+             uint64_t retry_after)
+{
+	const struct sent *s = expect(i, "edge", MSG_CHAT_REPLY);
+	struct chat_reply r;
+
+	T_EQ_INT(chat_reply_decode(s->body.b, s->body.len, &r), 0);
+	T_EQ_INT(r.status, status);
+	T_EQ_INT(r.code, code);
+	T_EQ_MEM(r.msg.p, r.msg.n, msg);
+	T_EQ_INT(r.data.n, 0);
+	T_EQ_INT(r.retry_after, retry_after);
+	T_EQ_STR(s->reply_to, "");
+	T_EQ_STR(s->tp, TP);
+}
+
+static void
+expect_done(int i, const char *reqid, uint64_t status, long upstream_status)
+{
+	const struct sent *s = expect(i, "dispatcher", MSG_RUN_DONE);
+	struct run_done d;
+
+	T_EQ_INT(run_done_decode(s->body.b, s->body.len, &d), 0);
+	T_EQ_STR(s->reqid, reqid);
+	T_EQ_INT(d.status, status);
+	T_EQ_INT(d.upstream_status, upstream_status);
+	T_EQ_INT(last_status_counted, status);
+}
+
+/* --- ids and JSON --- */
+
+static void
+t_chat_id(void)
+{
+	struct chat_idgen g = {0};
+	char a[WORKER_CHAT_ID_LEN + 1], b[WORKER_CHAT_ID_LEN + 1];
+	uint64_t ms = 1732000000123ULL;
+
+	worker_run_chat_id(&g, ms, 3, a);
+	T_EQ_STR(a, "1732000000123003000");
+	worker_run_chat_id(&g, ms, 3, b);
+	T_EQ_STR(b, "1732000000123003001");
+	worker_run_chat_id(&g, ms + 1, 3, b);
+	T_EQ_STR(b, "1732000000124003000");
+	/* The clock steps back: the ids still grow. */
+	worker_run_chat_id(&g, ms - 5000, 3, b);
+	T_EQ_STR(b, "1732000000124003001");
+	/* A thousand in one millisecond borrow the next one. */
+	for (int i = 0; i < 998; i++)
+		worker_run_chat_id(&g, ms + 1, 3, b);
+	T_EQ_STR(b, "1732000000124003999");
+	worker_run_chat_id(&g, ms + 1, 3, b);
+	T_EQ_STR(b, "1732000000125003000");
+	/* Slots apart give ids apart; the slot is taken modulo 1000. */
+	g = (struct chat_idgen){0};
+	worker_run_chat_id(&g, ms, 1042, a);
+	T_EQ_STR(a, "1732000000123042000");
+	T_EQ_INT(strlen(a), WORKER_CHAT_ID_LEN);
+}
+
+static void
+t_chat_id_unique(void)
+{
+	struct chat_idgen g = {0};
+	char prev[WORKER_CHAT_ID_LEN + 1] = "", cur[WORKER_CHAT_ID_LEN + 1];
+
+	for (int i = 0; i < 5000; i++) {
+		worker_run_chat_id(&g, now_wall_ms(), 7, cur);
+		T_EQ_INT(strlen(cur), 19);
+		if (strcmp(cur, prev) <= 0)
+			T_FAIL("id %d: got %s after %s, want larger", i, cur,
+			       prev);
+		memcpy(prev, cur, sizeof(cur));
+	}
+}
+
+static int
+cmp_str(const void *a, const void *b)
+{
+	return (strcmp(a, b));
+}
+
+static void
+t_conv_id(void)
+{
+	/* More than one refill of the random pool (256 ids a refill). */
+	static char ids[700][WORKER_CONV_ID_LEN + 1];
+
+	for (size_t i = 0; i < nitems(ids); i++) {
+		T_EQ_INT(worker_run_conv_id(ids[i]), 0);
+		T_EQ_INT(strlen(ids[i]), 37);
+		T_ASSERT(strncmp(ids[i], "conv_", 5) == 0);
+		T_EQ_INT(strspn(ids[i] + 5, "0123456789abcdef"), 32);
+	}
+	qsort(ids, nitems(ids), sizeof(ids[0]), cmp_str);
+	for (size_t i = 1; i < nitems(ids); i++)
+		if (strcmp(ids[i - 1], ids[i]) == 0)
+			T_FAIL("conversation id %s given twice", ids[i]);
+}
+
+static void
+t_reply_json(void)
+{
+	struct buf b = {0};
+	cJSON *root, *usage;
+
+	T_EQ_INT(worker_run_reply_json(&b, "1732000000123003000",
+	                               MSTR("conv_1"), MSTR("bot7"),
+	                               "a \"b\"\n", 6, 3, 5),
+	         0);
+	T_EQ_MEM(
+	        b.b, b.len,
+	        "{\"chat_id\":\"1732000000123003000\",\"conversation_id\":"
+	        "\"conv_1\",\"bot_id\":\"bot7\",\"answer\":\"a \\\"b\\\"\\n\","
+	        "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,"
+	        "\"total_tokens\":8}}");
+	T_EQ_INT(buf_add(&b, "", 1), 0);
+	root = cJSON_Parse(b.b);
+	T_ASSERT(root != NULL);
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(root, "answer")->valuestring,
+	         "a \"b\"\n");
+	usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
+	T_EQ_INT(cJSON_GetObjectItemCaseSensitive(usage, "total_tokens")
+	                 ->valueint,
+	         8);
+	cJSON_Delete(root);
+	buf_free(&b);
+}
+
+/* --- runs --- */
+
+static void
+t_run_ok(void)
+{
+	const struct sent *s;
+	struct ctx_get cg;
+	struct chat_persist p;
+	struct run_done d;
+	uint64_t deadline = now_wall_ms() + 10000;
+	cJSON *root;
+	char *reply;
+
+	setup();
+	assign("req-1", "h1", deadline);
+	T_EQ_INT(w.nruns, 1);
+	s = expect(0, "storage", MSG_CTX_GET);
+	T_EQ_STR(s->reqid, "req-1");
+	T_EQ_STR(s->reply_to, "worker-3");
+	T_EQ_STR(s->tp, TP);
+	T_EQ_INT(s->deadline_ms, deadline);
+	T_EQ_INT(ctx_get_decode(s->body.b, s->body.len, &cg), 0);
+	T_EQ_MEM(cg.bot_id.p, cg.bot_id.n, "bot7");
+	T_EQ_MEM(cg.conversation_id.p, cg.conversation_id.n, "h1");
+
+	ctx_reply("req-1", 200, upstream_url("ok"));
+	wait_sent(3, 5000);
+	/* The upstream got the system prompt, the context, the query. */
+	T_EQ_STR(srv.last_path, "/ok/v1/chat/completions");
+	T_EQ_STR(srv.last_body.b,
+	         "{\"model\":\"sim-1\",\"messages\":["
+	         "{\"role\":\"system\",\"content\":\"be brief\"},"
+	         "{\"role\":\"user\",\"content\":\"1+1\"},"
+	         "{\"role\":\"assistant\",\"content\":\"2\"},"
+	         "{\"role\":\"user\",\"content\":\"what is \\\"2+2\\\"?\"}],"
+	         "\"stream\":false}");
+	T_ASSERT(strstr(srv.last_head.b, "traceparent: " TP "\r\n") != NULL);
+
+	s = expect(1, "storage", MSG_CHAT_PERSIST);
+	T_EQ_STR(s->reqid, "req-1");
+	T_EQ_STR(s->reply_to, "edge"); /* storage answers the edge */
+	T_EQ_INT(s->deadline_ms, deadline);
+	T_EQ_INT(chat_persist_decode(s->body.b, s->body.len, &p), 0);
+	T_EQ_INT(p.chat_id.n, 19);
+	T_EQ_MEM(p.conversation_id.p, p.conversation_id.n, "h1");
+	T_EQ_MEM(p.bot_id.p, p.bot_id.n, "bot7");
+	T_EQ_MEM(p.user_id.p, p.user_id.n, "u1");
+	T_EQ_MEM(p.query.p, p.query.n, "what is \"2+2\"?");
+	T_EQ_MEM(p.answer.p, p.answer.n, "hi \"there\"");
+	T_EQ_INT(p.prompt_tokens, 3);
+	T_EQ_INT(p.completion_tokens, 5);
+	T_EQ_INT(p.context_turns, 5);
+	reply = mstr_dup(p.reply);
+	root = cJSON_Parse(reply);
+	T_ASSERT(root != NULL);
+	T_ASSERT(strncmp(cJSON_GetObjectItemCaseSensitive(root, "chat_id")
+	                         ->valuestring,
+	                 p.chat_id.p, 19) == 0);
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(root, "conversation_id")
+	                 ->valuestring,
+	         "h1");
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(root, "bot_id")->valuestring,
+	         "bot7");
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(root, "answer")->valuestring,
+	         "hi \"there\"");
+	cJSON_Delete(root);
+	free(reply);
+
+	expect_done(2, "req-1", 200, 200);
+	T_EQ_INT(run_done_decode(sent[2].body.b, sent[2].body.len, &d), 0);
+	T_EQ_MEM(d.upstream.p, d.upstream.n,
+	         upstream_url("ok/v1/chat/completions"));
+	T_ASSERT(d.upstream_us > 0);
+	T_EQ_INT(nsent, 3);
+	T_EQ_INT(w.nruns, 0);
+	T_EQ_INT(stop_checks, 1);
+	teardown();
+}
+
+static void
+t_run_new_conversation(void)
+{
+	struct ctx_get cg;
+	struct chat_persist p;
+	char conv[64];
+
+	setup();
+	assign("req-2", "", now_wall_ms() + 10000);
+	T_EQ_INT(ctx_get_decode(sent[0].body.b, sent[0].body.len, &cg), 0);
+	cstr(conv, sizeof(conv), cg.conversation_id);
+	T_EQ_INT(strlen(conv), 37);
+	T_ASSERT(strncmp(conv, "conv_", 5) == 0);
+	ctx_reply("req-2", 200, upstream_url("ok"));
+	wait_sent(3, 5000);
+	T_EQ_INT(chat_persist_decode(sent[1].body.b, sent[1].body.len, &p), 0);
+	T_EQ_MEM(p.conversation_id.p, p.conversation_id.n, conv);
+	T_ASSERT(memmem(p.reply.p, p.reply.n, conv, strlen(conv)) != NULL);
+	teardown();
+}
+
+static void
+t_run_duplicates(void)
+{
+	setup();
+	assign("req-3", "h", now_wall_ms() + 10000);
+	assign("req-3", "h", now_wall_ms() + 10000);
+	T_EQ_INT(nsent, 1); /* one CTX_GET */
+	T_EQ_INT(w.nruns, 1);
+	/* A CTX_REPLY for no run: ignored. */
+	ctx_reply("req-unknown", 200, upstream_url("ok"));
+	T_EQ_INT(nsent, 1);
+	ctx_reply("req-3", 200, upstream_url("ok"));
+	/* A second CTX_REPLY for a run already calling: ignored. */
+	ctx_reply("req-3", 404, "");
+	T_EQ_INT(nsent, 1);
+	wait_sent(3, 5000);
+	expect(1, "storage", MSG_CHAT_PERSIST);
+	expect_done(2, "req-3", 200, 200);
+	/* The run is over: a late one is ignored too. */
+	ctx_reply("req-3", 200, upstream_url("ok"));
+	(void)loop_run_once(w.svc.loop, 50);
+	T_EQ_INT(nsent, 3);
+	teardown();
+}
+
+static void
+t_run_many(void)
+{
+	char id[32];
+
+	/* More runs than the table's first size: it grows, all finish. */
+	setup();
+	for (int i = 0; i < 150; i++) {
+		snprintf(id, sizeof(id), "many-%d", i);
+		assign(id, "h", now_wall_ms() + 10000);
+	}
+	T_EQ_INT(w.nruns, 150);
+	T_ASSERT(w.nbuckets >= 150);
+	for (int i = 0; i < 150; i++) {
+		snprintf(id, sizeof(id), "many-%d", i);
+		T_ASSERT(run_find(&w, MSTR(id)) != NULL);
+	}
+	for (int i = 0; i < 150; i++) {
+		snprintf(id, sizeof(id), "many-%d", i);
+		ctx_reply(id, 404, "");
+	}
+	T_EQ_INT(w.nruns, 0);
+	T_EQ_INT(nsent, 150 * 3);
+	teardown();
+}
+
+static void
+t_run_ctx_error(void)
+{
+	setup();
+	assign("req-4", "h", now_wall_ms() + 10000);
+	ctx_reply("req-4", 404, "");
+	expect_reply(1, 404, 4006, "bot not found", 0);
+	T_EQ_STR(sent[1].reqid, "req-4");
+	expect_done(2, "req-4", 404, 0);
+	T_EQ_INT(w.nruns, 0);
+	teardown();
+}
+
+static void
+t_run_ctx_undecodable(void)
+{
+	struct msg m;
+	struct ctx_get dummy = {MSTR("x"), MSTR("y")};
+
+	setup();
+	assign("req-5", "h", now_wall_ms() + 10000);
+	m = envelope(MSG_CTX_REPLY, "storage", "req-5", "", 0, ctx_get_pack,
+	             &dummy);
+	worker_run_ctx(&w, &m, NULL);
+	expect_reply(1, 500, 5000, "internal error", 0);
+	expect_done(2, "req-5", 500, 0);
+	teardown();
+}
+
+static void
+t_run_upstream_429(void)
+{
+	setup();
+	assign("req-6", "h", now_wall_ms() + 10000);
+	ctx_reply("req-6", 200, upstream_url("r429"));
+	wait_sent(3, 5000);
+	expect_reply(1, 503, 5030, "upstream rate limited", 7);
+	expect_done(2, "req-6", 503, 429);
+	teardown();
+}
+
+static void
+t_run_upstream_invalid(void)
+{
+	setup();
+	assign("req-7", "h", now_wall_ms() + 10000);
+	ctx_reply("req-7", 200, upstream_url("garbage"));
+	wait_sent(3, 5000);
+	expect_reply(1, 502, 5020, "upstream returned an invalid answer", 0);
+	expect_done(2, "req-7", 502, 200);
+	teardown();
+}
+
+static void
+t_run_upstream_deadline(void)
+{
+	uint64_t t0 = now_mono_ms();
+
+	setup();
+	assign("req-8", "h", now_wall_ms() + 300);
+	ctx_reply("req-8", 200, upstream_url("hang"));
+	wait_sent(3, 5000);
+	expect_reply(1, 504, 5040, "upstream deadline exceeded", 0);
+	expect_done(2, "req-8", 504, 0);
+	if (now_mono_ms() - t0 > 1500)
+		T_FAIL("504 after %llu ms, want ~300",
+		       (unsigned long long)(now_mono_ms() - t0));
+	teardown();
+}
+
+static void
+t_run_bad_url(void)
+{
+	setup();
+	assign("req-9", "h", now_wall_ms() + 10000);
+	ctx_reply("req-9", 200, "ftp://127.0.0.1/");
+	expect_reply(1, 502, 5020, "bot upstream not usable", 0);
+	expect_done(2, "req-9", 502, 0);
+	teardown();
+}
+
+static void
+t_run_storage_silent(void)
+{
+	uint64_t t0 = now_mono_ms();
+
+	/* Storage never answers CTX_GET: the run ends at its deadline. */
+	setup();
+	assign("req-10", "h", now_wall_ms() + 200);
+	wait_sent(3, 3000);
+	expect_reply(1, 504, 5040, "deadline exceeded", 0);
+	expect_done(2, "req-10", 504, 0);
+	T_ASSERT(now_mono_ms() - t0 >= 150);
+	T_EQ_INT(w.nruns, 0);
+	teardown();
+}
+
+static void
+t_run_refusals(void)
+{
+	setup();
+	w.stopping = 1;
+	assign("req-11", "h", now_wall_ms() + 10000);
+	expect_reply(0, 503, 5030, "worker stopping", 1);
+	expect_done(1, "req-11", 503, 0);
+	T_EQ_INT(w.nruns, 0);
+	w.stopping = 0;
+
+	assign("req-12", "h", now_wall_ms() - 1);
+	expect_reply(2, 504, 5040, "deadline exceeded", 0);
+	expect_done(3, "req-12", 504, 0);
+
+	/* Storage's backlog is full: 503 at once. */
+	refuse_peer = "storage";
+	assign("req-13", "h", now_wall_ms() + 10000);
+	expect_reply(4, 503, 5030, "storage unavailable", 1);
+	expect_done(5, "req-13", 503, 0);
+	T_EQ_INT(w.nruns, 0);
+	T_EQ_INT(nsent, 6);
+
+	/* Torn down at the end of a stop, while svc_exit still delivers
+	 * envelopes: refused, and nothing breaks. */
+	refuse_peer = NULL;
+	worker_run_free_all(&w);
+	w.stopping = 1;
+	assign("req-16", "h", now_wall_ms() + 10000);
+	expect_reply(6, 503, 5030, "worker stopping", 1);
+	ctx_reply("req-16", 200, upstream_url("ok"));
+	T_EQ_INT(nsent, 8);
+	teardown();
+}
+
+static void
+t_run_persist_refused(void)
+{
+	setup();
+	assign("req-14", "h", now_wall_ms() + 10000);
+	ctx_reply("req-14", 200, upstream_url("ok"));
+	refuse_peer = "storage";
+	wait_sent(3, 5000);
+	expect_reply(1, 503, 5030, "storage unavailable", 1);
+	expect_done(2, "req-14", 503, 200);
+	teardown();
+}
+
+static void
+t_run_no_deadline(void)
+{
+	/* No deadline in the envelope: run_timeout_ms applies. */
+	setup();
+	w.run_timeout_ms = 150;
+	assign("req-15", "h", 0);
+	T_EQ_INT(w.nruns, 1);
+	wait_sent(3, 3000);
+	expect_reply(1, 504, 5040, "deadline exceeded", 0);
+	teardown();
+}
+
+static void
+t_run_queued_deadline(void)
+{
+	uint64_t t0 = now_mono_ms();
+
+	/* One connection per host, held by a slow run: the next run waits
+	 * for it and is answered at its own deadline, not when the slow one
+	 * ends. */
+	setup();
+	w.upconf.connections = 1;
+	worker_upstream_conf(w.up, &w.upconf);
+	assign("slow", "h", now_wall_ms() + 1500);
+	assign("quick", "h", now_wall_ms() + 300);
+	ctx_reply("slow", 200, upstream_url("hang"));
+	ctx_reply("quick", 200, upstream_url("ok"));
+	T_EQ_INT(worker_upstream_queued(w.up), 1);
+	wait_sent(4, 3000);
+	expect_reply(2, 504, 5040, "upstream deadline exceeded", 0);
+	T_EQ_STR(sent[2].reqid, "quick");
+	expect_done(3, "quick", 504, 0);
+	if (now_mono_ms() - t0 > 1000)
+		T_FAIL("quick answered after %llu ms, want ~300",
+		       (unsigned long long)(now_mono_ms() - t0));
+	T_EQ_INT(worker_upstream_queued(w.up), 0);
+	T_EQ_INT(srv.requests, 1);
+	wait_sent(6, 3000);
+	expect_reply(4, 504, 5040, "upstream deadline exceeded", 0);
+	T_EQ_STR(sent[4].reqid, "slow");
+	teardown();
+}
+
+T_TESTS = {
+        {"chat_id", t_chat_id},
+        {"chat_id_unique", t_chat_id_unique},
+        {"conv_id", t_conv_id},
+        {"reply_json", t_reply_json},
+        {"run_ok", t_run_ok},
+        {"run_new_conversation", t_run_new_conversation},
+        {"run_duplicates", t_run_duplicates},
+        {"run_many", t_run_many},
+        {"run_ctx_error", t_run_ctx_error},
+        {"run_ctx_undecodable", t_run_ctx_undecodable},
+        {"run_upstream_429", t_run_upstream_429},
+        {"run_upstream_invalid", t_run_upstream_invalid},
+        {"run_upstream_deadline", t_run_upstream_deadline},
+        {"run_bad_url", t_run_bad_url},
+        {"run_storage_silent", t_run_storage_silent},
+        {"run_refusals", t_run_refusals},
+        {"run_persist_refused", t_run_persist_refused},
+        {"run_no_deadline", t_run_no_deadline},
+        {"run_queued_deadline", t_run_queued_deadline},
+        {NULL, NULL},
+};
+T_MAIN

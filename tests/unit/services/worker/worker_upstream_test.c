@@ -1,0 +1,712 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * Unit tests of services/worker/worker_upstream.c: the upstream URL, the
+ * request JSON, the classification of answers, and the libcurl multi
+ * client on a real loop against fake_upstream.h (127.0.0.1 only):
+ * success, keep-alive reuse, the connection limit, errors, the body cap,
+ * timeouts, refused connections, cancel, reconnection.
+ */
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+
+#include "fake_upstream.h"
+#include "t.h"
+#include "worker_upstream.h"
+
+/* --- the URL --- */
+
+static void
+check_url(const char *base, const char *want)
+{
+	struct buf b = {0};
+	int rc = worker_upstream_url(&b, MSTR(base));
+
+	if (want == NULL) {
+		if (rc != -1)
+			T_FAIL("url(\"%s\"): got \"%s\", want -1", base, b.b);
+	} else {
+		T_EQ_INT(rc, 0);
+		T_EQ_STR(b.b, want);
+		T_EQ_INT(b.len, strlen(want));
+	}
+	buf_free(&b);
+}
+
+static void
+t_url(void)
+{
+	check_url("http://127.0.0.1:9090",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("http://127.0.0.1:9090/",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("http://127.0.0.1:9090//",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("http://127.0.0.1:9090/v1",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("http://127.0.0.1:9090/v1/",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("http://127.0.0.1:9090/openai/v1",
+	          "http://127.0.0.1:9090/openai/v1/chat/completions");
+	check_url("http://127.0.0.1:9090/v1/chat/completions",
+	          "http://127.0.0.1:9090/v1/chat/completions");
+	check_url("HTTPS://h.example/api",
+	          "HTTPS://h.example/api/v1/chat/completions");
+	check_url("", NULL);
+	check_url("/", NULL);
+	check_url("http://", NULL);
+	check_url("ftp://127.0.0.1/", NULL);
+	check_url("file:///etc/passwd", NULL);
+	check_url("127.0.0.1:9090", NULL);
+	check_url("http://127.0.0.1:9090/a b", NULL);
+	check_url("http://127.0.0.1:9090/\r\nX: y", NULL);
+}
+
+/* --- the request JSON --- */
+
+static void
+t_request_exact(void)
+{
+	struct buf b = {0};
+
+	T_EQ_INT(worker_upstream_request(
+	                 &b, MSTR("gpt-x"), MSTR("be brief"),
+	                 MSTR("{\"role\":\"user\",\"content\":\"a\"},"
+	                      "{\"role\":\"assistant\",\"content\":\"b\"}"),
+	                 MSTR("hello")),
+	         0);
+	T_EQ_MEM(b.b, b.len,
+	         "{\"model\":\"gpt-x\",\"messages\":["
+	         "{\"role\":\"system\",\"content\":\"be brief\"},"
+	         "{\"role\":\"user\",\"content\":\"a\"},"
+	         "{\"role\":\"assistant\",\"content\":\"b\"},"
+	         "{\"role\":\"user\",\"content\":\"hello\"}],\"stream\":"
+	         "false}");
+	buf_free(&b);
+}
+
+static void
+t_request_minimal(void)
+{
+	struct buf b = {0};
+
+	/* No system prompt, no context: only the user's message. */
+	T_EQ_INT(worker_upstream_request(&b, MSTR("m"), MSTR_NULL, MSTR_NULL,
+	                                 MSTR("q")),
+	         0);
+	T_EQ_MEM(b.b, b.len,
+	         "{\"model\":\"m\",\"messages\":["
+	         "{\"role\":\"user\",\"content\":\"q\"}],\"stream\":false}");
+	buf_free(&b);
+}
+
+static void
+t_request_context_trimmed(void)
+{
+	struct buf b = {0};
+
+	/* Stray blanks and commas around the context must not break the
+	 * array. */
+	T_EQ_INT(worker_upstream_request(
+	                 &b, MSTR("m"), MSTR_NULL,
+	                 MSTR(" ,{\"role\":\"user\",\"content\":\"a\"},\n"),
+	                 MSTR("q")),
+	         0);
+	T_EQ_MEM(b.b, b.len,
+	         "{\"model\":\"m\",\"messages\":["
+	         "{\"role\":\"user\",\"content\":\"a\"},"
+	         "{\"role\":\"user\",\"content\":\"q\"}],\"stream\":false}");
+	buf_free(&b);
+}
+
+static void
+t_request_escaping(void)
+{
+	static const char query[] = "say \"hi\"\\ \n\ttab \x01 \xc3\xa9 </x>";
+	static const char sp[] = "line1\r\nline2 \"quoted\"";
+	struct buf b = {0};
+	cJSON *root, *msgs, *m;
+
+	T_EQ_INT(worker_upstream_request(&b, MSTR("m\"x"), MSTR(sp), MSTR_NULL,
+	                                 MSTR(query)),
+	         0);
+	T_EQ_INT(buf_add(&b, "", 1), 0);
+	root = cJSON_Parse(b.b);
+	if (root == NULL)
+		T_FAIL("request is not JSON: %s", b.b);
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(root, "model")->valuestring,
+	         "m\"x");
+	msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+	T_EQ_INT(cJSON_GetArraySize(msgs), 2);
+	m = cJSON_GetArrayItem(msgs, 0);
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(m, "role")->valuestring,
+	         "system");
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(m, "content")->valuestring,
+	         sp);
+	m = cJSON_GetArrayItem(msgs, 1);
+	T_EQ_STR(cJSON_GetObjectItemCaseSensitive(m, "content")->valuestring,
+	         query);
+	T_ASSERT(cJSON_IsFalse(
+	        cJSON_GetObjectItemCaseSensitive(root, "stream")));
+	cJSON_Delete(root);
+	buf_free(&b);
+}
+
+/* --- classification --- */
+
+static void
+classify(struct upstream_answer *a, CURLcode rc, long http, const char *ra,
+         int toobig, const char *body)
+{
+	T_EQ_INT(worker_upstream_classify(a, rc, http, ra, toobig, body,
+	                                  strlen(body)),
+	         0);
+}
+
+static void
+t_classify_ok(void)
+{
+	struct upstream_answer a;
+
+	classify(&a, CURLE_OK, 200, NULL, 0,
+	         "{\"choices\":[{\"message\":{\"role\":\"assistant\","
+	         "\"content\":\"4 \\\"x\\\"\\n\"}}],"
+	         "\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3}}");
+	T_EQ_INT(a.status, 200);
+	T_EQ_INT(a.code, 0);
+	T_EQ_STR(a.msg, "");
+	T_EQ_STR(a.content, "4 \"x\"\n");
+	T_EQ_INT(a.content_len, 6);
+	T_EQ_INT(a.prompt_tokens, 12);
+	T_EQ_INT(a.completion_tokens, 3);
+	T_EQ_INT(a.http_status, 200);
+	free(a.content);
+
+	/* Usage missing or odd: 0. */
+	classify(&a, CURLE_OK, 201, NULL, 0,
+	         "{\"choices\":[{\"message\":{\"content\":\"\"}}],"
+	         "\"usage\":{\"prompt_tokens\":-4,\"completion_tokens\":\"7\"}"
+	         "}");
+	T_EQ_INT(a.status, 200);
+	T_EQ_STR(a.content, "");
+	T_EQ_INT(a.prompt_tokens, 0);
+	T_EQ_INT(a.completion_tokens, 0);
+	free(a.content);
+}
+
+static void
+t_classify_transport(void)
+{
+	struct upstream_answer a;
+
+	classify(&a, CURLE_OPERATION_TIMEDOUT, 0, NULL, 0, "");
+	T_EQ_INT(a.status, 504);
+	T_EQ_INT(a.code, 5040);
+	T_EQ_STR(a.msg, "upstream deadline exceeded");
+	T_ASSERT(a.content == NULL);
+
+	classify(&a, CURLE_COULDNT_CONNECT, 0, NULL, 0, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_INT(a.code, 5020);
+	T_ASSERT(strncmp(a.msg, "upstream unreachable: ", 22) == 0);
+	T_ASSERT(strlen(a.msg) > 22);
+
+	classify(&a, CURLE_RECV_ERROR, 0, NULL, 0, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_INT(a.code, 5020);
+	T_ASSERT(strncmp(a.msg, "upstream unreachable: ", 22) == 0);
+
+	/* Too large, whichever way curl noticed. */
+	classify(&a, CURLE_WRITE_ERROR, 200, NULL, 1, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_STR(a.msg, "upstream answer too large");
+	classify(&a, CURLE_FILESIZE_EXCEEDED, 0, NULL, 0, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_STR(a.msg, "upstream answer too large");
+}
+
+static void
+t_classify_http(void)
+{
+	struct upstream_answer a;
+
+	classify(&a, CURLE_OK, 429, "7", 0, "{}");
+	T_EQ_INT(a.status, 503);
+	T_EQ_INT(a.code, 5030);
+	T_EQ_INT(a.retry_after, 7);
+	T_EQ_STR(a.msg, "upstream rate limited");
+	T_EQ_INT(a.http_status, 429);
+
+	classify(&a, CURLE_OK, 429, NULL, 0, "");
+	T_EQ_INT(a.status, 503);
+	T_EQ_INT(a.retry_after, 1);
+
+	classify(&a, CURLE_OK, 500, NULL, 0, "{\"choices\":[]}");
+	T_EQ_INT(a.status, 502);
+	T_EQ_INT(a.code, 5020);
+	T_EQ_STR(a.msg, "upstream status 500");
+	T_EQ_INT(a.retry_after, 0);
+
+	classify(&a, CURLE_OK, 503, "30", 0, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_STR(a.msg, "upstream status 503");
+
+	classify(&a, CURLE_OK, 302, NULL, 0, "");
+	T_EQ_INT(a.status, 502);
+	T_EQ_STR(a.msg, "upstream status 302");
+}
+
+static void
+t_classify_invalid(void)
+{
+	static const char *bodies[] = {
+	        "",
+	        "<html>",
+	        "{\"choices\":[]}",
+	        "{\"choices\":{\"0\":{\"message\":{\"content\":\"x\"}}}}",
+	        "{\"choices\":[{\"message\":{\"content\":null}}]}",
+	        "{\"choices\":[{\"message\":{\"content\":5}}]}",
+	        "{\"choices\":[{\"message\":{\"Content\":\"x\"}}]}",
+	        "{\"choices\":[{\"text\":\"x\"}]}",
+	        "{\"choices\":[{\"message\":{\"content\":\"x\"}}]} trailing",
+	        "[1,2]",
+	};
+	struct upstream_answer a;
+
+	for (size_t i = 0; i < nitems(bodies); i++) {
+		classify(&a, CURLE_OK, 200, NULL, 0, bodies[i]);
+		if (a.status != 502 ||
+		    strcmp(a.msg, "upstream returned an invalid answer") != 0)
+			T_FAIL("body %s: got %llu \"%s\", want 502 invalid",
+			       bodies[i], (unsigned long long)a.status, a.msg);
+		T_EQ_INT(a.code, 5020);
+		T_ASSERT(a.content == NULL);
+	}
+}
+
+static void
+t_retry_after(void)
+{
+	char date[64];
+	time_t t = time(NULL) + 120;
+	struct tm tm;
+	uint64_t v;
+
+	T_EQ_INT(worker_upstream_retry_after(NULL), 1);
+	T_EQ_INT(worker_upstream_retry_after(""), 1);
+	T_EQ_INT(worker_upstream_retry_after("abc"), 1);
+	T_EQ_INT(worker_upstream_retry_after("0"), 1);
+	T_EQ_INT(worker_upstream_retry_after("7"), 7);
+	T_EQ_INT(worker_upstream_retry_after(" 42 "), 42);
+	T_EQ_INT(worker_upstream_retry_after("99999999999999999999"), 3600);
+	gmtime_r(&t, &tm);
+	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S GMT", &tm);
+	v = worker_upstream_retry_after(date);
+	if (v < 115 || v > 121)
+		T_FAIL("Retry-After \"%s\": got %llu, want ~120", date,
+		       (unsigned long long)v);
+	/* A date in the past: retry at once (1 s). */
+	T_EQ_INT(worker_upstream_retry_after("Thu, 01 Jan 2015 00:00:00 GMT"),
+	         1);
+}
+
+/* --- the client on a loop --- */
+
+struct got {
+	int n;
+	struct upstream_answer a;
+};
+
+static void
+on_done(void *arg, struct upstream_answer *a)
+{
+	struct got *g = arg;
+
+	if (g->n > 0)
+		free(g->a.content);
+	g->n++;
+	g->a = *a;
+}
+
+static struct loop *lp;
+static struct fake_srv srv;
+static struct upstream *up;
+
+static void
+setup(size_t max_body, long connections)
+{
+	struct upstream_conf c = {.connections = connections,
+	                          .max_body = max_body,
+	                          .connect_timeout_ms = 2000};
+
+	if ((lp = loop_new()) == NULL)
+		T_FAIL("loop_new");
+	if (fake_start(&srv, lp) == -1)
+		T_FAIL("fake server: %s", strerror(errno));
+	if ((up = worker_upstream_new(lp, &c)) == NULL)
+		T_FAIL("worker_upstream_new");
+}
+
+static void
+teardown(void)
+{
+	worker_upstream_free(up);
+	fake_stop(&srv);
+	loop_free(lp);
+}
+
+static void
+wait_for(const int *n, int want, int ms)
+{
+	uint64_t until = now_mono_ms() + (uint64_t)ms;
+
+	while (*n < want && now_mono_ms() < until)
+		(void)loop_run_once(lp, 20);
+}
+
+/* Start one call to /<which>/v1/chat/completions on port. */
+static struct upstream_call *
+call(int port, const char *which, const char *tp, int64_t timeout_ms,
+     struct got *g)
+{
+	char url[128];
+	struct buf body = {0};
+	struct upstream_call *c;
+
+	snprintf(url, sizeof(url),
+	         "http://127.0.0.1:%d/%s/v1/chat/completions", port, which);
+	T_EQ_INT(worker_upstream_request(&body, MSTR("m"), MSTR_NULL,
+	                                 MSTR_NULL, MSTR(which)),
+	         0);
+	c = worker_upstream_start(up, url, &body, tp ? MSTR(tp) : MSTR_NULL,
+	                          timeout_ms, on_done, g);
+	T_ASSERT(c != NULL);
+	T_ASSERT(body.b == NULL && body.len == 0); /* taken */
+	return (c);
+}
+
+static void
+t_loop_ok(void)
+{
+	static const char tp[] =
+	        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+	struct got g = {0};
+
+	setup(4096, 8);
+	(void)call(srv.port, "ok", tp, 5000, &g);
+	T_EQ_INT(worker_upstream_active(up), 1);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.n, 1);
+	T_EQ_INT(g.a.status, 200);
+	T_EQ_INT(g.a.http_status, 200);
+	T_EQ_STR(g.a.content, "hi \"there\"");
+	T_EQ_INT(g.a.prompt_tokens, 3);
+	T_EQ_INT(g.a.completion_tokens, 5);
+	T_ASSERT(g.a.elapsed_us > 0 && g.a.elapsed_us < 5000000);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	/* What the server saw. */
+	T_EQ_STR(srv.last_path, "/ok/v1/chat/completions");
+	T_EQ_STR(srv.last_body.b,
+	         "{\"model\":\"m\",\"messages\":["
+	         "{\"role\":\"user\",\"content\":\"ok\"}],\"stream\":false}");
+	T_ASSERT(strncmp(srv.last_head.b, "POST ", 5) == 0);
+	T_ASSERT(strstr(srv.last_head.b, " HTTP/1.1\r\n") != NULL);
+	T_ASSERT(strcasestr(srv.last_head.b,
+	                    "\r\nContent-Type: application/json\r\n") != NULL);
+	T_ASSERT(strcasestr(srv.last_head.b,
+	                    "\r\ntraceparent: 00-0af7651916"
+	                    "cd43dd8448eb211c80319c-b7ad6b7169"
+	                    "203331-01\r\n") != NULL);
+	T_ASSERT(strcasestr(srv.last_head.b, "\r\nExpect:") == NULL);
+	free(g.a.content);
+	teardown();
+}
+
+static void
+t_loop_bad_traceparent(void)
+{
+	struct got g = {0};
+
+	setup(4096, 8);
+	(void)call(srv.port, "ok", "00-abc\r\nX-Evil: 1", 5000, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.a.status, 200);
+	T_ASSERT(strcasestr(srv.last_head.b, "traceparent") == NULL);
+	T_ASSERT(strcasestr(srv.last_head.b, "X-Evil") == NULL);
+	free(g.a.content);
+	teardown();
+}
+
+static void
+t_loop_keepalive(void)
+{
+	struct got g = {0};
+
+	setup(4096, 8);
+	for (int i = 0; i < 5; i++) {
+		(void)call(srv.port, "ok", NULL, 5000, &g);
+		wait_for(&g.n, i + 1, 5000);
+		T_EQ_INT(g.n, i + 1);
+		T_EQ_INT(g.a.status, 200);
+	}
+	T_EQ_INT(srv.requests, 5);
+	T_EQ_INT(srv.accepted, 1); /* one connection, reused */
+	free(g.a.content);
+	teardown();
+}
+
+static void
+t_loop_parallel_limit(void)
+{
+	struct got g[20];
+
+	memset(g, 0, sizeof(g));
+	setup(4096, 3);
+	for (int i = 0; i < 20; i++)
+		(void)call(srv.port, "ok", NULL, 5000, &g[i]);
+	T_EQ_INT(worker_upstream_active(up), 20);
+	T_EQ_INT(worker_upstream_queued(up), 17); /* ours, not curl's */
+	for (int i = 0; i < 20; i++) {
+		wait_for(&g[i].n, 1, 5000);
+		T_EQ_INT(g[i].n, 1);
+		T_EQ_INT(g[i].a.status, 200);
+		free(g[i].a.content);
+	}
+	T_EQ_INT(srv.requests, 20);
+	if (srv.accepted > 3)
+		T_FAIL("connections: got %d, want at most 3", srv.accepted);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	teardown();
+}
+
+static void
+check_call(const char *which, size_t max_body, int64_t timeout_ms,
+           uint64_t status, int64_t code, const char *msg)
+{
+	struct got g = {0};
+
+	setup(max_body, 8);
+	(void)call(srv.port, which, NULL, timeout_ms, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.n, 1);
+	if (g.a.status != status || g.a.code != code ||
+	    strncmp(g.a.msg, msg, strlen(msg)) != 0)
+		T_FAIL("%s: got %llu/%lld \"%s\", want %llu/%lld \"%s\"",
+		       which, (unsigned long long)g.a.status,
+		       (long long)g.a.code, g.a.msg,
+		       (unsigned long long)status, (long long)code, msg);
+	T_ASSERT(g.a.content == NULL);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	teardown();
+}
+
+static void
+t_loop_errors(void)
+{
+	check_call("s500", 4096, 5000, 502, 5020, "upstream status 500");
+	check_call("garbage", 4096, 5000, 502, 5020,
+	           "upstream returned an invalid answer");
+	check_call("nochoice", 4096, 5000, 502, 5020,
+	           "upstream returned an invalid answer");
+	check_call("big", 2048, 5000, 502, 5020, "upstream answer too large");
+	check_call("bigchunk", 2048, 5000, 502, 5020,
+	           "upstream answer too large");
+	/* The same bodies fit under a larger cap (and are no chat). */
+	check_call("bigchunk", 8192, 5000, 502, 5020,
+	           "upstream returned an invalid answer");
+}
+
+static void
+t_loop_429(void)
+{
+	struct got g = {0};
+
+	setup(4096, 8);
+	(void)call(srv.port, "r429", NULL, 5000, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.a.status, 503);
+	T_EQ_INT(g.a.code, 5030);
+	T_EQ_INT(g.a.retry_after, 7);
+	T_EQ_INT(g.a.http_status, 429);
+	teardown();
+}
+
+static void
+t_loop_timeout(void)
+{
+	struct got g = {0};
+	uint64_t t0;
+
+	setup(4096, 8);
+	t0 = now_mono_ms();
+	(void)call(srv.port, "hang", NULL, 300, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.n, 1);
+	T_EQ_INT(g.a.status, 504);
+	T_EQ_INT(g.a.code, 5040);
+	T_EQ_STR(g.a.msg, "upstream deadline exceeded");
+	if (now_mono_ms() - t0 < 250 || now_mono_ms() - t0 > 2000)
+		T_FAIL("timeout after %llu ms, want ~300",
+		       (unsigned long long)(now_mono_ms() - t0));
+	teardown();
+}
+
+static void
+t_loop_refused(void)
+{
+	struct got g = {0};
+	int port = fake_dead_port();
+
+	T_ASSERT(port > 0);
+	setup(4096, 8);
+	(void)call(port, "ok", NULL, 5000, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.n, 1);
+	T_EQ_INT(g.a.status, 502);
+	T_EQ_INT(g.a.code, 5020);
+	T_ASSERT(strncmp(g.a.msg, "upstream unreachable: ", 22) == 0);
+	T_EQ_INT(g.a.http_status, 0);
+	teardown();
+}
+
+static void
+t_loop_cancel(void)
+{
+	struct got g = {0}, g2 = {0};
+	struct upstream_call *c;
+
+	setup(4096, 8);
+	c = call(srv.port, "hang", NULL, 5000, &g);
+	wait_for(&srv.requests, 1, 2000);
+	T_EQ_INT(srv.requests, 1);
+	worker_upstream_cancel(c);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	/* The client still works, and the cancelled one never answers. */
+	(void)call(srv.port, "ok", NULL, 5000, &g2);
+	wait_for(&g2.n, 1, 5000);
+	T_EQ_INT(g2.a.status, 200);
+	T_EQ_INT(g.n, 0);
+	free(g2.a.content);
+	teardown();
+}
+
+static void
+t_loop_reconnect(void)
+{
+	struct got g = {0};
+
+	setup(4096, 8);
+	(void)call(srv.port, "ok", NULL, 5000, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.a.status, 200);
+	/* The upstream closes its idle keep-alive connection. */
+	fake_drop_conns(&srv);
+	(void)loop_run_once(lp, 20);
+	(void)call(srv.port, "ok", NULL, 5000, &g);
+	wait_for(&g.n, 2, 5000);
+	T_EQ_INT(g.n, 2);
+	T_EQ_INT(g.a.status, 200);
+	T_EQ_INT(srv.accepted, 2);
+	free(g.a.content);
+	teardown();
+}
+
+static void
+t_loop_queue_expired(void)
+{
+	struct got a = {0}, b = {0};
+	uint64_t t0 = now_mono_ms();
+
+	/* One connection, held by a call that hangs: the next one waits,
+	 * its deadline passes meanwhile, and it is answered 504 without
+	 * ever being sent. */
+	setup(4096, 1);
+	(void)call(srv.port, "hang", NULL, 600, &a);
+	(void)call(srv.port, "ok", NULL, 100, &b);
+	T_EQ_INT(worker_upstream_queued(up), 1);
+	wait_for(&b.n, 1, 5000);
+	T_EQ_INT(b.n, 1);
+	T_EQ_INT(b.a.status, 504);
+	T_EQ_INT(b.a.code, 5040);
+	T_EQ_STR(b.a.msg, "upstream deadline exceeded");
+	T_EQ_INT(a.n, 1);
+	T_EQ_INT(a.a.status, 504);
+	T_EQ_INT(srv.requests, 1);
+	T_ASSERT(now_mono_ms() - t0 < 3000);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	T_EQ_INT(worker_upstream_queued(up), 0);
+	teardown();
+}
+
+static void
+t_loop_queue_cancel(void)
+{
+	struct got a = {0}, b = {0}, c = {0};
+	struct upstream_call *ca, *cb;
+
+	setup(4096, 1);
+	ca = call(srv.port, "hang", NULL, 5000, &a);
+	cb = call(srv.port, "ok", NULL, 5000, &b);
+	T_EQ_INT(worker_upstream_queued(up), 1);
+	worker_upstream_cancel(cb);
+	T_EQ_INT(worker_upstream_queued(up), 0);
+	T_EQ_INT(worker_upstream_active(up), 1);
+	wait_for(&srv.requests, 1, 2000);
+	worker_upstream_cancel(ca);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	(void)call(srv.port, "ok", NULL, 5000, &c);
+	wait_for(&c.n, 1, 5000);
+	T_EQ_INT(c.a.status, 200);
+	T_EQ_INT(a.n, 0);
+	T_EQ_INT(b.n, 0);
+	free(c.a.content);
+	teardown();
+}
+
+static void
+t_loop_hosts_apart(void)
+{
+	struct fake_srv other;
+	struct got a = {0}, b = {0};
+
+	/* The per-host limit is per host: a busy one holds up no other. */
+	setup(4096, 1);
+	T_EQ_INT(fake_start(&other, lp), 0);
+	(void)call(srv.port, "hang", NULL, 3000, &a);
+	(void)call(other.port, "ok", NULL, 3000, &b);
+	T_EQ_INT(worker_upstream_queued(up), 0);
+	wait_for(&b.n, 1, 2000);
+	T_EQ_INT(b.n, 1);
+	T_EQ_INT(b.a.status, 200);
+	T_EQ_INT(a.n, 0);
+	free(b.a.content);
+	fake_stop(&other);
+	teardown();
+}
+
+T_TESTS = {
+        {"url", t_url},
+        {"request_exact", t_request_exact},
+        {"request_minimal", t_request_minimal},
+        {"request_context_trimmed", t_request_context_trimmed},
+        {"request_escaping", t_request_escaping},
+        {"classify_ok", t_classify_ok},
+        {"classify_transport", t_classify_transport},
+        {"classify_http", t_classify_http},
+        {"classify_invalid", t_classify_invalid},
+        {"retry_after", t_retry_after},
+        {"loop_ok", t_loop_ok},
+        {"loop_bad_traceparent", t_loop_bad_traceparent},
+        {"loop_keepalive", t_loop_keepalive},
+        {"loop_parallel_limit", t_loop_parallel_limit},
+        {"loop_errors", t_loop_errors},
+        {"loop_429", t_loop_429},
+        {"loop_timeout", t_loop_timeout},
+        {"loop_refused", t_loop_refused},
+        {"loop_cancel", t_loop_cancel},
+        {"loop_reconnect", t_loop_reconnect},
+        {"loop_queue_expired", t_loop_queue_expired},
+        {"loop_queue_cancel", t_loop_queue_cancel},
+        {"loop_hosts_apart", t_loop_hosts_apart},
+        {NULL, NULL},
+};
+T_MAIN
