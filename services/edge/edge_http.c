@@ -1,0 +1,1388 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * edge_http: HTTP/1.1 on libh2o-evloop 2.2.5.  Listener, routes, limits,
+ * answers, and the pending table of chats sent to auth.
+ *
+ * Loops.  h2o's evloop is the outer loop; ours (svc->loop: the mailbox,
+ * timers, signals) is watched through a dup() of its epoll fd, and one
+ * turn of it runs whenever that fd is readable.  Everything runs on this
+ * one thread.
+ *
+ * A chat.  The handler checks the request, parks per-request state (a
+ * waiter, allocated with h2o_mem_alloc_shared() in the request's pool) in
+ * the pending table and on one shared h2o timeout list (every chat has the
+ * same duration), and sends CHAT_REQUEST to auth.  The request is then
+ * answered exactly once, by whichever comes first: a CHAT_REPLY
+ * (edge_http_reply), the deadline (504), or nothing at all if the
+ * connection goes first (the pool's dispose callback unlinks the waiter).
+ * Never touch a req after a FINAL h2o_send(): it may be freed inside it.
+ *
+ * Limits.  h2o enforces the body limit (max_request_entity_size: its 413
+ * and its 400s for broken framing come out as our JSON through a filter on
+ * the fallback path) and one request timeout (http1.req_timeout, set to
+ * idle_timeout_ms: it runs from the end of one response to the end of the
+ * next request).  The head limit and the head/body timeout are ours: the
+ * handler refuses a complete head larger than max_head (431), and a sweep
+ * every few hundred ms looks at connections that are partway through a
+ * request: more than max_head bytes without the end of the head (431), or
+ * started more than head_timeout_ms ago (408).  What h2o 2.2.5 refuses
+ * itself before we see anything (more than 100 headers, a head past
+ * H2O_MAX_REQLEN = 417792 bytes, a malformed request line) gets h2o's
+ * plain-text 400 and a close.  See docs/services/edge.md.
+ *
+ * Closing after an error: the socket is dup()ed before h2o closes it, and
+ * the copy is shut down for writing and drained for a moment (a lingering
+ * close), so a client still sending does not get a reset that would eat
+ * our answer.
+ *
+ * PITFALLS.md (h2o): upgrade_to_http2 is off; SIGPIPE is ignored (svc);
+ * a listener passed by systemd is wrapped with DONT_READ; EMFILE pauses
+ * accepting for 100 ms; foreign fds are dup()ed before h2o owns them.
+ *
+ * DIAGNOSTICS: setup failures return -1 with a reason (edge.c makes them
+ * fatal); accept pauses are logged at most every 10 s; nothing is logged
+ * per request.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <h2o.h>
+#include <h2o/http1.h>
+
+#include "edge.h"
+#include "edge_pending.h"
+#include "edge_req.h"
+
+/*
+ * picohttpparser, bundled in and exported by libh2o-evloop 2.2.5 (which
+ * installs no header for it): the very parser h2o runs on a request head,
+ * so what we let through is exactly what h2o accepts.
+ */
+struct phr_header {
+	const char *name;
+	size_t name_len;
+	const char *value;
+	size_t value_len;
+};
+int phr_parse_request(const char *buf, size_t len, const char **method,
+                      size_t *method_len, const char **path, size_t *path_len,
+                      int *minor_version, struct phr_header *headers,
+                      size_t *num_headers, size_t last_len);
+
+#define EDGE_MAX_HEADERS 100     /* h2o 2.2.5's H2O_MAX_HEADERS */
+#define EDGE_ACCEPT_BATCH 64     /* accepts per readable listener */
+#define EDGE_ACCEPT_PAUSE_MS 100 /* after EMFILE and friends */
+#define EDGE_LINGER_MS 2000      /* drain a socket this long before close */
+#define EDGE_DRAIN_CHECK_MS 20
+#define EDGE_CTR_CACHE 24 /* (status, code) pairs cached per endpoint */
+
+enum edge_ep { EP_HEALTHZ, EP_READYZ, EP_CHAT, EP_OTHER, EP_N };
+static const char *const ep_name[EP_N] = {"/healthz", "/readyz",
+                                          "/v1/bot/chat", "other"};
+
+/* One accepted connection (h2o owns the socket; we watch it). */
+struct edge_conn {
+	h2o_linklist_t link;
+	h2o_linklist_t rewrap; /* on E.rewrap: put conn_read back */
+	h2o_socket_t *sock;
+	uint64_t nreq;          /* requests that reached the handler */
+	uint64_t partial_nreq;  /* nreq when partial_since was taken */
+	uint64_t partial_since; /* h2o time a partial request was seen */
+	int linger_fd;          /* dup for a lingering close, or -1 */
+};
+
+/* A socket being drained before it is closed. */
+struct edge_linger {
+	h2o_socket_t *sock;
+	h2o_timeout_entry_t to;
+};
+
+/* A chat waiting for its CHAT_REPLY; lives in the request's pool. */
+struct edge_waiter {
+	struct edge_pending_ent ent;
+	h2o_req_t *req;
+	h2o_timeout_entry_t to;
+	h2o_iovec_t trace; /* in the request's pool */
+};
+
+struct edge_ctr {
+	int status;
+	int64_t code;
+	uint64_t *c;
+};
+
+static struct {
+	struct svc *svc;
+	struct edge_conf conf;
+	h2o_globalconf_t gconf;
+	h2o_context_t ctx;
+	h2o_accept_ctx_t accept_ctx;
+	h2o_evloop_t *loop;
+	h2o_socket_t *listener, *loopsock;
+	char where[160];
+	int stopping;
+	uint64_t stop_at; /* h2o time the drain gives up */
+
+	h2o_timeout_t pause_to, chat_to, sweep_to, linger_to, drain_to;
+	h2o_timeout_entry_t pause_ent, sweep_ent, drain_ent;
+	uint64_t last_pause_log;
+
+	h2o_linklist_t conns, rewrap;
+	h2o_socket_cb h2o_read; /* h2o's HTTP/1 read callback */
+	struct edge_pending pending;
+	struct edge_ids ids;
+
+	struct edge_ctr ctr[EP_N][EDGE_CTR_CACHE];
+	int nctr[EP_N];
+	struct histo *dur[EP_N];
+	double *g_pending, *g_conns;
+	uint64_t *c_pauses, *c_head_big, *c_head_slow;
+	uint64_t nconns;
+} E;
+
+static uint64_t ctr_sink;
+static double gauge_sink;
+
+static h2o_iovec_t hn_logid = {"x-tt-logid", 10};
+static h2o_iovec_t hn_trace = {"traceparent", 11};
+
+static void conn_kill(struct edge_conn *, int, int64_t, const char *);
+static void conn_on_close(void *);
+static void drain_check(h2o_timeout_entry_t *);
+static void on_accept(h2o_socket_t *, const char *);
+
+/* Metrics. */
+
+static uint64_t *
+ctr_get(enum edge_ep ep, int status, int64_t code)
+{
+	struct edge_ctr *c = E.ctr[ep];
+	char lb[192];
+	uint64_t *p;
+	int i;
+
+	for (i = 0; i < E.nctr[ep]; i++)
+		if (c[i].status == status && c[i].code == code)
+			return (c[i].c);
+	snprintf(lb, sizeof(lb),
+	         "service=\"%s\",endpoint=\"%s\",status=\"%d\",code=\"%" PRId64
+	         "\"",
+	         E.svc->name, ep_name[ep], status, code);
+	p = metrics_counter(
+	        E.svc->metrics, "coze_http_requests_total",
+	        "HTTP requests answered, by endpoint, status and code", lb);
+	if (p == NULL)
+		return (&ctr_sink);
+	if (E.nctr[ep] < EDGE_CTR_CACHE) {
+		c[E.nctr[ep]].status = status;
+		c[E.nctr[ep]].code = code;
+		c[E.nctr[ep]].c = p;
+		E.nctr[ep]++;
+	}
+	return (p);
+}
+
+/* Count one answer and its time since the request began. */
+static void
+observe(h2o_req_t *req, enum edge_ep ep, int status, int64_t code)
+{
+	struct timeval *now = h2o_get_timestamp(&E.ctx, NULL, NULL);
+	const struct timeval *b = &req->timestamps.request_begin_at;
+	double d = 0;
+
+	++*ctr_get(ep, status, code);
+	if (b->tv_sec != 0)
+		d = (double)(now->tv_sec - b->tv_sec) +
+		    (double)(now->tv_usec - b->tv_usec) / 1e6;
+	if (E.dur[ep] != NULL)
+		histo_observe(E.dur[ep], d < 0 ? 0 : d);
+}
+
+static void
+gauges(void)
+{
+	*E.g_pending = (double)edge_pending_count(&E.pending);
+	*E.g_conns = (double)E.nconns;
+}
+
+static int
+metrics_setup(struct svc *svc)
+{
+	char lb[160];
+	int i;
+
+	for (i = 0; i < EP_N; i++) {
+		snprintf(lb, sizeof(lb), "service=\"%s\",endpoint=\"%s\"",
+		         svc->name, ep_name[i]);
+		E.dur[i] = metrics_histo(
+		        svc->metrics, "coze_http_request_duration_seconds",
+		        "Time from the start of a request to its answer", lb);
+	}
+	snprintf(lb, sizeof(lb), "service=\"%s\"", svc->name);
+	E.g_pending =
+	        metrics_gauge(svc->metrics, "troupe_edge_pending_requests",
+	                      "Chats sent on and waiting for their reply", lb);
+	E.g_conns = metrics_gauge(svc->metrics, "troupe_edge_connections",
+	                          "Open client connections", lb);
+	E.c_pauses = metrics_counter(
+	        svc->metrics, "troupe_edge_accept_pauses_total",
+	        "Times accepting paused for lack of descriptors or memory",
+	        lb);
+	snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"too_large\"",
+	         svc->name);
+	E.c_head_big = metrics_counter(
+	        svc->metrics, "troupe_edge_cut_requests_total",
+	        "Partial requests cut by the head limit or the head timeout",
+	        lb);
+	snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"timeout\"",
+	         svc->name);
+	E.c_head_slow = metrics_counter(
+	        svc->metrics, "troupe_edge_cut_requests_total",
+	        "Partial requests cut by the head limit or the head timeout",
+	        lb);
+	if (E.g_pending == NULL)
+		E.g_pending = &gauge_sink;
+	if (E.g_conns == NULL)
+		E.g_conns = &gauge_sink;
+	if (E.c_pauses == NULL)
+		E.c_pauses = &ctr_sink;
+	if (E.c_head_big == NULL)
+		E.c_head_big = &ctr_sink;
+	if (E.c_head_slow == NULL)
+		E.c_head_slow = &ctr_sink;
+	return (0);
+}
+
+/* Answers. */
+
+static const char *
+reason_of(int status)
+{
+	switch (status) {
+	case 200:
+		return ("OK");
+	case 400:
+		return ("Bad Request");
+	case 401:
+		return ("Unauthorized");
+	case 403:
+		return ("Forbidden");
+	case 404:
+		return ("Not Found");
+	case 405:
+		return ("Method Not Allowed");
+	case 408:
+		return ("Request Timeout");
+	case 409:
+		return ("Conflict");
+	case 413:
+		return ("Payload Too Large");
+	case 417:
+		return ("Expectation Failed");
+	case 429:
+		return ("Too Many Requests");
+	case 431:
+		return ("Request Header Fields Too Large");
+	case 500:
+		return ("Internal Server Error");
+	case 502:
+		return ("Bad Gateway");
+	case 503:
+		return ("Service Unavailable");
+	case 504:
+		return ("Gateway Timeout");
+	default:
+		return (status < 400 ? "OK" : "Error");
+	}
+}
+
+static void
+add_hdr(h2o_req_t *req, h2o_iovec_t *name, const char *orig, const char *v,
+        size_t n)
+{
+	h2o_headers_t *h = &req->res.headers;
+
+	h2o_vector_reserve(&req->pool, h, h->size + 1);
+	h->entries[h->size++] =
+	        (h2o_header_t){name, orig, h2o_iovec_init(v, n)};
+}
+
+/* The request id (in the pool) and trace of a request: the client's
+ * traceparent if valid, else a new one. */
+static char *
+req_ids(h2o_req_t *req, h2o_iovec_t *trace)
+{
+	char *id = h2o_mem_alloc_pool(&req->pool,
+	                              EDGE_REQID_LEN + 1 + EDGE_TRACE_LEN);
+	ssize_t i;
+
+	edge_reqid_next(&E.ids, h2o_now(E.loop), id);
+	id[EDGE_REQID_LEN] = '\0';
+	i = h2o_find_header_by_str(&req->headers, H2O_STRLIT("traceparent"),
+	                           -1);
+	if (i != -1 && edge_trace_valid(req->headers.entries[i].value.base,
+	                                req->headers.entries[i].value.len)) {
+		*trace = req->headers.entries[i].value;
+	} else {
+		edge_trace_new(&E.ids, id + EDGE_REQID_LEN + 1);
+		*trace = h2o_iovec_init(id + EDGE_REQID_LEN + 1,
+		                        EDGE_TRACE_LEN);
+	}
+	return (id);
+}
+
+/* Our record of req's connection, or NULL. */
+static struct edge_conn *
+conn_of(h2o_req_t *req)
+{
+	h2o_socket_t *sock;
+
+	if (req->conn->callbacks->get_socket == NULL ||
+	    (sock = req->conn->callbacks->get_socket(req->conn)) == NULL ||
+	    sock->on_close.cb != conn_on_close)
+		return (NULL);
+	return (sock->on_close.data);
+}
+
+/* Ask for a lingering close of req's connection after this answer. */
+static void
+want_close(h2o_req_t *req)
+{
+	struct edge_conn *ec;
+
+	req->http1_is_persistent = 0;
+	if ((ec = conn_of(req)) == NULL || ec->linger_fd != -1)
+		return;
+	ec->linger_fd = fcntl(h2o_socket_get_fd(ec->sock), F_DUPFD_CLOEXEC, 0);
+}
+
+/* After this answer h2o restarts reading with its own callback: put
+ * ours back once the h2o loop turn ends (edge_http_run). */
+static void
+rewrap_later(h2o_req_t *req)
+{
+	struct edge_conn *ec = conn_of(req);
+
+	if (ec != NULL && !h2o_linklist_is_linked(&ec->rewrap))
+		h2o_linklist_insert(&E.rewrap, &ec->rewrap);
+}
+
+static h2o_generator_t respond_gen = {NULL, NULL};
+
+static int
+method_is(h2o_req_t *req, const char *m, size_t n)
+{
+	return (h2o_memis(req->method.base, req->method.len, m, n));
+}
+
+#define R_CLOSE 0x1
+
+/* Send the whole answer.  req must not be touched afterwards. */
+static void
+respond(h2o_req_t *req, enum edge_ep ep, int status, int64_t code,
+        const char *reqid, h2o_iovec_t trace, h2o_iovec_t body,
+        int retry_after, int flags)
+{
+	req->res.status = status;
+	req->res.reason = reason_of(status);
+	req->res.content_length = body.len;
+	h2o_vector_reserve(&req->pool, &req->res.headers, 5);
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
+	               "Content-Type", H2O_STRLIT("application/json"));
+	add_hdr(req, &hn_logid, "X-Tt-Logid", reqid, EDGE_REQID_LEN);
+	add_hdr(req, &hn_trace, NULL, trace.base, trace.len);
+	if (retry_after > 0) {
+		char *v = h2o_mem_alloc_pool(&req->pool, 24);
+		int n = snprintf(v, 24, "%d", retry_after);
+		h2o_add_header(&req->pool, &req->res.headers,
+		               H2O_TOKEN_RETRY_AFTER, "Retry-After", v,
+		               (size_t)n);
+	}
+	if (flags & R_CLOSE)
+		want_close(req);
+	else
+		rewrap_later(req);
+	observe(req, ep, status, code);
+	h2o_start_response(req, &respond_gen);
+	if (method_is(req, H2O_STRLIT("HEAD")))
+		h2o_send(req, NULL, 0, H2O_SEND_STATE_FINAL);
+	else
+		h2o_send(req, &body, 1, H2O_SEND_STATE_FINAL);
+}
+
+/* Send a JSON error; extra: raw members for "detail" or NULL. */
+static void
+respond_error(h2o_req_t *req, enum edge_ep ep, int status, int64_t code,
+              const char *msg, size_t msglen, const char *reqid,
+              h2o_iovec_t trace, int retry_after, int flags, const char *extra)
+{
+	size_t cap = edge_json_error_max(msglen) + (extra ? strlen(extra) : 0);
+	char *b = h2o_mem_alloc_pool(&req->pool, cap);
+	size_t n = edge_json_error(b, cap, code, msg, msglen, reqid, extra);
+
+	respond(req, ep, status, code, reqid, trace, h2o_iovec_init(b, n),
+	        retry_after, flags);
+}
+
+#define ERR(req, ep, st, code, msg, id, tr, fl)                               \
+	respond_error(req, ep, st, code, msg, strlen(msg), id, tr, 0, fl, NULL)
+
+/* Routes. */
+
+static void
+method_not_allowed(h2o_req_t *req, enum edge_ep ep, const char *allow,
+                   const char *id, h2o_iovec_t tr)
+{
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_ALLOW, "Allow",
+	               allow, strlen(allow));
+	ERR(req, ep, 405, 4000, "method not allowed", id, tr, 0);
+}
+
+static void
+route_healthz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
+{
+	static const char ok[] = "{\"status\":\"ok\"}";
+
+	if (!method_is(req, H2O_STRLIT("GET"))) {
+		method_not_allowed(req, EP_HEALTHZ, "GET", id, tr);
+		return;
+	}
+	respond(req, EP_HEALTHZ, 200, 0, id, tr,
+	        h2o_iovec_init(ok, sizeof(ok) - 1), 0, 0);
+}
+
+static void
+route_readyz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
+{
+	static const char ok[] = "{\"status\":\"ready\",\"tier\":\"L0\"}";
+	const char *down[8];
+	char msg[160], extra[160];
+	size_t n, i;
+	int ml, xl;
+
+	if (!method_is(req, H2O_STRLIT("GET"))) {
+		method_not_allowed(req, EP_READYZ, "GET", id, tr);
+		return;
+	}
+	if ((n = edge_peers_down(E.svc, down, nitems(down))) == 0 &&
+	    !E.stopping) {
+		respond(req, EP_READYZ, 200, 0, id, tr,
+		        h2o_iovec_init(ok, sizeof(ok) - 1), 0, 0);
+		return;
+	}
+	/* Peer names are short mailbox names: this always fits. */
+	ml = snprintf(msg, sizeof(msg), "not ready: %s",
+	              E.stopping ? "stopping" : "unreachable:");
+	xl = snprintf(extra, sizeof(extra), ",\"down\":[");
+	for (i = 0; i < n && (size_t)ml < 100 && (size_t)xl < 100; i++) {
+		if (!E.stopping)
+			ml += snprintf(msg + ml, sizeof(msg) - (size_t)ml,
+			               "%s %s", i ? "," : "", down[i]);
+		xl += snprintf(extra + xl, sizeof(extra) - (size_t)xl,
+		               "%s\"%s\"", i ? "," : "", down[i]);
+	}
+	snprintf(extra + xl, sizeof(extra) - (size_t)xl, "]");
+	respond_error(req, EP_READYZ, 503, 5030, msg, strlen(msg), id, tr, 1,
+	              0, extra);
+}
+
+static void
+waiter_detach(struct edge_waiter *w)
+{
+	edge_pending_del(&E.pending, &w->ent);
+	if (h2o_timeout_is_linked(&w->to))
+		h2o_timeout_unlink(&w->to);
+	w->req = NULL;
+	gauges();
+}
+
+/* The request's pool is going (answered, or the connection closed). */
+static void
+waiter_dispose(void *p)
+{
+	waiter_detach(p);
+}
+
+static void
+waiter_timeout(h2o_timeout_entry_t *to)
+{
+	struct edge_waiter *w =
+	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, to, to);
+	h2o_req_t *req = w->req;
+
+	waiter_detach(w);
+	if (req != NULL)
+		ERR(req, EP_CHAT, 504, 5040, "deadline exceeded", w->ent.reqid,
+		    w->trace, 0);
+	if (E.stopping)
+		drain_check(NULL);
+}
+
+int
+edge_http_reply(struct mstr reqid, const struct chat_reply *r)
+{
+	struct edge_pending_ent *e;
+	struct edge_waiter *w;
+	h2o_req_t *req;
+	int status = (int)r->status;
+
+	if ((e = edge_pending_find(&E.pending, reqid.p, reqid.n)) == NULL)
+		return (-1);
+	w = (struct edge_waiter *)e;
+	if ((req = w->req) == NULL)
+		return (-1);
+	waiter_detach(w);
+	if (r->status == 200) {
+		size_t cap = edge_json_ok_max(r->data.n);
+		char *b = h2o_mem_alloc_pool(&req->pool, cap);
+		size_t n = edge_json_ok(b, cap, r->data.p, r->data.n);
+
+		respond(req, EP_CHAT, 200, 0, w->ent.reqid, w->trace,
+		        h2o_iovec_init(b, n), 0, 0);
+	} else {
+		int64_t code = r->code;
+		int ra = r->retry_after > 86400 ? 86400 : (int)r->retry_after;
+
+		if (r->status < 400 || r->status > 599) {
+			status = 502;
+			code = 5020;
+		}
+		respond_error(req, EP_CHAT, status, code == 0 ? 5000 : code,
+		              r->msg.p, r->msg.n, w->ent.reqid, w->trace, ra,
+		              0, NULL);
+	}
+	if (E.stopping)
+		drain_check(NULL);
+	return (0);
+}
+
+/* "Bearer <token>": the token, or an empty iovec. */
+static h2o_iovec_t
+bearer(h2o_req_t *req)
+{
+	ssize_t i =
+	        h2o_find_header(&req->headers, H2O_TOKEN_AUTHORIZATION, -1);
+	const char *p, *end;
+
+	if (i == -1)
+		return (h2o_iovec_init(NULL, 0));
+	p = req->headers.entries[i].value.base;
+	end = p + req->headers.entries[i].value.len;
+	if (end - p < 7 || !h2o_lcstris(p, 6, H2O_STRLIT("bearer")) ||
+	    (p[6] != ' ' && p[6] != '\t'))
+		return (h2o_iovec_init(NULL, 0));
+	for (p += 7; p < end && (*p == ' ' || *p == '\t'); p++)
+		;
+	while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+		end--;
+	return (h2o_iovec_init(p, (size_t)(end - p)));
+}
+
+static struct mstr
+ms(const char *p, size_t n)
+{
+	return ((struct mstr){p, (uint32_t)n});
+}
+
+static void
+route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
+{
+	struct edge_chat c;
+	struct edge_waiter *w;
+	struct chat_request body;
+	struct msg_head head;
+	h2o_iovec_t tok;
+	char msg[128], *text;
+	uint64_t now = now_wall_ms();
+
+	if (!method_is(req, H2O_STRLIT("POST"))) {
+		method_not_allowed(req, EP_CHAT, "POST", id, tr);
+		return;
+	}
+	if ((tok = bearer(req)).len == 0) {
+		ERR(req, EP_CHAT, 401, 4100, "missing token", id, tr, 0);
+		return;
+	}
+	text = h2o_mem_alloc_pool(&req->pool, req->entity.len + 1);
+	if (req->entity.len)
+		memcpy(text, req->entity.base, req->entity.len);
+	text[req->entity.len] = '\0';
+	if (edge_chat_parse(text, req->entity.len, &c, msg, sizeof(msg)) ==
+	    -1) {
+		ERR(req, EP_CHAT, 400, 4000, msg, id, tr, 0);
+		return;
+	}
+
+	w = h2o_mem_alloc_shared(&req->pool, sizeof(*w), waiter_dispose);
+	memset(w, 0, sizeof(*w));
+	memcpy(w->ent.reqid, id, EDGE_REQID_LEN + 1);
+	w->req = req;
+	w->trace = tr;
+	w->to.cb = waiter_timeout;
+
+	head.reqid = ms(w->ent.reqid, EDGE_REQID_LEN);
+	head.traceparent = ms(tr.base, tr.len);
+	head.deadline_ms = now + E.conf.chat_timeout_ms;
+	head.reply_to = MSTR(E.svc->name);
+	body.route = MSTR_LIT("v1.chat");
+	body.token = ms(tok.base, tok.len);
+	body.sub = MSTR_NULL;
+	body.bot_id = ms(c.bot_id, c.bot_id_len);
+	body.user_id = ms(c.user_id, c.user_id_len);
+	body.query = ms(c.query, c.query_len);
+	body.history_id = ms(c.history_id, c.history_id_len);
+	body.received_ms = now;
+	if (msg_send_chat_request(E.svc->ipc, "auth", &head, &body) == -1) {
+		edge_chat_free(&c);
+		w->req = NULL;
+		respond_error(
+		        req, EP_CHAT, 503, 5030,
+		        H2O_STRLIT(
+		                "service unavailable: auth is not keeping up"),
+		        w->ent.reqid, tr, 1, 0, NULL);
+		return;
+	}
+	edge_chat_free(&c);
+	edge_pending_add(&E.pending, &w->ent);
+	h2o_timeout_link(E.loop, &E.chat_to, &w->to);
+	gauges();
+}
+
+/* The size of a parsed head as h2o rebuilds it (request line, Host,
+ * headers; Content-Length and the like are not kept, a few bytes). */
+static size_t
+head_size(h2o_req_t *req)
+{
+	size_t n = req->input.method.len + req->input.path.len + 12, i;
+
+	if (req->input.authority.base != NULL)
+		n += req->input.authority.len + 8;
+	for (i = 0; i < req->headers.size; i++)
+		n += req->headers.entries[i].name->len +
+		     req->headers.entries[i].value.len + 4;
+	return (n + 2);
+}
+
+static enum edge_ep
+ep_of(h2o_iovec_t path)
+{
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/healthz")))
+		return (EP_HEALTHZ);
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/v1/bot/chat")))
+		return (EP_CHAT);
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/readyz")))
+		return (EP_READYZ);
+	return (EP_OTHER);
+}
+
+static int
+on_req(h2o_handler_t *self, h2o_req_t *req)
+{
+	struct edge_conn *ec = conn_of(req);
+	h2o_iovec_t tr;
+	const char *id = req_ids(req, &tr);
+	enum edge_ep ep = ep_of(req->path_normalized);
+
+	(void)self;
+	if (ec != NULL)
+		ec->nreq++;
+	if (head_size(req) > E.conf.max_head) {
+		ERR(req, ep, 431, 4000, "request head too large", id, tr,
+		    R_CLOSE);
+		return (0);
+	}
+	switch (ep) {
+	case EP_HEALTHZ:
+		route_healthz(req, id, tr);
+		break;
+	case EP_CHAT:
+		route_chat(req, id, tr);
+		break;
+	case EP_READYZ:
+		route_readyz(req, id, tr);
+		break;
+	default:
+		ERR(req, EP_OTHER, 404, 4000, "no such route", id, tr, 0);
+		break;
+	}
+	return (0);
+}
+
+/*
+ * Errors h2o answers itself after parsing a head (413, 400 for broken
+ * framing, 417, 404) go through the fallback path: give them our JSON and
+ * headers, and a lingering close when h2o closes after them.
+ */
+struct err_ostream {
+	h2o_ostream_t super;
+	h2o_iovec_t body;
+};
+
+static void
+err_ostream_send(h2o_ostream_t *self, h2o_req_t *req, h2o_iovec_t *bufs,
+                 size_t n, h2o_send_state_t st)
+{
+	struct err_ostream *o = (struct err_ostream *)self;
+	h2o_iovec_t body = o->body;
+
+	(void)bufs;
+	/* Our JSON instead of h2o's text, once. */
+	o->body = h2o_iovec_init(NULL, 0);
+	if (n > 0 && body.base != NULL)
+		h2o_ostream_send_next(&o->super, req, &body, 1, st);
+	else
+		h2o_ostream_send_next(&o->super, req, NULL, 0, st);
+}
+
+static void
+err_filter(h2o_filter_t *self, h2o_req_t *req, h2o_ostream_t **slot)
+{
+	struct err_ostream *o;
+	h2o_iovec_t tr;
+	const char *id, *msg;
+	enum edge_ep ep;
+	size_t cap;
+	int st = req->res.status;
+	char *b;
+
+	(void)self;
+	if (st < 400)
+		goto next;
+	switch (st) {
+	case 413:
+		msg = "request body too large";
+		break;
+	case 404:
+		msg = "no such route";
+		break;
+	case 417:
+		msg = "expectation failed";
+		break;
+	case 400:
+		msg = "bad request framing";
+		break;
+	default:
+		msg = "request refused";
+		break;
+	}
+	id = req_ids(req, &tr);
+	ep = ep_of(req->path_normalized);
+	cap = edge_json_error_max(strlen(msg));
+	b = h2o_mem_alloc_pool(&req->pool, cap);
+	o = (struct err_ostream *)h2o_add_ostream(req, sizeof(*o), slot);
+	o->super.do_send = err_ostream_send;
+	o->body = h2o_iovec_init(
+	        b, edge_json_error(b, cap, st >= 500 ? 5000 : 4000, msg,
+	                           strlen(msg), id, NULL));
+	memset(&req->res.headers, 0, sizeof(req->res.headers));
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
+	               "Content-Type", H2O_STRLIT("application/json"));
+	add_hdr(req, &hn_logid, "X-Tt-Logid", id, EDGE_REQID_LEN);
+	add_hdr(req, &hn_trace, NULL, tr.base, tr.len);
+	req->res.content_length = o->body.len;
+	if (!req->http1_is_persistent)
+		want_close(req);
+	else
+		rewrap_later(req);
+	observe(req, ep, st, st >= 500 ? 5000 : 4000);
+	slot = &o->super.next;
+next:
+	h2o_setup_next_ostream(req, slot);
+}
+
+/* Connections. */
+
+static void
+linger_close(struct edge_linger *l)
+{
+	if (h2o_timeout_is_linked(&l->to))
+		h2o_timeout_unlink(&l->to);
+	h2o_socket_close(l->sock);
+	free(l);
+}
+
+static void
+linger_on_read(h2o_socket_t *sock, const char *err)
+{
+	struct edge_linger *l = sock->data;
+
+	if (err != NULL) {
+		linger_close(l);
+		return;
+	}
+	h2o_buffer_consume(&sock->input, sock->input->size);
+}
+
+static void
+linger_on_timeout(h2o_timeout_entry_t *to)
+{
+	linger_close(H2O_STRUCT_FROM_MEMBER(struct edge_linger, to, to));
+}
+
+/* Our copy of a socket h2o has closed: send FIN after what was written,
+ * read and drop what the client still sends, close after a while. */
+static void
+linger_start(int fd)
+{
+	struct edge_linger *l;
+
+	(void)shutdown(fd, SHUT_WR);
+	if (E.stopping || (l = calloc(1, sizeof(*l))) == NULL) {
+		close(fd);
+		return;
+	}
+	l->sock = h2o_evloop_socket_create(E.loop, fd, 0);
+	l->sock->data = l;
+	l->to.cb = linger_on_timeout;
+	h2o_socket_read_start(l->sock, linger_on_read);
+	h2o_timeout_link(E.loop, &E.linger_to, &l->to);
+}
+
+static void
+conn_on_close(void *arg)
+{
+	struct edge_conn *ec = arg;
+
+	h2o_linklist_unlink(&ec->link);
+	if (h2o_linklist_is_linked(&ec->rewrap))
+		h2o_linklist_unlink(&ec->rewrap);
+	E.nconns--;
+	if (ec->linger_fd != -1)
+		linger_start(ec->linger_fd);
+	free(ec);
+	gauges();
+}
+
+/* Whether the head ends within the first n bytes of p. */
+static int
+head_ends(const char *p, size_t n)
+{
+	return (memmem(p, n, "\n\r\n", 3) != NULL ||
+	        memmem(p, n, "\n\n", 2) != NULL);
+}
+
+/* Answer a connection h2o is still reading a request on, bypassing h2o
+ * (it has nothing to write now), then make h2o close it. */
+static void
+conn_kill(struct edge_conn *ec, int status, int64_t code, const char *msg)
+{
+	h2o_socket_t *sock = ec->sock;
+	int fd = h2o_socket_get_fd(sock);
+	char id[EDGE_REQID_LEN + 1], tr[EDGE_TRACE_LEN], body[512], out[1024];
+	size_t bn;
+	int n;
+
+	edge_reqid_next(&E.ids, h2o_now(E.loop), id);
+	id[EDGE_REQID_LEN] = '\0';
+	edge_trace_new(&E.ids, tr);
+	bn = edge_json_error(body, sizeof(body), code, msg, strlen(msg), id,
+	                     NULL);
+	n = snprintf(out, sizeof(out),
+	             "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+	             "Content-Length: %zu\r\nConnection: close\r\n"
+	             "X-Tt-Logid: %s\r\ntraceparent: %.*s\r\n\r\n%s",
+	             status, reason_of(status), bn, id, EDGE_TRACE_LEN, tr,
+	             body);
+	if (n > 0 && (size_t)n < sizeof(out))
+		(void)send(fd, out, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+	++*ctr_get(EP_OTHER, status, code);
+	if (ec->linger_fd == -1)
+		ec->linger_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	/* XXX h2o 2.2.5 has no way to close an HTTP/1 connection from
+	 * outside; a read error is how it learns of a dead peer, so hand it
+	 * one: it closes the connection (and frees ec through on_close). */
+	E.h2o_read(sock, h2o_socket_error_closed);
+}
+
+static int
+crlf_only(const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (p[i] != '\r' && p[i] != '\n')
+			return (0);
+	return (1);
+}
+
+/*
+ * Look at the head of the request being received before h2o does (the
+ * input buffer always starts with it: h2o drops a request's bytes only
+ * once it is answered).  Refuse, with our JSON, what h2o would refuse
+ * with its plain-text 400 (malformed, more than 100 headers) and what
+ * does not fit in max_head.  0: let h2o go on; -1: the connection is
+ * closed (and ec freed).
+ */
+static int
+conn_precheck(struct edge_conn *ec)
+{
+	static struct phr_header many[1024];
+	struct phr_header hs[EDGE_MAX_HEADERS];
+	h2o_buffer_t *in = ec->sock->input;
+	size_t len = in->size < E.conf.max_head ? in->size : E.conf.max_head;
+	size_t nh = nitems(hs), ml, pl, i;
+	const char *m, *p;
+	int minor, r;
+
+	if (in->size == 0)
+		return (0);
+	r = phr_parse_request(in->bytes, len, &m, &ml, &p, &pl, &minor, hs,
+	                      &nh, 0);
+	if (r == -2 && in->size <= E.conf.max_head)
+		return (0);
+	if (r == -2) {
+		++*E.c_head_big;
+		conn_kill(ec, 431, 4000, "request head too large");
+		return (-1);
+	}
+	if (r == -1) {
+		/* Stray line ends: h2o closes without a word. */
+		if (in->size <= 4 && crlf_only(in->bytes, in->size))
+			return (0);
+		nh = nitems(many);
+		if (phr_parse_request(in->bytes, len, &m, &ml, &p, &pl, &minor,
+		                      many, &nh, 0) != -1)
+			conn_kill(ec, 431, 4000, "too many header fields");
+		else
+			conn_kill(ec, 400, 4000, "malformed request");
+		return (-1);
+	}
+	for (i = 0; i < nh; i++)
+		if (hs[i].name == NULL) { /* obs-fold (RFC 9112 5.2) */
+			conn_kill(ec, 400, 4000, "malformed request");
+			return (-1);
+		}
+	return (0);
+}
+
+/* Our read callback in front of h2o's. */
+static void
+conn_read(h2o_socket_t *sock, const char *err)
+{
+	if (err == NULL && conn_precheck(sock->on_close.data) == -1)
+		return;
+	E.h2o_read(sock, err);
+}
+
+/*
+ * XXX h2o 2.2.5 has no hook between reading and parsing: put conn_read in
+ * h2o's place while h2o reads a head.  h2o sets its callback again each
+ * time it restarts reading (after an answer, after 100 Continue), so this
+ * runs after every answer (the rewrap list) and in every sweep.
+ */
+static void
+conn_wrap(struct edge_conn *ec)
+{
+	if (ec->sock->_cb.read == E.h2o_read && E.h2o_read != NULL)
+		ec->sock->_cb.read = conn_read;
+}
+
+static void
+rewrap_run(void)
+{
+	h2o_linklist_t *node, *next;
+
+	for (node = E.rewrap.next; node != &E.rewrap; node = next) {
+		struct edge_conn *ec =
+		        H2O_STRUCT_FROM_MEMBER(struct edge_conn, rewrap, node);
+
+		next = node->next;
+		/* Still writing its answer: look again next turn. */
+		if (!h2o_socket_is_reading(ec->sock))
+			continue;
+		h2o_linklist_unlink(&ec->rewrap);
+		conn_wrap(ec);
+	}
+}
+
+/* Is the connection partway through receiving a request? */
+static int
+conn_partial(const struct edge_conn *ec)
+{
+	h2o_socket_t *s = ec->sock;
+
+	return (h2o_socket_is_reading(s) && !h2o_socket_is_writing(s) &&
+	        s->input != NULL && s->input->size > 0);
+}
+
+static void
+sweep(h2o_timeout_entry_t *to)
+{
+	uint64_t now = h2o_now(E.loop);
+	h2o_linklist_t *node, *next;
+
+	(void)to;
+	for (node = E.conns.next; node != &E.conns; node = next) {
+		struct edge_conn *ec =
+		        H2O_STRUCT_FROM_MEMBER(struct edge_conn, link, node);
+		h2o_buffer_t *in = ec->sock->input;
+
+		next = node->next;
+		conn_wrap(ec);
+		if (!conn_partial(ec)) {
+			ec->partial_since = 0;
+			continue;
+		}
+		if (ec->partial_since == 0 || ec->partial_nreq != ec->nreq) {
+			ec->partial_since = now;
+			ec->partial_nreq = ec->nreq;
+		}
+		if (in->size > E.conf.max_head &&
+		    !head_ends(in->bytes, E.conf.max_head)) {
+			++*E.c_head_big;
+			conn_kill(ec, 431, 4000, "request head too large");
+		} else if (now - ec->partial_since >= E.conf.head_timeout_ms) {
+			++*E.c_head_slow;
+			conn_kill(ec, 408, 4000,
+			          "request not received in time");
+		}
+	}
+	h2o_timeout_link(E.loop, &E.sweep_to, &E.sweep_ent);
+}
+
+static uint64_t
+sweep_every(uint64_t head_ms)
+{
+	uint64_t t = head_ms / 10;
+
+	return (t < 50 ? 50 : t > 500 ? 500 : t);
+}
+
+static void
+accept_resume(h2o_timeout_entry_t *to)
+{
+	(void)to;
+	if (!E.stopping)
+		h2o_socket_read_start(E.listener, on_accept);
+}
+
+static void
+accept_pause(int err)
+{
+	uint64_t now = h2o_now(E.loop);
+
+	++*E.c_pauses;
+	if (now - E.last_pause_log >= 10000) {
+		E.last_pause_log = now;
+		log_warnx("%s: accept: %s; pausing %d ms", __func__,
+		          strerror(err), EDGE_ACCEPT_PAUSE_MS);
+	}
+	h2o_socket_read_stop(E.listener);
+	if (!h2o_timeout_is_linked(&E.pause_ent))
+		h2o_timeout_link(E.loop, &E.pause_to, &E.pause_ent);
+}
+
+static void
+on_accept(h2o_socket_t *listener, const char *err)
+{
+	h2o_socket_t *sock;
+	struct edge_conn *ec;
+	int i;
+
+	if (err != NULL)
+		return;
+	for (i = 0; i < EDGE_ACCEPT_BATCH; i++) {
+		if ((sock = h2o_evloop_socket_accept(listener)) == NULL) {
+			if (errno == EMFILE || errno == ENFILE ||
+			    errno == ENOBUFS || errno == ENOMEM)
+				accept_pause(errno);
+			return;
+		}
+		if ((ec = calloc(1, sizeof(*ec))) == NULL) {
+			h2o_socket_close(sock);
+			accept_pause(ENOMEM);
+			return;
+		}
+		ec->sock = sock;
+		ec->linger_fd = -1;
+		sock->on_close.cb = conn_on_close;
+		sock->on_close.data = ec;
+		h2o_linklist_insert(&E.conns, &ec->link);
+		E.nconns++;
+		h2o_accept(&E.accept_ctx, sock);
+		if (E.h2o_read == NULL)
+			E.h2o_read = sock->_cb.read;
+		conn_wrap(ec);
+	}
+	gauges();
+}
+
+/* Our loop, nested. */
+
+static void
+on_loop_readable(h2o_socket_t *sock, const char *err)
+{
+	(void)sock;
+	(void)err;
+	if (loop_run_once(E.svc->loop, 0) == -1)
+		fatal("%s: epoll_wait", __func__);
+}
+
+/* Listening. */
+
+static int
+listen_open(const char *addr, char *err, size_t errlen)
+{
+	struct addrinfo hints, *res = NULL;
+	char host[128], *port;
+	int fd = -1, one = 1, rv;
+
+	if (strlen(addr) >= sizeof(host))
+		goto bad;
+	if (addr[0] == '[') {
+		strcpy(host, addr + 1);
+		if ((port = strchr(host, ']')) == NULL || port[1] != ':')
+			goto bad;
+		*port = '\0';
+		port += 2;
+	} else {
+		strcpy(host, addr);
+		if ((port = strrchr(host, ':')) == NULL)
+			goto bad;
+		*port++ = '\0';
+	}
+	if (*port == '\0')
+		goto bad;
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+	if ((rv = getaddrinfo(host[0] ? host : NULL, port, &hints, &res)) !=
+	    0) {
+		snprintf(err, errlen, "[edge] listen %s: %s", addr,
+		         gai_strerror(rv));
+		return (-1);
+	}
+	if ((fd = socket(res->ai_family,
+	                 SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) ==
+	            -1 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ==
+	            -1 ||
+	    bind(fd, res->ai_addr, res->ai_addrlen) == -1 ||
+	    listen(fd, SOMAXCONN) == -1) {
+		snprintf(err, errlen, "[edge] listen %s: %s", addr,
+		         strerror(errno));
+		if (fd != -1)
+			close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	return (fd);
+bad:
+	snprintf(err, errlen,
+	         "[edge] listen %s: want host:port or "
+	         "[v6addr]:port",
+	         addr);
+	return (-1);
+}
+
+static void
+where_of(int fd, int from_systemd)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char host[NI_MAXHOST] = "?", port[NI_MAXSERV] = "?";
+
+	if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+		(void)getnameinfo((struct sockaddr *)&ss, sl, host,
+		                  sizeof(host), port, sizeof(port),
+		                  NI_NUMERICHOST | NI_NUMERICSERV);
+	snprintf(E.where, sizeof(E.where), "listening on %s%s%s:%s%s",
+	         strchr(host, ':') ? "[" : "", host,
+	         strchr(host, ':') ? "]" : "", port,
+	         from_systemd ? " (socket from systemd)" : "");
+}
+
+const char *
+edge_http_where(void)
+{
+	return (E.where);
+}
+
+int
+edge_http_init(struct svc *svc, const struct edge_conf *c, int listen_fd,
+               char *err, size_t errlen)
+{
+	h2o_hostconf_t *host;
+	h2o_pathconf_t *path;
+	h2o_handler_t *h;
+	h2o_filter_t *f;
+	unsigned char seed[32];
+	int lfd, from_systemd = listen_fd >= 0;
+
+	memset(&E, 0, sizeof(E));
+	E.svc = svc;
+	E.conf = *c;
+	h2o_linklist_init_anchor(&E.conns);
+	h2o_linklist_init_anchor(&E.rewrap);
+	if (random_bytes(seed, sizeof(seed)) == -1) {
+		snprintf(err, errlen, "getrandom: %s", strerror(errno));
+		return (-1);
+	}
+	edge_ids_init(&E.ids, seed);
+	if (edge_pending_init(&E.pending, 1024) == -1) {
+		snprintf(err, errlen, "out of memory");
+		return (-1);
+	}
+	metrics_setup(svc);
+	gauges();
+
+	h2o_config_init(&E.gconf);
+	E.gconf.server_name = h2o_iovec_init(H2O_STRLIT(""));
+	E.gconf.max_request_entity_size = c->max_body;
+	E.gconf.http1.req_timeout = c->idle_timeout_ms;
+	E.gconf.http1.upgrade_to_http2 = 0;
+	host = h2o_config_register_host(
+	        &E.gconf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+	path = h2o_config_register_path(host, "/", 0);
+	h = h2o_create_handler(path, sizeof(*h));
+	h->on_req = on_req;
+	f = h2o_create_filter(&host->fallback_path, sizeof(*f));
+	f->on_setup_ostream = err_filter;
+
+	E.loop = h2o_evloop_create();
+	h2o_context_init(&E.ctx, E.loop, &E.gconf);
+	E.accept_ctx.ctx = &E.ctx;
+	E.accept_ctx.hosts = E.gconf.hosts;
+
+	h2o_timeout_init(E.loop, &E.pause_to, EDGE_ACCEPT_PAUSE_MS);
+	h2o_timeout_init(E.loop, &E.chat_to, c->chat_timeout_ms);
+	h2o_timeout_init(E.loop, &E.sweep_to, sweep_every(c->head_timeout_ms));
+	h2o_timeout_init(E.loop, &E.linger_to, EDGE_LINGER_MS);
+	h2o_timeout_init(E.loop, &E.drain_to, EDGE_DRAIN_CHECK_MS);
+	E.pause_ent.cb = accept_resume;
+	E.sweep_ent.cb = sweep;
+	E.drain_ent.cb = drain_check;
+	h2o_timeout_link(E.loop, &E.sweep_to, &E.sweep_ent);
+
+	/* Our loop inside h2o's: a dup, since h2o closes what it owns. */
+	if ((lfd = fcntl(loop_fd(svc->loop), F_DUPFD_CLOEXEC, 0)) == -1) {
+		snprintf(err, errlen, "dup: %s", strerror(errno));
+		return (-1);
+	}
+	E.loopsock = h2o_evloop_socket_create(E.loop, lfd,
+	                                      H2O_SOCKET_FLAG_DONT_READ);
+	h2o_socket_read_start(E.loopsock, on_loop_readable);
+
+	if (listen_fd < 0 &&
+	    (listen_fd = listen_open(c->listen, err, errlen)) == -1)
+		return (-1);
+	where_of(listen_fd, from_systemd);
+	E.listener = h2o_evloop_socket_create(E.loop, listen_fd,
+	                                      H2O_SOCKET_FLAG_DONT_READ);
+	h2o_socket_read_start(E.listener, on_accept);
+	return (0);
+}
+
+void
+edge_http_reconf(const struct edge_conf *c)
+{
+	if (strcmp(c->listen, E.conf.listen) != 0)
+		log_warnx("%s: [edge] listen changes only on restart",
+		          __func__);
+	E.conf.max_body = c->max_body;
+	E.conf.max_head = c->max_head;
+	E.conf.idle_timeout_ms = c->idle_timeout_ms;
+	E.conf.head_timeout_ms = c->head_timeout_ms;
+	E.conf.chat_timeout_ms = c->chat_timeout_ms;
+	E.conf.drain_ms = c->drain_ms;
+	E.gconf.max_request_entity_size = c->max_body;
+	/* Every entry of an h2o timeout list has the same duration, so the
+	 * list stays in order when the duration changes. */
+	E.ctx.http1.req_timeout.timeout = c->idle_timeout_ms;
+	E.chat_to.timeout = c->chat_timeout_ms;
+	E.sweep_to.timeout = sweep_every(c->head_timeout_ms);
+}
+
+int
+edge_http_run(struct svc *svc)
+{
+	while (!svc->stopped) {
+		if (h2o_evloop_run(E.loop, INT32_MAX) != 0 && errno != EINTR)
+			fatal("%s: h2o_evloop_run", __func__);
+		if (!h2o_linklist_is_empty(&E.rewrap))
+			rewrap_run();
+	}
+	return (svc_exit(svc));
+}
+
+/* Waiting for a request, with nothing of one received (not even in the
+ * kernel's buffer: that one is answered, then closed). */
+static int
+conn_idle(const struct edge_conn *ec)
+{
+	h2o_socket_t *s = ec->sock;
+	char c;
+
+	return (h2o_socket_is_reading(s) && !h2o_socket_is_writing(s) &&
+	        s->input->size == 0 &&
+	        recv(h2o_socket_get_fd(s), &c, 1, MSG_PEEK | MSG_DONTWAIT) ==
+	                -1 &&
+	        errno == EAGAIN);
+}
+
+/* Stopping: done when no chat waits and no connection is busy. */
+static void
+drain_check(h2o_timeout_entry_t *to)
+{
+	h2o_linklist_t *node, *next;
+	int busy = 0;
+
+	(void)to;
+	if (E.svc->stopped)
+		return;
+	for (node = E.conns.next; node != &E.conns; node = next) {
+		struct edge_conn *ec =
+		        H2O_STRUCT_FROM_MEMBER(struct edge_conn, link, node);
+
+		next = node->next;
+		if (!h2o_socket_is_reading(ec->sock) ||
+		    h2o_socket_is_writing(ec->sock))
+			busy++;
+	}
+	if ((busy > 0 || edge_pending_count(&E.pending) > 0) &&
+	    h2o_now(E.loop) < E.stop_at) {
+		if (!h2o_timeout_is_linked(&E.drain_ent))
+			h2o_timeout_link(E.loop, &E.drain_to, &E.drain_ent);
+		return;
+	}
+	if (busy > 0 || edge_pending_count(&E.pending) > 0)
+		log_warnx("%s: gave up after %llu ms: %zu chats pending, %d "
+		          "connections busy",
+		          __func__, (unsigned long long)E.conf.drain_ms,
+		          edge_pending_count(&E.pending), busy);
+	if (h2o_timeout_is_linked(&E.drain_ent))
+		h2o_timeout_unlink(&E.drain_ent);
+	svc_stop_done(E.svc);
+}
+
+void
+edge_http_stop(struct svc *svc)
+{
+	h2o_linklist_t *node, *next;
+
+	(void)svc;
+	E.stopping = 1;
+	E.stop_at = h2o_now(E.loop) + E.conf.drain_ms;
+	E.ctx.shutdown_requested = 1; /* answers say Connection: close */
+	h2o_socket_read_stop(E.listener);
+	if (h2o_timeout_is_linked(&E.pause_ent))
+		h2o_timeout_unlink(&E.pause_ent);
+	/* Idle keep-alive connections go now; busy ones after their
+	 * answer (h2o closes them: shutdown_requested). */
+	for (node = E.conns.next; node != &E.conns; node = next) {
+		struct edge_conn *ec =
+		        H2O_STRUCT_FROM_MEMBER(struct edge_conn, link, node);
+
+		next = node->next;
+		if (conn_idle(ec))
+			E.h2o_read(ec->sock, h2o_socket_error_closed);
+	}
+	drain_check(NULL);
+}

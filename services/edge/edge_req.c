@@ -1,0 +1,313 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * edge_req: request ids, traceparents, the chat body check and answer
+ * JSON (see edge_req.h).  Callers: edge_http.c and the unit test.  Pure:
+ * it never logs, never reads a clock and never allocates except through
+ * cJSON while parsing a chat body.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <cjson/cJSON.h>
+
+#include "edge_req.h"
+
+static const char hexd[] = "0123456789abcdef";
+
+static uint64_t
+rotl(uint64_t x, int k)
+{
+	return ((x << k) | (x >> (64 - k)));
+}
+
+/* xoshiro256** (Blackman and Vigna): fast, and plenty for ids. */
+static uint64_t
+ids_rand(struct edge_ids *g)
+{
+	uint64_t *s = g->s;
+	uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+
+	s[2] ^= s[0];
+	s[3] ^= s[1];
+	s[1] ^= s[2];
+	s[0] ^= s[3];
+	s[2] ^= t;
+	s[3] = rotl(s[3], 45);
+	return (r);
+}
+
+void
+edge_ids_init(struct edge_ids *g, const unsigned char seed[32])
+{
+	memset(g, 0, sizeof(*g));
+	memcpy(g->s, seed, sizeof(g->s));
+	if ((g->s[0] | g->s[1] | g->s[2] | g->s[3]) == 0)
+		g->s[0] = 0x9e3779b97f4a7c15ULL; /* the all-zero state is stuck
+		                                  */
+	g->prefix = (uint32_t)(ids_rand(g) >> 32);
+	g->counter = ids_rand(g);
+	g->stamp_sec = UINT64_MAX;
+}
+
+static void
+put_hex(char *out, uint64_t v, int ndigits)
+{
+	for (int i = ndigits - 1; i >= 0; i--) {
+		out[i] = hexd[v & 15];
+		v >>= 4;
+	}
+}
+
+static void
+put_dec(char *out, unsigned v, int ndigits)
+{
+	for (int i = ndigits - 1; i >= 0; i--) {
+		out[i] = (char)('0' + v % 10);
+		v /= 10;
+	}
+}
+
+void
+edge_reqid_next(struct edge_ids *g, uint64_t wall_ms, char *out)
+{
+	uint64_t sec = wall_ms / 1000;
+
+	if (sec != g->stamp_sec) {
+		time_t t = (time_t)sec;
+		struct tm tm;
+
+		if (gmtime_r(&t, &tm) == NULL)
+			memset(&tm, 0, sizeof(tm));
+		put_dec(g->stamp, (unsigned)(tm.tm_year + 1900) % 10000, 4);
+		put_dec(g->stamp + 4, (unsigned)tm.tm_mon + 1, 2);
+		put_dec(g->stamp + 6, (unsigned)tm.tm_mday, 2);
+		put_dec(g->stamp + 8, (unsigned)tm.tm_hour, 2);
+		put_dec(g->stamp + 10, (unsigned)tm.tm_min, 2);
+		put_dec(g->stamp + 12, (unsigned)tm.tm_sec, 2);
+		g->stamp_sec = sec;
+	}
+	memcpy(out, g->stamp, 14);
+	put_hex(out + 14, g->prefix, 8);
+	put_hex(out + 22, g->counter++, 10);
+}
+
+void
+edge_trace_new(struct edge_ids *g, char *out)
+{
+	uint64_t hi = ids_rand(g), lo = ids_rand(g), span = ids_rand(g);
+
+	if ((hi | lo) == 0)
+		lo = 1;
+	if (span == 0)
+		span = 1;
+	memcpy(out, "00-", 3);
+	put_hex(out + 3, hi, 16);
+	put_hex(out + 19, lo, 16);
+	out[35] = '-';
+	put_hex(out + 36, span, 16);
+	memcpy(out + 52, "-01", 3);
+}
+
+/* n lowercase hex digits, not all zero (if nonzero is set). */
+static int
+hex_ok(const char *s, size_t n, int nonzero)
+{
+	int any = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		char c = s[i];
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+			return (0);
+		any |= c != '0';
+	}
+	return (!nonzero || any);
+}
+
+int
+edge_trace_valid(const char *s, size_t n)
+{
+	if (n != EDGE_TRACE_LEN || s[0] != '0' || s[1] != '0' || s[2] != '-' ||
+	    s[35] != '-' || s[52] != '-')
+		return (0);
+	return (hex_ok(s + 3, 32, 1) && hex_ok(s + 36, 16, 1) &&
+	        hex_ok(s + 53, 2, 0));
+}
+
+/* A required non-empty string member; -1 with msg naming it. */
+static int
+chat_str(const cJSON *o, const char *name, int required, const char **p,
+         size_t *n, char *msg, size_t msglen)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+
+	*p = "";
+	*n = 0;
+	if (v == NULL || (!required && cJSON_IsNull(v)))
+		goto absent;
+	if (!cJSON_IsString(v) || v->valuestring == NULL) {
+		snprintf(msg, msglen, "%s must be a string", name);
+		return (-1);
+	}
+	*p = v->valuestring;
+	*n = strlen(v->valuestring);
+	if (*n == 0 && required) {
+		snprintf(msg, msglen, "%s must not be empty", name);
+		return (-1);
+	}
+	return (0);
+absent:
+	if (required) {
+		snprintf(msg, msglen, "missing %s", name);
+		return (-1);
+	}
+	return (0);
+}
+
+int
+edge_chat_parse(const char *text, size_t len, struct edge_chat *c, char *msg,
+                size_t msglen)
+{
+	const char *end = NULL;
+	cJSON *root;
+
+	memset(c, 0, sizeof(*c));
+	/* A NUL inside the body would end cJSON's view of it early. */
+	if (len == 0 || memchr(text, '\0', len) != NULL ||
+	    (root = cJSON_ParseWithOpts(text, &end, 1)) == NULL) {
+		snprintf(msg, msglen, "invalid JSON body");
+		return (-1);
+	}
+	c->root = root;
+	if (!cJSON_IsObject(root)) {
+		snprintf(msg, msglen, "invalid JSON body: not an object");
+		goto fail;
+	}
+	if (chat_str(root, "bot_id", 1, &c->bot_id, &c->bot_id_len, msg,
+	             msglen) == -1 ||
+	    chat_str(root, "user_id", 1, &c->user_id, &c->user_id_len, msg,
+	             msglen) == -1 ||
+	    chat_str(root, "query", 1, &c->query, &c->query_len, msg,
+	             msglen) == -1 ||
+	    chat_str(root, "history_id", 0, &c->history_id, &c->history_id_len,
+	             msg, msglen) == -1)
+		goto fail;
+	return (0);
+fail:
+	edge_chat_free(c);
+	return (-1);
+}
+
+void
+edge_chat_free(struct edge_chat *c)
+{
+	if (c->root != NULL)
+		cJSON_Delete(c->root);
+	c->root = NULL;
+}
+
+size_t
+edge_json_escape(char *out, const char *s, size_t n)
+{
+	char *o = out;
+
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)s[i];
+
+		switch (ch) {
+		case '"':
+		case '\\':
+			*o++ = '\\';
+			*o++ = (char)ch;
+			break;
+		case '\n':
+			*o++ = '\\';
+			*o++ = 'n';
+			break;
+		case '\r':
+			*o++ = '\\';
+			*o++ = 'r';
+			break;
+		case '\t':
+			*o++ = '\\';
+			*o++ = 't';
+			break;
+		default:
+			if (ch < 0x20 || ch == 0x7f) {
+				memcpy(o, "\\u00", 4);
+				o[4] = hexd[ch >> 4];
+				o[5] = hexd[ch & 15];
+				o += 6;
+			} else
+				*o++ = (char)ch;
+		}
+	}
+	return ((size_t)(o - out));
+}
+
+#define ERR_A "{\"code\":"
+#define ERR_B ",\"msg\":\""
+#define ERR_C "\",\"detail\":{\"logid\":\""
+#define ERR_D "\"}}"
+
+size_t
+edge_json_error_max(size_t msglen)
+{
+	return (sizeof(ERR_A ERR_B ERR_C ERR_D) + 21 + 6 * msglen +
+	        EDGE_REQID_LEN + 1);
+}
+
+size_t
+edge_json_error(char *out, size_t cap, int64_t code, const char *msg,
+                size_t msglen, const char *reqid, const char *extra)
+{
+	size_t n, xn = extra ? strlen(extra) : 0;
+	int k;
+
+	if (cap < edge_json_error_max(msglen) + xn)
+		return (0);
+	k = snprintf(out, cap, ERR_A "%lld" ERR_B, (long long)code);
+	n = (size_t)k;
+	n += edge_json_escape(out + n, msg, msglen);
+	memcpy(out + n, ERR_C, sizeof(ERR_C) - 1);
+	n += sizeof(ERR_C) - 1;
+	memcpy(out + n, reqid, EDGE_REQID_LEN);
+	n += EDGE_REQID_LEN;
+	out[n++] = '"';
+	if (xn) {
+		memcpy(out + n, extra, xn);
+		n += xn;
+	}
+	out[n++] = '}';
+	out[n++] = '}';
+	out[n] = '\0';
+	return (n);
+}
+
+#define OK_A "{\"code\":0,\"msg\":\"\",\"data\":"
+
+size_t
+edge_json_ok_max(size_t datalen)
+{
+	return (sizeof(OK_A) + datalen + 4);
+}
+
+size_t
+edge_json_ok(char *out, size_t cap, const char *data, size_t datalen)
+{
+	size_t n = sizeof(OK_A) - 1;
+
+	if (cap < edge_json_ok_max(datalen))
+		return (0);
+	memcpy(out, OK_A, n);
+	if (datalen == 0) {
+		memcpy(out + n, "{}", 2);
+		n += 2;
+	} else {
+		memcpy(out + n, data, datalen);
+		n += datalen;
+	}
+	out[n++] = '}';
+	out[n] = '\0';
+	return (n);
+}

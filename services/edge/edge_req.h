@@ -1,0 +1,76 @@
+/* SPDX-License-Identifier: ISC */
+/*
+ * edge_req: the pure parts of answering one HTTP request at the edge:
+ * request ids, W3C traceparent checks and generation, validation of the
+ * /v1/bot/chat body, and the JSON of answers and errors (PRODUCT.md §2).
+ *
+ * Callers: edge_http.c on every request, and the unit test.  No h2o, no
+ * logging, no clock of its own (the caller passes the time), no global
+ * state: an edge_ids holds the generator state.  It must never read past
+ * a length it was given, never write past a capacity it was given, and
+ * never emit a JSON string without escaping it.
+ */
+#ifndef TROUPE_EDGE_REQ_H
+#define TROUPE_EDGE_REQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EDGE_REQID_LEN 32 /* yyyyMMddHHmmss + 18 hex digits */
+#define EDGE_TRACE_LEN 55 /* 00-<32 hex>-<16 hex>-<2 hex> */
+
+/* Generator state for request ids and trace ids (one per process). */
+struct edge_ids {
+	uint64_t s[4];      /* xoshiro256** state */
+	uint32_t prefix;    /* per process: 8 hex digits of every id */
+	uint64_t counter;   /* low 40 bits: 10 hex digits */
+	uint64_t stamp_sec; /* second of the cached stamp */
+	char stamp[14];     /* yyyyMMddHHmmss (UTC) of stamp_sec */
+};
+
+/* Seed the generator from 32 bytes (random in production). */
+void edge_ids_init(struct edge_ids *, const unsigned char seed[32]);
+/* Write the next request id (EDGE_REQID_LEN chars, no NUL) for the wall
+ * clock time ms: UTC date and time, then the process prefix and a
+ * counter, so ids are unique within a process and, with overwhelming
+ * probability, across processes. */
+void edge_reqid_next(struct edge_ids *, uint64_t wall_ms, char *out);
+/* Write a fresh traceparent (EDGE_TRACE_LEN chars, no NUL), sampled. */
+void edge_trace_new(struct edge_ids *, char *out);
+/* Whether s (n bytes) is a valid version-00 traceparent: exactly
+ * 00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>, with a
+ * trace id and a parent id that are not all zeros. */
+int edge_trace_valid(const char *s, size_t n);
+
+/* The fields of a /v1/bot/chat body; strings point into root. */
+struct edge_chat {
+	void *root; /* the cJSON tree; edge_chat_free() frees it */
+	const char *bot_id, *user_id, *query, *history_id;
+	size_t bot_id_len, user_id_len, query_len, history_id_len;
+};
+
+/* Parse and check a chat body: text must be NUL-terminated at text[len].
+ * A JSON object with non-empty strings bot_id, user_id and query, and
+ * history_id absent, null or a string.  0, or -1 with a message for the
+ * client in msg (naming the field at fault). */
+int edge_chat_parse(const char *text, size_t len, struct edge_chat *,
+                    char *msg, size_t msglen);
+void edge_chat_free(struct edge_chat *);
+
+/* Bytes edge_json_error() needs at most for a message of msglen bytes. */
+size_t edge_json_error_max(size_t msglen);
+/* Write {"code":N,"msg":"...","detail":{"logid":"<reqid>"}} to out (cap
+ * bytes, at least edge_json_error_max(msglen)); returns its length.
+ * extra, if not NULL, is raw JSON members appended to detail (",..."). */
+size_t edge_json_error(char *out, size_t cap, int64_t code, const char *msg,
+                       size_t msglen, const char *reqid, const char *extra);
+/* Bytes edge_json_ok() needs for data of datalen bytes. */
+size_t edge_json_ok_max(size_t datalen);
+/* Write {"code":0,"msg":"","data":<data>} (data verbatim; empty data
+ * gives {}) to out; returns its length. */
+size_t edge_json_ok(char *out, size_t cap, const char *data, size_t datalen);
+/* Escape s as the inside of a JSON string (no quotes) into out, which
+ * holds at least 6 * n bytes; returns the length written. */
+size_t edge_json_escape(char *out, const char *s, size_t n);
+
+#endif
