@@ -55,6 +55,8 @@ struct batch {
 
 struct peer {
 	struct peer *hnext;
+	struct peer *dnext;	/* on the dirty list (loop thread) */
+	int dirty;
 	char name[64];
 	struct ipc *ipc;
 	nng_socket sock;
@@ -107,6 +109,9 @@ struct ipc {
 	struct peer *peers[IPC_HASH];
 	struct sender *senders[IPC_HASH];
 	int64_t max_backlog;
+	struct peer *dirty;	/* peers with envelopes to flush */
+	void (*flush_hook)(void *);
+	void *flush_arg;
 	struct ipc_stats st;
 	atomic_uint_fast64_t nngmsg_in;
 	/* listener probe */
@@ -524,8 +529,41 @@ send_to(struct ipc *ipc, struct peer *p, uint16_t type,
 	}
 	pthread_mutex_unlock(&p->mu);
 	ipc->st.env_out++;
-	kick(p);
+	/* Sent at the end of this loop turn (ipc_flush), so that every
+	 * envelope produced for this peer in one turn shares one nng
+	 * message. */
+	if (ipc->flush_hook == NULL) { /* no loop to flush for us */
+		kick(p);
+		return (0);
+	}
+	if (!p->dirty) {
+		p->dirty = 1;
+		p->dnext = ipc->dirty;
+		if (ipc->dirty == NULL && ipc->flush_hook)
+			ipc->flush_hook(ipc->flush_arg);
+		ipc->dirty = p;
+	}
 	return (0);
+}
+
+void
+ipc_flush(struct ipc *ipc)
+{
+	struct peer *p;
+
+	while ((p = ipc->dirty) != NULL) {
+		ipc->dirty = p->dnext;
+		p->dirty = 0;
+		p->dnext = NULL;
+		kick(p);
+	}
+}
+
+void
+ipc_set_flush_hook(struct ipc *ipc, void (*fn)(void *), void *arg)
+{
+	ipc->flush_hook = fn;
+	ipc->flush_arg = arg;
 }
 
 int
@@ -582,7 +620,13 @@ static void
 peer_free(struct peer *p)
 {
 	struct batch *bt;
+	struct peer **dp;
 
+	for (dp = &p->ipc->dirty; *dp; dp = &(*dp)->dnext)
+		if (*dp == p) {
+			*dp = p->dnext;
+			break;
+		}
 	nng_close(p->sock);
 	nng_aio_stop(p->aio);
 	nng_aio_free(p->aio);
@@ -932,6 +976,7 @@ ipc_tick(struct ipc *ipc)
 		}
 	}
 	probe_listener(ipc, now);
+	ipc_flush(ipc);
 	ipc->last_tick = now;
 }
 

@@ -99,6 +99,13 @@ void ipc_tick(struct ipc *);
  * is full (the peer is gone or far behind): answer the client 503. */
 int ipc_send(struct ipc *, const char *peer, uint16_t type,
     const struct msg_head *, ipc_pack_fn, const void *body);
+/* Send what ipc_send() queued: call at the end of every loop turn (svc
+ * does, through the flush hook).  ipc_tick() flushes too.  Without a
+ * flush hook, ipc_send() sends at once. */
+void ipc_flush(struct ipc *);
+/* fn(arg) is called when the first envelope of a turn is queued, so the
+ * host loop can schedule ipc_flush() at the end of the turn. */
+void ipc_set_flush_hook(struct ipc *, void (*fn)(void *), void *arg);
 /* Drop a peer's link and everything queued for it (a retired worker). */
 void ipc_forget(struct ipc *, const char *peer);
 /* Envelopes queued or unacknowledged for peer (0 if unknown). */

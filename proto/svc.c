@@ -53,7 +53,7 @@ on_ipc(struct loop *l, int fd, uint32_t ev, void *arg)
 }
 
 struct svc_timers {
-	struct loop_timer *tick, *metrics, *watchdog;
+	struct loop_timer *tick, *metrics, *watchdog, *flush;
 	uint64_t watchdog_ms;
 };
 static struct svc_timers svc_t;
@@ -66,6 +66,28 @@ tick_cb(struct loop *l, void *arg)
 	(void)l;
 	ipc_tick(s->ipc);
 	loop_timer_set(svc_t.tick, IPC_TICK_MS);
+}
+
+/* The first envelope of a loop turn arms a 0 ms timer: timers run after
+ * the turn's fd events, so everything queued in the turn leaves together.
+ * In the edge the turn is h2o's: the timerfd wakes it for the next one. */
+static void
+flush_cb(struct loop *l, void *arg)
+{
+	struct svc *s = arg;
+
+	(void)l;
+	ipc_flush(s->ipc);
+}
+
+static void
+flush_hook(void *arg)
+{
+	struct svc *s = arg;
+
+	(void)s;
+	if (!loop_timer_armed(svc_t.flush))
+		loop_timer_set(svc_t.flush, 0);
 }
 
 static void
@@ -267,6 +289,9 @@ svc_init(struct svc *s, const struct svc_def *d, int argc, char **argv)
 	    loop_signal(s->loop, SIGHUP, sig_reload, s) == -1)
 		fatal("signalfd");
 	svc_t.tick = loop_timer_new(s->loop, tick_cb, s);
+	if ((svc_t.flush = loop_timer_new(s->loop, flush_cb, s)) == NULL)
+		fatalx("out of memory");
+	ipc_set_flush_hook(s->ipc, flush_hook, s);
 	svc_t.metrics = loop_timer_new(s->loop, metrics_cb, s);
 	if (svc_t.tick == NULL || svc_t.metrics == NULL)
 		fatalx("out of memory");
