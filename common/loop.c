@@ -50,6 +50,7 @@ struct loop {
 	} idle[8];
 	int nidle;
 	int broken;
+	int in_turn;	/* inside loop_run_once: due timers run before it ends */
 };
 
 static void
@@ -223,17 +224,24 @@ heap_remove(struct loop *l, struct loop_timer *t)
 	heap_down(l, l->heap[i]->heap_idx);
 }
 
-/* Keep the timerfd armed for the earliest timer. */
+/* Keep the timerfd armed no later than the earliest timer.  timerfd_settime
+ * is costly on virtual machines (it reprograms a hrtimer), so it is only
+ * called when the earliest timer moves earlier than what the timerfd
+ * holds: a timerfd left armed for a timer since stopped just causes one
+ * spurious wake-up.  A timer due now, set inside a turn, needs no timerfd
+ * at all: loop_run_once() runs due timers before it returns. */
 static void
 arm_tfd(struct loop *l)
 {
 	struct itimerspec its = { 0 };
 	uint64_t when = l->nheap ? l->heap[0]->when : 0;
 
-	if (when == l->tfd_when)
+	if (when == 0 || (l->tfd_when != 0 && l->tfd_when <= when))
+		return;
+	if (l->in_turn && when <= now_mono_ms())
 		return;
 	l->tfd_when = when;
-	if (when != 0) {
+	{
 		/* when is in ms on CLOCK_MONOTONIC; +1 ms rounds up. */
 		its.it_value.tv_sec = (time_t)(when / 1000);
 		its.it_value.tv_nsec = (long)(when % 1000) * 1000000L;
@@ -301,15 +309,20 @@ loop_timer_free(struct loop_timer *t)
 	free(t);
 }
 
+/* The timerfd fired: it is disarmed now (one-shot). */
 static void
-run_timers(struct loop *l)
+drain_tfd(struct loop *l)
 {
 	uint64_t n;
 
-	/* Drain the timerfd's count; it is level-triggered otherwise. */
 	while (read(l->tfd, &n, sizeof(n)) == (ssize_t)sizeof(n))
 		;
 	l->tfd_when = 0;
+}
+
+static void
+run_timers(struct loop *l)
+{
 	update_now(l);
 	while (l->nheap > 0 && l->heap[0]->when <= l->now) {
 		struct loop_timer *t = l->heap[0];
@@ -386,18 +399,22 @@ loop_run_once(struct loop *l, int timeout_ms)
 		return (-1);
 	}
 	update_now(l);
+	l->in_turn = 1;
 	for (i = 0; i < n; i++) {
 		int fd = evs[i].data.fd;
 		if (fd == l->tfd)
-			run_timers(l);
+			drain_tfd(l);
 		else if (fd == l->sfd)
 			run_signals(l);
 		else if ((size_t)fd < l->nw && l->w[fd].used)
 			l->w[fd].cb(l, fd, evs[i].events, l->w[fd].arg);
 	}
-	/* A timer may be due without the timerfd having fired yet. */
+	l->in_turn = 0;
+	/* Timers due now, whether the timerfd fired or not. */
 	if (l->nheap > 0 && l->heap[0]->when <= now_mono_ms())
 		run_timers(l);
+	else
+		arm_tfd(l); /* re-arm after a spurious or early wake-up */
 	for (i = 0; i < l->nidle; i++)
 		l->idle[i].cb(l, l->idle[i].arg);
 	return (n);

@@ -85,7 +85,8 @@ flush_hook(void *arg)
 {
 	struct svc *s = arg;
 
-	(void)s;
+	if (s->def->host_flushes)
+		return;
 	if (!loop_timer_armed(svc_t.flush))
 		loop_timer_set(svc_t.flush, 0);
 }

@@ -41,6 +41,9 @@ struct svc_def {
 	 * NULL.  The svc adds its own ipc_* series. */
 	void (*on_metrics)(struct svc *, struct buf *b, void *);
 	void *arg;
+	/* The host runs another loop (h2o) and calls ipc_flush() after each
+	 * of its turns itself, sparing a timer per turn. */
+	int host_flushes;
 };
 
 struct svc {

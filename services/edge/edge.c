@@ -186,6 +186,7 @@ static const struct svc_def edge_def = {
         .on_stop = edge_on_stop,
         .on_metrics = NULL,
         .arg = &edge_svc,
+        .host_flushes = 1,
 };
 
 int

@@ -1306,6 +1306,8 @@ edge_http_run(struct svc *svc)
 	while (!svc->stopped) {
 		if (h2o_evloop_run(E.loop, INT32_MAX) != 0 && errno != EINTR)
 			fatal("%s: h2o_evloop_run", __func__);
+		/* Everything this turn queued for a peer leaves together. */
+		ipc_flush(E.svc->ipc);
 		if (!h2o_linklist_is_empty(&E.rewrap))
 			rewrap_run();
 	}
