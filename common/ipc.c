@@ -110,6 +110,8 @@ struct ipc {
 	struct sender *senders[IPC_HASH];
 	int64_t max_backlog;
 	struct peer *dirty;	/* peers with envelopes to flush */
+	uint16_t lazy[8];	/* types that wait for the next flush */
+	int nlazy;
 	void (*flush_hook)(void *);
 	void *flush_arg;
 	struct ipc_stats st;
@@ -536,6 +538,9 @@ send_to(struct ipc *ipc, struct peer *p, uint16_t type,
 		kick(p);
 		return (0);
 	}
+	for (int i = 0; i < ipc->nlazy; i++)
+		if (ipc->lazy[i] == type)
+			return (0); /* leaves with the peer's next flush */
 	if (!p->dirty) {
 		p->dirty = 1;
 		p->dnext = ipc->dirty;
@@ -557,6 +562,15 @@ ipc_flush(struct ipc *ipc)
 		p->dnext = NULL;
 		kick(p);
 	}
+}
+
+int
+ipc_set_lazy(struct ipc *ipc, uint16_t type)
+{
+	if (ipc->nlazy == (int)nitems(ipc->lazy))
+		return (-1);
+	ipc->lazy[ipc->nlazy++] = type;
+	return (0);
 }
 
 void
@@ -963,6 +977,8 @@ ipc_tick(struct ipc *ipc)
 				p->progress_ms = now;
 				again = 1;
 			}
+			if (p->out.len > 0)
+				again = 1; /* lazy envelopes wait for the tick */
 			pthread_mutex_unlock(&p->mu);
 			if (again)
 				kick(p);

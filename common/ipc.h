@@ -106,6 +106,11 @@ void ipc_flush(struct ipc *);
 /* fn(arg) is called when the first envelope of a turn is queued, so the
  * host loop can schedule ipc_flush() at the end of the turn. */
 void ipc_set_flush_hook(struct ipc *, void (*fn)(void *), void *arg);
+/* Envelopes of this type do not cause a flush: they leave with the next
+ * envelope sent to the same peer, or on the next tick (at most
+ * IPC_TICK_MS later).  For bookkeeping nobody waits on (RUN_DONE).  At
+ * most 8 types; -1 past that. */
+int ipc_set_lazy(struct ipc *, uint16_t type);
 /* Drop a peer's link and everything queued for it (a retired worker). */
 void ipc_forget(struct ipc *, const char *peer);
 /* Envelopes queued or unacknowledged for peer (0 if unknown). */

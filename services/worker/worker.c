@@ -315,6 +315,9 @@ main(int argc, char **argv)
 	(void)sigprocmask(SIG_BLOCK, &sigs, NULL);
 	def.arg = w;
 	svc_init(&w->svc, &def, argc, argv);
+	/* RUN_DONE only frees a slot in the dispatcher's books: let it ride
+	 * with the next batch instead of costing an nng message per turn. */
+	(void)ipc_set_lazy(w->svc.ipc, MSG_RUN_DONE);
 	w->ppid = getppid();
 	w->slot = worker_slot(w->svc.name);
 	if (worker_conf(w, err, sizeof(err)) == -1)
