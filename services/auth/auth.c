@@ -247,18 +247,7 @@ main(int argc, char *argv[])
 {
 	const char *src;
 	char err[256];
-	sigset_t ss;
 	int rc;
-
-	/* XXX svc_init starts nng's threads (ipc_open) before the loop
-	 * blocks these for its signalfd, so a SIGHUP could land on an nng
-	 * thread and kill us.  Block them first; threads inherit the mask.
-	 * Harmless once svc.c does it itself. */
-	sigemptyset(&ss);
-	sigaddset(&ss, SIGHUP);
-	sigaddset(&ss, SIGTERM);
-	sigaddset(&ss, SIGINT);
-	sigprocmask(SIG_BLOCK, &ss, NULL);
 
 	svc_init(&auth.svc, &auth_def, argc, argv);
 	if (auth_stats_init(&auth) == -1)

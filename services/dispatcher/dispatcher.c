@@ -304,22 +304,7 @@ main(int argc, char **argv)
 {
 	struct dispatcher *d = &dispatcher;
 	char err[512];
-	sigset_t sigs;
 	int rc;
-
-	/*
-	 * Block the signals the loop reads through its signalfd before
-	 * svc_init() starts nng's threads: threads inherit the mask, and a
-	 * signal one of them leaves unblocked goes to that thread (SIGCHLD
-	 * is then dropped; SIGTERM kills us without draining).
-	 */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGCHLD);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	if (sigprocmask(SIG_BLOCK, &sigs, NULL) == -1)
-		fatal("sigprocmask");
 
 	svc_init(&svc, &def, argc, argv);
 	if (svc.argc > 0)

@@ -195,21 +195,11 @@ main(int argc, char **argv)
 	struct svc *svc = &edge_svc;
 	struct edge_conf c;
 	char err[256], lb[128];
-	sigset_t sigs;
 	int n, fd = -1;
 	size_t i;
 
 	/* Before anything else: LISTEN_PID must still be ours. */
 	n = sd_listen_fds(0);
-	/* XXX svc_init() opens the mailbox (nng starts its threads) before
-	 * it blocks the signals it reads through a signalfd, so nng's threads
-	 * would take SIGTERM's default action; block them first (the threads
-	 * inherit the mask).  Remove once svc_init() does it itself. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	sigprocmask(SIG_BLOCK, &sigs, NULL);
 	svc_init(svc, &edge_def, argc, argv);
 	if (n < 0)
 		fatalx("sd_listen_fds: %s", strerror(-n));

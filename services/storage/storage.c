@@ -455,17 +455,6 @@ main(int argc, char **argv)
 	struct storage_pg_hooks ph = {storage_schema_setup, storage_pg_state,
 	                              st};
 	char err[256];
-	sigset_t sigs;
-
-	/* XXX svc_init() opens the mailbox (nng starts its threads) before
-	 * loop_signal() blocks these, so a SIGTERM could land on an nng
-	 * thread and kill us; threads inherit the mask, so block them
-	 * first.  Remove once svc.c does it itself. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	(void)sigprocmask(SIG_BLOCK, &sigs, NULL);
 
 	svc_init(&st->svc, &storage_def, argc, argv);
 	TAILQ_INIT(&st->rows);

@@ -253,19 +253,9 @@ main(int argc, char **argv)
 {
 	static const char *const statuses[] = {"200", "404", "405", "other"};
 	char err[256];
-	sigset_t sigs;
 	size_t i;
 	int rc;
 
-	/* XXX svc_init() opens the mailbox (nng starts its threads) before
-	 * it blocks the signals it reads through a signalfd, so nng's threads
-	 * would take SIGTERM's default action; block them first (the threads
-	 * inherit the mask).  Remove once svc_init() does it itself. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	sigprocmask(SIG_BLOCK, &sigs, NULL);
 	svc_init(&tsvc, &telemetry_def, argc, argv);
 	if (tsvc.argc > 0)
 		fatalx("unexpected argument \"%s\" (see --help)",

@@ -297,7 +297,6 @@ main(int argc, char **argv)
 	struct worker *w = &worker;
 	struct worker_hello hello;
 	struct msg_head h;
-	sigset_t sigs;
 	char err[256];
 	int rc;
 
@@ -306,13 +305,6 @@ main(int argc, char **argv)
 		fprintf(stderr, "troupe-worker: curl_global_init failed\n");
 		return (1);
 	}
-	/* Block the signals the loop takes before nng starts its threads:
-	 * a SIGTERM delivered to one of those would kill us outright. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	(void)sigprocmask(SIG_BLOCK, &sigs, NULL);
 	def.arg = w;
 	svc_init(&w->svc, &def, argc, argv);
 	/* RUN_DONE only frees a slot in the dispatcher's books: let it ride

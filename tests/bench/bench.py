@@ -149,8 +149,8 @@ def openloop_binary(tmp):
 
 
 def openloop(exe, port, rate, token, bot):
-    body = ('{"bot_id":"%s","user_id":"u_123456","query":"Hello, who are '
-            'you?","history_id":"bench-{n}"}' % bot)
+    body = ('{"bot_id":"%s","user_id":"u_123456",'
+            '"query":"今天北京天气怎么样?","history_id":"bench-{n}"}' % bot)
     cmd = [exe, "--host", "127.0.0.1", "--port", str(port), "--method",
            "POST", "--path", "/v1/bot/chat",
            "--header", "Authorization: Bearer " + token,

@@ -12,7 +12,7 @@ local headers = {
 local reqs = {}
 for i = 0, nhist - 1 do
   local body = string.format(
-    '{"bot_id":"%s","user_id":"u_123456","query":"Hello, who are you?",' ..
+    '{"bot_id":"%s","user_id":"u_123456","query":"今天北京天气怎么样?",' ..
     '"history_id":"bench-%d"}', bot, i)
   reqs[i] = wrk.format("POST", "/v1/bot/chat", headers, body)
 end

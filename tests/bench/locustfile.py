@@ -45,7 +45,7 @@ class ChatUser(FastHttpUser):
         self.body = json.dumps({
             "bot_id": os.environ["TROUPE_BENCH_BOT"],
             "user_id": self.user,
-            "query": "Hello, who are you?",
+            "query": "今天北京天气怎么样?",
             "history_id": "locust-" + self.user,
         })
 

@@ -58,9 +58,10 @@ def check_ok(r, query):
 
 def test_issue_request():
     t = cluster()
-    q = "What can you do?"
-    r = t.chat(q, history_id="h_" + uuid.uuid4().hex[:8])
+    q = "今天北京天气怎么样?"      # the issue's request, exactly
+    r = t.chat(q, history_id="h_abcdef123")
     check_ok(r, q)
+    h.eq(r.data["conversation_id"], "h_abcdef123", "conversation_id")
     r2 = t.chat(q)                  # history_id is optional
     check_ok(r2, q)
     h.check(r.headers["x-tt-logid"] != r2.headers["x-tt-logid"],

@@ -138,6 +138,30 @@ def test_worker_killed_mid_run():
     h.eq(r.status, 200, "chat after the crash (%r)" % r)
 
 
+def test_peer_restart_loses_no_queued_work():
+    """A chat sent while auth, then storage, is down waits at its sender
+    (the edge, then the worker) and is answered once the peer is back: the
+    mailbox keeps unacknowledged envelopes and sends them again."""
+    t = cluster()
+    for name in ("auth", "storage"):
+        t.kill(name, signal.SIGKILL)
+        got = {}
+
+        def send(name=name):
+            got[name] = t.chat("while %s was down" % name)
+        th = threading.Thread(target=send)
+        th.start()
+        time.sleep(1.0)             # the request is queued for the peer
+        h.check(th.is_alive(), "the chat returned while %s was down: %r"
+                % (name, got.get(name)))
+        t.start_service(name)
+        th.join(TIMEOUT_MS / 1000 + 5)
+        r = got.get(name)
+        h.check(isinstance(r, h.Response), "no answer after %s came back"
+                % name)
+        h.eq(r.status, 200, "chat queued while %s was down (%r)" % (name, r))
+
+
 def test_exactly_once():
     t = cluster()
     h.eq(t.chat("last").status, 200, "a last chat")
