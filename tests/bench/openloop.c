@@ -578,7 +578,8 @@ main(int argc, char **argv)
 	t_end = t_measure + (uint64_t)(o.duration * 1e9);
 	for (;;) {
 		uint64_t next;
-		int timeout_ms;
+		struct timespec wait;
+		uint64_t wait_ns;
 
 		now = now_ns();
 		/* Schedule everything that is due. */
@@ -620,11 +621,17 @@ main(int argc, char **argv)
 		}
 		check_timeouts(now);
 		next = start + seq * period_ns;
-		timeout_ms = next > now ? (int)((next - now) / 1000000u) : 0;
+		/* Sleep exactly until the next scheduled send: a millisecond
+		 * timeout would round 200 us down to 0 and spin, and the
+		 * client would eat the CPU it is measuring. */
+		wait_ns = next > now ? next - now : 0;
 		if (backlog > 0 || now >= t_end)
-			timeout_ms = 10;
-		n = epoll_wait(epfd, evs, (int)(sizeof(evs) / sizeof(evs[0])),
-		               timeout_ms);
+			wait_ns = 10000000u;
+		wait.tv_sec = (time_t)(wait_ns / 1000000000u);
+		wait.tv_nsec = (long)(wait_ns % 1000000000u);
+		n = epoll_pwait2(epfd, evs,
+		                 (int)(sizeof(evs) / sizeof(evs[0])), &wait,
+		                 NULL);
 		for (i = 0; i < n; i++) {
 			struct ol_conn *c = evs[i].data.ptr;
 			unsigned gen = c->gen;
