@@ -272,10 +272,17 @@ svc_init(struct svc *s, const struct svc_def *d, int argc, char **argv)
 	if (conf_load(s->config_path, !explicit_cfg, err, sizeof(err)) == -1)
 		fatalx("config: %s", err);
 	lvl = conf_get("log", "level", "info");
-	if (!debug && strcmp(lvl, "debug") == 0)
+	if (debug)
+		;
+	else if (strcmp(lvl, "debug") == 0)
 		log_setlevel(LOG_L_DEBUG);
-	else if (!debug && strcmp(lvl, "warning") == 0)
+	else if (strcmp(lvl, "warn") == 0 || strcmp(lvl, "warning") == 0)
 		log_setlevel(LOG_L_WARN);
+	else if (strcmp(lvl, "err") == 0 || strcmp(lvl, "error") == 0)
+		log_setlevel(LOG_L_ERR);
+	else if (strcmp(lvl, "info") != 0)
+		fatalx("config: [log] level = \"%s\": want err, warn, info "
+		    "or debug", lvl);
 	if ((s->metrics = metrics_new()) == NULL)
 		fatalx("out of memory");
 	if ((s->loop = loop_new()) == NULL)
