@@ -38,8 +38,12 @@
 
 #define IPC_TYPE_ACK 1
 #define IPC_RECVMAX (64u << 20)	  /* bytes per nng message */
-#define IPC_RESEND_MS 1000	  /* no ack progress: send again */
-#define IPC_SEND_TIMEOUT_MS 1000  /* a send waiting for a pipe */
+#define IPC_BATCH_MAX (1u << 20)  /* seal a batch at this size */
+#define IPC_ENV_MAX (IPC_RECVMAX - 4096) /* largest envelope */
+#define IPC_RESEND_MS 1000	  /* no ack progress: send again, */
+#define IPC_RESEND_MAX_MS 8000	  /* backing off to this */
+#define IPC_PROCESS_MAX 256	  /* nng messages handled per call */
+#define IPC_INQ_MAX 4096	  /* stop receiving past this many */
 #define IPC_PROBE_EVERY_MS 5000	  /* listener health check */
 #define IPC_PROBE_WAIT_MS 1000
 #define IPC_PEER_GC_MS 60000	  /* forget a peer unreachable this long */
@@ -59,6 +63,7 @@ struct peer {
 	int dirty;
 	char name[64];
 	struct ipc *ipc;
+	uint64_t inc;		/* this link's incarnation (immutable) */
 	nng_socket sock;
 	nng_aio *aio;
 	pthread_mutex_t mu;
@@ -72,6 +77,7 @@ struct peer {
 	uint64_t acked;
 	/* loop thread */
 	uint64_t progress_ms;	/* last ack progress, or first unacked */
+	uint64_t resend_ms;	/* current resend interval */
 	uint64_t down_since;	/* no pipe since (0: up) */
 	atomic_int pipes;
 	atomic_int rewind;
@@ -106,6 +112,8 @@ struct ipc {
 	int lockfd;
 	pthread_mutex_t qmu;
 	struct inq q, work;
+	size_t wi;		/* next message of work to handle */
+	int paused;		/* under qmu: receiving stopped (q full) */
 	struct peer *peers[IPC_HASH];
 	struct sender *senders[IPC_HASH];
 	int64_t max_backlog;
@@ -158,7 +166,7 @@ recv_cb(void *arg)
 {
 	struct ipc *ipc = arg;
 	nng_msg *m;
-	int wake = 0;
+	int wake = 0, rearm;
 
 	if (nng_aio_result(ipc->raio) != 0) {
 		if (nng_aio_result(ipc->raio) == NNG_ECLOSED)
@@ -182,13 +190,19 @@ recv_cb(void *arg)
 	}
 	wake = ipc->q.n == 0;
 	ipc->q.v[ipc->q.n++] = m;
+	/* The loop is far behind: stop taking messages, so that senders
+	 * back up (and refuse with 503) instead of our memory growing. */
+	if (ipc->q.n >= IPC_INQ_MAX)
+		ipc->paused = 1;
+	rearm = !ipc->paused;
 	pthread_mutex_unlock(&ipc->qmu);
 	atomic_fetch_add(&ipc->nngmsg_in, 1);
 	if (wake) {
 		uint64_t one = 1;
 		(void)!write(ipc->efd, &one, sizeof(one));
 	}
-	nng_recv_aio(ipc->pull, ipc->raio);
+	if (rearm)
+		nng_recv_aio(ipc->pull, ipc->raio);
 }
 
 static void mailbox_pipe_cb(nng_pipe, nng_pipe_ev, void *);
@@ -354,6 +368,11 @@ peer_get(struct ipc *ipc, const char *name, size_t n)
 	memcpy(p->name, name, n);
 	p->ipc = ipc;
 	p->next_seq = 1;
+	/* A link re-created after ipc_forget() or a long outage starts its
+	 * sequence again: it must look like a new sender to the receiver,
+	 * or its first envelopes would be taken for duplicates. */
+	if (random_bytes(&p->inc, sizeof(p->inc)) == -1)
+		p->inc = ipc->incarnation ^ (uint64_t)(uintptr_t)p;
 	pthread_mutex_init(&p->mu, NULL);
 	if (ipc_url(p->name, url, sizeof(url)) == -1 ||
 	    nng_push0_open(&p->sock) != 0) {
@@ -374,7 +393,9 @@ peer_get(struct ipc *ipc, const char *name, size_t n)
 	}
 	nng_dialer_set_size(d, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
 	nng_dialer_start(d, NNG_FLAG_NONBLOCK);
-	nng_aio_set_timeout(p->aio, IPC_SEND_TIMEOUT_MS);
+	/* No timeout on sends: one racing a pipe's arrival is nng #1523.
+	 * nng_close() in peer_free() aborts a pending send. */
+	nng_aio_set_timeout(p->aio, NNG_DURATION_INFINITE);
 	p->down_since = 0; /* the tick notes when it is first seen down */
 	h = hash(name, n);
 	p->hnext = ipc->peers[h];
@@ -383,15 +404,15 @@ peer_get(struct ipc *ipc, const char *name, size_t n)
 }
 
 static int
-pack_header(struct buf *b, const struct ipc *ipc, uint64_t base)
+pack_header(struct buf *b, const struct peer *p, uint64_t base)
 {
 	msgpack_packer pk;
 
 	mpk_packer_init(&pk, b);
 	return (msgpack_pack_array(&pk, 5) || mpk_pack_cstr(&pk, "trp") ||
 	    msgpack_pack_uint16(&pk, IPC_VERSION) ||
-	    mpk_pack_cstr(&pk, ipc->name) ||
-	    msgpack_pack_uint64(&pk, ipc->incarnation) ||
+	    mpk_pack_cstr(&pk, p->ipc->name) ||
+	    msgpack_pack_uint64(&pk, p->inc) ||
 	    msgpack_pack_uint64(&pk, base) ? -1 : 0);
 }
 
@@ -432,7 +453,7 @@ next_msg(struct peer *p, uint64_t *nsent)
 		fresh = 1;
 	} else
 		return (NULL);
-	if (pack_header(&hdr, p->ipc, p->acked + 1) == -1 ||
+	if (pack_header(&hdr, p, p->acked + 1) == -1 ||
 	    nng_msg_alloc(&m, 0) != 0) {
 		buf_free(&hdr);
 		if (fresh && bt->count > 0)
@@ -500,6 +521,27 @@ pack_envelope(msgpack_packer *pk, uint16_t type, uint64_t seq,
 	return (fn(pk, body));
 }
 
+/* With p->mu held: turn out into a batch waiting to be sent, so that no
+ * nng message grows past IPC_BATCH_MAX while a send is in flight (or the
+ * peer is away): a message over the receiver's RECVMAXSZ would close the
+ * pipe on every attempt and jam the link. */
+static void
+seal_out(struct peer *p)
+{
+	struct batch *bt;
+
+	if (p->out_count == 0 || (bt = calloc(1, sizeof(*bt))) == NULL)
+		return;
+	bt->b = p->out;
+	bt->count = p->out_count;
+	bt->last_seq = p->next_seq - 1;
+	memset(&p->out, 0, sizeof(p->out));
+	p->out_count = 0;
+	batch_append(p, bt);
+	if (p->cursor == NULL)
+		p->cursor = bt;
+}
+
 static int
 send_to(struct ipc *ipc, struct peer *p, uint16_t type,
     const struct msg_head *h, ipc_pack_fn fn, const void *body)
@@ -514,12 +556,15 @@ send_to(struct ipc *ipc, struct peer *p, uint16_t type,
 		ipc->st.send_refused++;
 		return (-1);
 	}
+	if (p->out.len >= IPC_BATCH_MAX)
+		seal_out(p);
 	mark = p->out.len;
 	mpk_packer_init(&pk, &p->out);
 	if (pack_envelope(&pk, type, reliable ? p->next_seq : 0, h, fn,
-	    body) == -1) {
+	    body) == -1 || p->out.len - mark > IPC_ENV_MAX) {
 		p->out.len = mark;
 		pthread_mutex_unlock(&p->mu);
+		ipc->st.send_refused++;
 		return (-1);
 	}
 	if (reliable) {
@@ -615,6 +660,7 @@ peer_acked(struct ipc *ipc, struct peer *p, uint64_t seq)
 	if (seq > p->acked && seq < p->next_seq) {
 		p->acked = seq;
 		p->progress_ms = now_mono_ms();
+		p->resend_ms = IPC_RESEND_MS;
 	}
 	while ((bt = p->head) != NULL && bt->last_seq <= p->acked) {
 		p->head = bt->next;
@@ -667,6 +713,20 @@ ipc_forget(struct ipc *ipc, const char *name)
 			return;
 		}
 	}
+}
+
+size_t
+ipc_total_backlog(struct ipc *ipc)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < IPC_HASH; i++)
+		for (struct peer *p = ipc->peers[i]; p; p = p->hnext) {
+			pthread_mutex_lock(&p->mu);
+			n += p->backlog;
+			pthread_mutex_unlock(&p->mu);
+		}
+	return (n);
 }
 
 size_t
@@ -843,8 +903,8 @@ handle_nngmsg(struct ipc *ipc, nng_msg *nm)
 				ipc->st.bad_in++;
 				continue;
 			}
-			if (ainc == ipc->incarnation &&
-			    (p = peer_find(ipc, s->name, strlen(s->name))))
+			if ((p = peer_find(ipc, s->name, strlen(s->name))) &&
+			    ainc == p->inc)
 				peer_acked(ipc, p, aseq);
 			continue;
 		}
@@ -861,23 +921,40 @@ handle_nngmsg(struct ipc *ipc, nng_msg *nm)
 int
 ipc_process(struct ipc *ipc)
 {
-	uint64_t junk;
+	uint64_t junk, one = 1;
 	struct inq t;
-	int n = 0;
+	int n = 0, more, resume = 0;
 
 	(void)!read(ipc->efd, &junk, sizeof(junk));
-	pthread_mutex_lock(&ipc->qmu);
-	t = ipc->q;
-	ipc->q = ipc->work;
-	ipc->q.n = 0;
-	pthread_mutex_unlock(&ipc->qmu);
-	for (size_t i = 0; i < t.n; i++) {
-		handle_nngmsg(ipc, t.v[i]);
-		nng_msg_free(t.v[i]);
+	if (ipc->wi == ipc->work.n) {
+		pthread_mutex_lock(&ipc->qmu);
+		t = ipc->q;
+		ipc->work.n = 0;
+		ipc->q = ipc->work;
+		if (ipc->paused) {
+			ipc->paused = 0;
+			resume = 1;
+		}
+		pthread_mutex_unlock(&ipc->qmu);
+		ipc->work = t;
+		ipc->wi = 0;
+		if (resume)
+			nng_recv_aio(ipc->pull, ipc->raio);
+	}
+	/* A bounded share per call, so that timers (acks) still run while a
+	 * flood is being worked off. */
+	while (ipc->wi < ipc->work.n && n < IPC_PROCESS_MAX) {
+		nng_msg *m = ipc->work.v[ipc->wi++];
+
+		handle_nngmsg(ipc, m);
+		nng_msg_free(m);
 		n++;
 	}
-	t.n = 0;
-	ipc->work = t;
+	pthread_mutex_lock(&ipc->qmu);
+	more = ipc->wi < ipc->work.n || ipc->q.n > 0;
+	pthread_mutex_unlock(&ipc->qmu);
+	if (more)
+		(void)!write(ipc->efd, &one, sizeof(one));
 	return (n);
 }
 
@@ -942,12 +1019,22 @@ ipc_tick(struct ipc *ipc)
 	uint64_t now = now_mono_ms();
 	struct msg_head h = { MSTR_NULL, MSTR_NULL, 0, MSTR_NULL };
 
-	/* Acknowledge what arrived since the last tick. */
+	/* Acknowledge what arrived since the last tick; forget senders
+	 * silent for long (troupectl-<pid> mailboxes come and go). */
 	for (size_t i = 0; i < IPC_HASH; i++) {
-		for (struct sender *s = ipc->senders[i]; s; s = s->hnext) {
+		struct sender **sp = &ipc->senders[i], *s;
+
+		while ((s = *sp) != NULL) {
 			struct ack a = { s->incarnation, s->lo };
 			struct peer *p;
 
+			if (!s->need_ack && now > s->last_seen_ms &&
+			    now - s->last_seen_ms > IPC_PEER_GC_MS) {
+				*sp = s->hnext;
+				free(s);
+				continue;
+			}
+			sp = &s->hnext;
 			if (!s->need_ack)
 				continue;
 			s->need_ack = 0;
@@ -968,14 +1055,21 @@ ipc_tick(struct ipc *ipc)
 			else if (p->down_since == 0)
 				p->down_since = now;
 			pthread_mutex_lock(&p->mu);
-			if (p->head != NULL &&
-			    (atomic_exchange(&p->rewind, 0) ||
-			    now - p->progress_ms >= IPC_RESEND_MS)) {
+			if (p->resend_ms == 0)
+				p->resend_ms = IPC_RESEND_MS;
+			if (p->head != NULL && atomic_exchange(&p->rewind, 0))
+				again = 1; /* a new pipe: send it all again */
+			else if (p->head != NULL &&
+			    now - p->progress_ms >= p->resend_ms) {
+				again = 1; /* silence: again, backing off */
+				p->resend_ms = p->resend_ms * 2 > IPC_RESEND_MAX_MS ?
+				    IPC_RESEND_MAX_MS : p->resend_ms * 2;
+			}
+			if (again) {
 				for (struct batch *b = p->head; b; b = b->next)
 					ipc->st.resent += b->count;
 				p->cursor = p->head;
 				p->progress_ms = now;
-				again = 1;
 			}
 			if (p->out.len > 0)
 				again = 1; /* lazy envelopes wait for the tick */
@@ -1021,6 +1115,8 @@ ipc_close(struct ipc *ipc)
 	}
 	for (size_t i = 0; i < ipc->q.n; i++)
 		nng_msg_free(ipc->q.v[i]);
+	for (size_t i = ipc->wi; i < ipc->work.n; i++)
+		nng_msg_free(ipc->work.v[i]);
 	free(ipc->q.v);
 	free(ipc->work.v);
 	close(ipc->efd);

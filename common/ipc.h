@@ -115,6 +115,8 @@ int ipc_set_lazy(struct ipc *, uint16_t type);
 void ipc_forget(struct ipc *, const char *peer);
 /* Envelopes queued or unacknowledged for peer (0 if unknown). */
 size_t ipc_backlog(struct ipc *, const char *peer);
+/* Envelopes queued or unacknowledged for all peers together. */
+size_t ipc_total_backlog(struct ipc *);
 /* Whether a pipe to peer is up now. */
 int ipc_connected(struct ipc *, const char *peer);
 void ipc_stats(const struct ipc *, struct ipc_stats *);

@@ -90,13 +90,14 @@ vlog(int level, struct mstr reqid, struct mstr tp, struct mstr bot,
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	tid = trace_id(tp);
 	if (log_journal) {
+		/* Every argument of sd_journal_send() is a format: each
+		 * field always takes its two arguments, empty or not. */
 		sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%d", level,
 		    "SERVICE=%s", log_service, "SYSLOG_IDENTIFIER=troupe-%s",
-		    log_service, reqid.n ? "REQUEST_ID=%.*s" : "REQUEST_ID=",
-		    (int)reqid.n, reqid.p,
-		    tid.n ? "TRACE_ID=%.*s" : "TRACE_ID=", (int)tid.n, tid.p,
-		    bot.n ? "BOT_ID=%.*s" : "BOT_ID=", (int)bot.n, bot.p,
-		    NULL);
+		    log_service, "REQUEST_ID=%.*s", (int)reqid.n,
+		    reqid.n ? reqid.p : "", "TRACE_ID=%.*s", (int)tid.n,
+		    tid.n ? tid.p : "", "BOT_ID=%.*s", (int)bot.n,
+		    bot.n ? bot.p : "", NULL);
 	} else if (reqid.n) {
 		fprintf(stderr, "%s[%d]: %s: %s (request %.*s%s%.*s)\n",
 		    log_service, (int)getpid(), level_name(level), msg,

@@ -346,13 +346,17 @@ svc_stop_done(struct svc *s)
 int
 svc_exit(struct svc *s)
 {
-	/* Let the last answers leave: a few ticks of sending and acks. */
-	uint64_t until = now_mono_ms() + 200;
+	/* Let the last answers leave: nng has no linger, so keep sending
+	 * and taking acks until every peer acknowledged what we sent (or
+	 * 2 s passed: a peer that is gone will not). */
+	uint64_t t0 = now_mono_ms();
 
-	while (now_mono_ms() < until) {
+	ipc_flush(s->ipc);
+	do {
 		loop_run_once(s->loop, IPC_TICK_MS);
 		ipc_tick(s->ipc);
-	}
+	} while (now_mono_ms() - t0 < 2000 &&
+	    (ipc_total_backlog(s->ipc) > 0 || now_mono_ms() - t0 < 50));
 	ipc_close(s->ipc);
 	loop_free(s->loop);
 	metrics_free(s->metrics);

@@ -107,6 +107,10 @@ void worker_run_free_all(struct worker *);
  * NUL-terminated.  Never goes back in time within one generator. */
 void worker_run_chat_id(struct chat_idgen *, uint64_t now_ms, unsigned slot,
                         char out[WORKER_CHAT_ID_LEN + 1]);
+/* Write the chat id of the request reqid: 19 decimal digits, always the
+ * same for the same request id, so a run executed twice stores one row. */
+void worker_run_chat_id_of(struct mstr reqid,
+                           char out[WORKER_CHAT_ID_LEN + 1]);
 /* Write a new conversation id "conv_<32 hex>", NUL-terminated; -1 if the
  * system has no randomness to give. */
 int worker_run_conv_id(char out[WORKER_CONV_ID_LEN + 1]);

@@ -450,7 +450,13 @@ run_upstream_done(void *arg, struct upstream_answer *a)
 		run_fail(r, a->status, a->code, MSTR(a->msg), a->retry_after);
 		return;
 	}
-	worker_run_chat_id(&w->idgen, now_wall_ms(), w->slot, chat_id);
+	/* The id follows from the request id, so a run executed twice (a
+	 * RUN_ASSIGN or CHAT_REQUEST sent again after a process died before
+	 * acknowledging it) stores one row: storage keeps the first. */
+	if (r->head.reqid.n > 0)
+		worker_run_chat_id_of(r->head.reqid, chat_id);
+	else
+		worker_run_chat_id(&w->idgen, now_wall_ms(), w->slot, chat_id);
 	if (worker_run_reply_json(&data, chat_id, r->conv_id, r->bot_id,
 	                          a->content, a->content_len, a->prompt_tokens,
 	                          a->completion_tokens) == -1) {
@@ -499,6 +505,24 @@ worker_run_chat_id(struct chat_idgen *g, uint64_t now_ms, unsigned slot,
 	g->last_ms = now_ms;
 	(void)snprintf(out, WORKER_CHAT_ID_LEN + 1, "%013" PRIu64 "%03u%03u",
 	               now_ms % UINT64_C(10000000000000), slot % 1000, g->seq);
+}
+
+void
+worker_run_chat_id_of(struct mstr reqid, char out[WORKER_CHAT_ID_LEN + 1])
+{
+	uint64_t h = 0xcbf29ce484222325u;
+
+	for (uint32_t i = 0; i < reqid.n; i++)
+		h = (h ^ (unsigned char)reqid.p[i]) * 0x100000001b3u;
+	/* splitmix64's finaliser spreads FNV's weak low bits */
+	h ^= h >> 30;
+	h *= 0xbf58476d1ce4e5b9u;
+	h ^= h >> 27;
+	h *= 0x94d049bb133111ebu;
+	h ^= h >> 31;
+	(void)snprintf(out, WORKER_CHAT_ID_LEN + 1, "%" PRIu64,
+	               UINT64_C(1000000000000000000) +
+	                   h % UINT64_C(9000000000000000000));
 }
 
 int

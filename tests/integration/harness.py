@@ -701,6 +701,7 @@ class Troupe:
         self.killed = set()             # names we killed on purpose
         self.sim = None
         self.ok_chats = []              # chat_ids of every 200 chat
+        self.failed_chats = 0           # chats answered 5xx
         self.problems = []              # found at teardown
         self.conf_path = os.path.join(self.root, "troupe.conf")
         self.started = False
@@ -931,6 +932,8 @@ class Troupe:
         r = self.post("/v1/bot/chat", body, h, timeout)
         if r.status == 200 and isinstance(r.data, dict):
             self.ok_chats.append(r.data.get("chat_id"))
+        elif r.status >= 500:
+            self.failed_chats += 1
         return r
 
     # -- bots
@@ -960,8 +963,8 @@ class Troupe:
 
     # -- invariants
     def check_exactly_once(self):
-        """Every 200 chat is in PostgreSQL `chats` exactly once, and
-        nothing else is."""
+        """Every 200 chat is in PostgreSQL `chats` exactly once; any other
+        row belongs to a chat that was answered 5xx."""
         ids = [c for c in self.ok_chats if c]
         eq(len(ids), len(self.ok_chats), "200 answers carrying a chat_id")
         eq(len(set(ids)), len(ids), "distinct chat_ids among 200s")
@@ -973,7 +976,19 @@ class Troupe:
         missing = set(ids) - stored
         check(not missing, "acknowledged chats missing from PostgreSQL: %s"
               % sorted(missing)[:5])
-        eq(n, len(ids), "rows in chats vs number of 200 answers")
+        # A row without a 200 is allowed only for a chat that got a 5xx:
+        # a commit whose connection died before its result arrived is
+        # stored, yet its client was told it failed (an error, never a
+        # false success; PRODUCT.md §6).
+        extra = n - len(ids)
+        check(0 <= extra <= self.failed_chats,
+              "rows in chats %d vs 200 answers %d (5xx answers %d)"
+              % (n, len(ids), self.failed_chats))
+        if extra:
+            rows = self.psql("SELECT chat_id, query FROM chats")
+            note("%d stored chat(s) were answered 5xx (commit outcome "
+                 "unknown when PostgreSQL went away): %r" % (
+                     extra, [r for r in rows if r[0] not in set(ids)]))
 
 
 _live = []

@@ -177,7 +177,79 @@ t_second_instance_refused(void)
 	ipc_close(a);
 }
 
+static void
+t_forgotten_link_starts_anew(void)
+{
+	static struct rx rx = { .in_order = 1 };
+	struct msg_head h = { MSTR_LIT("r3"), MSTR_NULL, 0, MSTR_LIT("a") };
+	struct ipc *a, *b;
+	char err[256];
+	uint64_t i;
+
+	setup();
+	a = ipc_open("tf", null_handler, NULL, err, sizeof(err));
+	b = ipc_open("tg", rx_handler, &rx, err, sizeof(err));
+	T_ASSERT(a != NULL && b != NULL);
+	for (i = 1; i <= 5; i++)
+		T_EQ_INT(ipc_send(a, "tg", 0x7777, &h, u64_pack, &i), 0);
+	pump(a, b, 5000, &rx.n, 5);
+	T_EQ_INT(rx.n, 5);
+	/* A re-created link numbers from 1 again: the receiver must not
+	 * take its envelopes for duplicates of the old link's. */
+	ipc_forget(a, "tg");
+	for (; i <= 8; i++)
+		T_EQ_INT(ipc_send(a, "tg", 0x7777, &h, u64_pack, &i), 0);
+	pump(a, b, 5000, &rx.n, 8);
+	T_EQ_INT(rx.n, 8);
+	pump(a, b, 300, NULL, 0);
+	T_EQ_INT(ipc_backlog(a, "tg"), 0);
+	ipc_close(a);
+	ipc_close(b);
+}
+
+static int
+big_pack(msgpack_packer *pk, const void *v)
+{
+	static char blob[1 << 20];
+
+	return (msgpack_pack_array(pk, 2) ||
+	    msgpack_pack_uint64(pk, *(const uint64_t *)v) ||
+	    mpk_pack_mstr(pk, (struct mstr){ blob, sizeof(blob) }) ? -1 : 0);
+}
+
+static void
+flush_hook(void *arg)
+{
+	(void)arg; /* flushed by the tick */
+}
+
+static void
+t_big_backlog_is_split(void)
+{
+	static struct rx rx = { .in_order = 1 };
+	struct msg_head h = { MSTR_LIT("r4"), MSTR_NULL, 0, MSTR_LIT("a") };
+	struct ipc *a, *b;
+	char err[256];
+
+	setup();
+	a = ipc_open("th", null_handler, NULL, err, sizeof(err));
+	b = ipc_open("ti", rx_handler, &rx, err, sizeof(err));
+	T_ASSERT(a != NULL && b != NULL);
+	/* 70 MiB queued in one turn would be one nng message over the
+	 * receiver's 64 MiB limit if it were not cut into batches. */
+	ipc_set_flush_hook(a, flush_hook, NULL);
+	for (uint64_t i = 1; i <= 70; i++)
+		T_EQ_INT(ipc_send(a, "ti", 0x7777, &h, big_pack, &i), 0);
+	pump(a, b, 15000, &rx.n, 70);
+	T_EQ_INT(rx.n, 70);
+	T_ASSERT(rx.in_order);
+	ipc_close(a);
+	ipc_close(b);
+}
+
 T_TESTS = {
+	{ "forgotten_link_starts_anew", t_forgotten_link_starts_anew },
+	{ "big_backlog_is_split", t_big_backlog_is_split },
 	{ "order_and_batching", t_order_and_batching },
 	{ "receiver_restart", t_receiver_restart },
 	{ "second_instance_refused", t_second_instance_refused },

@@ -304,6 +304,20 @@ t_chat_id(void)
 }
 
 static void
+t_chat_id_of_request(void)
+{
+	char a[WORKER_CHAT_ID_LEN + 1], b[WORKER_CHAT_ID_LEN + 1];
+
+	worker_run_chat_id_of(MSTR("20261122041115aa00bb11cc22dd33ee"), a);
+	worker_run_chat_id_of(MSTR("20261122041115aa00bb11cc22dd33ee"), b);
+	T_EQ_INT(strlen(a), 19);
+	T_EQ_STR(b, a); /* a run executed twice: one row */
+	T_ASSERT(a[0] >= '1' && strspn(a, "0123456789") == 19);
+	worker_run_chat_id_of(MSTR("20261122041115aa00bb11cc22dd33ef"), b);
+	T_ASSERT(strcmp(a, b) != 0);
+}
+
+static void
 t_chat_id_unique(void)
 {
 	struct chat_idgen g = {0};
@@ -715,6 +729,7 @@ t_run_queued_deadline(void)
 T_TESTS = {
         {"chat_id", t_chat_id},
         {"chat_id_unique", t_chat_id_unique},
+        {"chat_id_of_request", t_chat_id_of_request},
         {"conv_id", t_conv_id},
         {"reply_json", t_reply_json},
         {"run_ok", t_run_ok},
