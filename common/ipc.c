@@ -124,6 +124,7 @@ struct ipc {
 	void *flush_arg;
 	struct ipc_stats st;
 	atomic_uint_fast64_t nngmsg_in;
+	atomic_uint_fast64_t refused_peers;
 	/* listener probe */
 	nng_socket probe;
 	atomic_int probing;
@@ -206,6 +207,24 @@ recv_cb(void *arg)
 }
 
 static void mailbox_pipe_cb(nng_pipe, nng_pipe_ev, void *);
+
+/* Only processes of our own user (or root) may write to our mailbox: file
+ * permissions alone do not hold for abstract or tcp:// mailboxes. */
+static void
+mailbox_check_peer(nng_pipe p, nng_pipe_ev ev, void *arg)
+{
+	struct ipc *ipc = arg;
+	uint64_t uid;
+
+	if (ev != NNG_PIPE_EV_ADD_PRE)
+		return;
+	if (nng_pipe_get_uint64(p, NNG_OPT_IPC_PEER_UID, &uid) != 0)
+		return; /* not ipc:// (tcp:// is for trusted networks) */
+	if (uid != 0 && uid != (uint64_t)getuid()) {
+		atomic_fetch_add(&ipc->refused_peers, 1);
+		nng_pipe_close(p);
+	}
+}
 
 static int
 listen_mailbox(struct ipc *ipc)
@@ -290,12 +309,13 @@ ipc_open(const char *name, ipc_handler h, void *arg, char *err,
 		snprintf(err, errlen, "nng: %s", nng_strerror(rv));
 		goto fail;
 	}
+	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_POST, mailbox_pipe_cb, ipc);
+	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_PRE, mailbox_check_peer, ipc);
 	if ((rv = listen_mailbox(ipc)) != 0) {
 		snprintf(err, errlen, "listen %s: %s", ipc->url,
 		    nng_strerror(rv));
 		goto fail;
 	}
-	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_POST, mailbox_pipe_cb, ipc);
 	nng_recv_aio(ipc->pull, ipc->raio);
 	ipc->probe_at = now_mono_ms() + IPC_PROBE_EVERY_MS;
 	return (ipc);
@@ -756,6 +776,8 @@ ipc_stats(const struct ipc *ipc, struct ipc_stats *st)
 {
 	*st = ipc->st;
 	st->nngmsg_in = atomic_load(&((struct ipc *)(uintptr_t)ipc)->nngmsg_in);
+	st->refused_peers =
+	    atomic_load(&((struct ipc *)(uintptr_t)ipc)->refused_peers);
 }
 
 /* Receiving, on the loop thread. */

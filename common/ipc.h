@@ -75,6 +75,7 @@ struct ipc_stats {
 	uint64_t resent;	     /* envelopes sent again */
 	uint64_t send_refused;	     /* ipc_send -1: peer backlog full */
 	uint64_t listener_restarts;
+	uint64_t refused_peers;	     /* pipes from another user, closed */
 };
 
 /* Open the mailbox "name" (URL from ipc_url()).  NULL and an error text. */

@@ -131,6 +131,9 @@ render_ipc(struct svc *s)
 	*metrics_gauge(s->metrics, "troupe_ipc_send_refused",
 	    "Sends refused because a peer's backlog was full", lb) =
 	    (double)st.send_refused;
+	*metrics_gauge(s->metrics, "troupe_ipc_refused_peers",
+	    "Mailbox connections closed: the peer was another user", lb) =
+	    (double)st.refused_peers;
 	*metrics_gauge(s->metrics, "troupe_ipc_listener_restarts",
 	    "Mailbox listeners re-created after they stopped accepting", lb) =
 	    (double)st.listener_restarts;

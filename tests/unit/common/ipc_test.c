@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "conf.h"
@@ -247,7 +249,58 @@ t_big_backlog_is_split(void)
 	ipc_close(b);
 }
 
+/* Run ipc_peer_dial (as user, or as ourselves if NULL) against url. */
+static int
+stranger(const char *user, const char *url)
+{
+	char cmd[1024];
+
+	if (user)
+		snprintf(cmd, sizeof(cmd), "runuser -u %s -- %s %s", user,
+		    IPC_PEER_DIAL, url);
+	else
+		snprintf(cmd, sizeof(cmd), "%s %s", IPC_PEER_DIAL, url);
+	return (system(cmd));
+}
+
+static void
+t_other_users_refused(void)
+{
+	static struct rx rx = { .in_order = 1 };
+	struct ipc_stats st;
+	struct ipc *b;
+	char err[256], url[512], path[512];
+
+	setup();
+	if (geteuid() != 0 || access("/sbin/runuser", X_OK) != 0) {
+		printf("  skipped: needs root and runuser to act as another "
+		    "user (CI runs as root)\n");
+		return;
+	}
+	b = ipc_open("tj", rx_handler, &rx, err, sizeof(err));
+	T_ASSERT(b != NULL);
+	T_EQ_INT(ipc_url("tj", url, sizeof(url)), 0);
+	/* Open the path up so that only ipc's own check stands between a
+	 * stranger and the mailbox. */
+	snprintf(path, sizeof(path), "%s", url + strlen("ipc://"));
+	T_EQ_INT(chmod(rundir, 0755), 0);
+	T_EQ_INT(chmod(path, 0777), 0);
+	/* Control: our own user gets through. */
+	T_EQ_INT(stranger(NULL, url), 0);
+	pump(NULL, b, 2000, &rx.n, 1);
+	T_EQ_INT(rx.n, 1);
+	/* Another user is refused. */
+	T_EQ_INT(stranger("nobody", url), 0);
+	pump(NULL, b, 700, NULL, 0);
+	T_EQ_INT(rx.n, 1);
+	ipc_stats(b, &st);
+	T_ASSERT(st.refused_peers >= 1);
+	chmod(rundir, 0700);
+	ipc_close(b);
+}
+
 T_TESTS = {
+	{ "other_users_refused", t_other_users_refused },
 	{ "forgotten_link_starts_anew", t_forgotten_link_starts_anew },
 	{ "big_backlog_is_split", t_big_backlog_is_split },
 	{ "order_and_batching", t_order_and_batching },
