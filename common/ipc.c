@@ -130,8 +130,6 @@ struct ipc {
 	atomic_int probing;
 	atomic_int probe_ok;
 	uint64_t probe_at;
-	uint64_t last_tick;
-	int closing;
 };
 
 static unsigned
@@ -1109,7 +1107,6 @@ ipc_tick(struct ipc *ipc)
 	}
 	probe_listener(ipc, now);
 	ipc_flush(ipc);
-	ipc->last_tick = now;
 }
 
 void
