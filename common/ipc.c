@@ -73,6 +73,7 @@ struct peer {
 	struct batch *head, *tail, *cursor;
 	size_t backlog;		/* reliable envelopes queued or unacked */
 	int inflight;
+	int closing;		/* being freed: start no more sends */
 	uint64_t next_seq;
 	uint64_t acked;
 	/* loop thread */
@@ -455,7 +456,7 @@ next_msg(struct peer *p, uint64_t *nsent)
 	nng_msg *m;
 	int fresh = 0;
 
-	if (p->inflight)
+	if (p->inflight || p->closing)
 		return (NULL);
 	if (p->cursor != NULL) {
 		bt = p->cursor;
@@ -517,8 +518,10 @@ send_cb(void *arg)
 	struct peer *p = arg;
 	int rv = nng_aio_result(p->aio);
 
-	if (rv != 0) /* kept in the batch list: resent on a rewind */
+	if (rv != 0) { /* kept in the batch list: resent on a rewind */
 		nng_msg_free(nng_aio_get_msg(p->aio));
+		nng_aio_set_msg(p->aio, NULL);
+	}
 	pthread_mutex_lock(&p->mu);
 	p->inflight = 0;
 	pthread_mutex_unlock(&p->mu);
@@ -705,8 +708,15 @@ peer_free(struct peer *p)
 			*dp = p->dnext;
 			break;
 		}
+	pthread_mutex_lock(&p->mu);
+	p->closing = 1;
+	pthread_mutex_unlock(&p->mu);
 	nng_close(p->sock);
 	nng_aio_stop(p->aio);
+	/* A send started on the stopped aio never calls back: its message
+	 * is still attached. */
+	if (nng_aio_get_msg(p->aio) != NULL)
+		nng_msg_free(nng_aio_get_msg(p->aio));
 	nng_aio_free(p->aio);
 	while ((bt = p->head) != NULL) {
 		p->head = bt->next;

@@ -45,6 +45,7 @@ main(int argc, char **argv)
 	if (nng_push0_open(&s) != 0 || nng_dial(s, argv[1], NULL, 0) != 0 ||
 	    nng_msg_alloc(&m, 0) != 0 || nng_msg_append(m, b.b, b.len) != 0)
 		return (1);
+	buf_free(&b);
 	nng_socket_set_ms(s, NNG_OPT_SENDTIMEO, 1000);
 	(void)nng_sendmsg(s, m, 0);
 	usleep(500000);
