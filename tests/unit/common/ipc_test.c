@@ -255,9 +255,13 @@ stranger(const char *user, const char *url)
 {
 	char cmd[1024];
 
+	/* The build tree may be out of the other user's reach (a checkout
+	 * under /root): run a copy from the run directory. */
 	if (user)
-		snprintf(cmd, sizeof(cmd), "runuser -u %s -- %s %s", user,
-		    IPC_PEER_DIAL, url);
+		snprintf(cmd, sizeof(cmd),
+		    "install -m 0755 %s %s/ipc_peer_dial && "
+		    "runuser -u %s -- %s/ipc_peer_dial %s", IPC_PEER_DIAL,
+		    rundir, user, rundir, url);
 	else
 		snprintf(cmd, sizeof(cmd), "%s %s", IPC_PEER_DIAL, url);
 	return (system(cmd));
