@@ -340,6 +340,18 @@ svc_status(struct svc *s, const char *fmt, ...)
 }
 
 void
+svc_note_drop(uint64_t *counter, const struct msg *m, const char *why)
+{
+	uint64_t n = ++*counter;
+
+	if (n == 1 || n % 1000 == 0)
+		log_warnx("dropped %s: %s: type 0x%04x from %.*s (%llu so far)",
+		    msg_name(m->type) ? msg_name(m->type) : "message", why,
+		    m->type, (int)m->sender.n, m->sender.p,
+		    (unsigned long long)n);
+}
+
+void
 svc_stop_done(struct svc *s)
 {
 	s->stopped = 1;

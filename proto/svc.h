@@ -72,6 +72,9 @@ int svc_run(struct svc *);
  * loop_fd(svc->loop) and call loop_run_once(svc->loop, 0) when it is
  * readable; leave when svc->stopped; then return svc_exit(). */
 int svc_exit(struct svc *);
+/* Count a message dropped for why (unknown type, route not allowed,
+ * undecodable body) in *counter, and log the first and every 1000th. */
+void svc_note_drop(uint64_t *counter, const struct msg *m, const char *why);
 /* Finish a stop begun by on_stop. */
 void svc_stop_done(struct svc *);
 

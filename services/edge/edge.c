@@ -54,18 +54,6 @@ edge_peers_down(struct svc *svc, const char **names, size_t max)
 	return (n);
 }
 
-/* Log the first of a kind of trouble, then one in 1000. */
-static void
-edge_note_drop(uint64_t *counter, const struct msg *m, const char *why)
-{
-	uint64_t n = ++*counter;
-
-	if (n == 1 || n % 1000 == 0)
-		log_warnx("%s: %s: type 0x%04x from %.*s (%llu so far)",
-		          __func__, why, m->type, (int)m->sender.n,
-		          m->sender.p, (unsigned long long)n);
-}
-
 static void
 edge_on_msg(void *arg, const struct msg *m)
 {
@@ -80,21 +68,21 @@ edge_on_msg(void *arg, const struct msg *m)
 			break;
 		}
 	if (p == NULL || msg_name(m->type) == NULL) {
-		edge_note_drop(m_dropped_unknown, m, "unknown sender or type");
+		svc_note_drop(m_dropped_unknown, m, "unknown sender or type");
 		return;
 	}
 	if (!msg_route_ok(m->type, kind, PROC_EDGE)) {
-		edge_note_drop(m_dropped_route, m, "route not allowed");
+		svc_note_drop(m_dropped_route, m, "route not allowed");
 		return;
 	}
 	switch (p->dispatch(svc, m)) {
 	case DISPATCH_OK:
 		break;
 	case DISPATCH_BAD:
-		edge_note_drop(m_dropped_bad, m, "undecodable body");
+		svc_note_drop(m_dropped_bad, m, "undecodable body");
 		break;
 	default:
-		edge_note_drop(m_dropped_unknown, m, "unhandled type");
+		svc_note_drop(m_dropped_unknown, m, "unhandled type");
 		break;
 	}
 }

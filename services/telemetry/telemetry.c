@@ -44,18 +44,6 @@ static struct telemetry_conf tconf;
 static struct loop_timer *sweep_timer;
 static uint64_t sink;
 
-/* Log the first of a kind of trouble, then one in 1000. */
-static void
-telemetry_note_drop(uint64_t *counter, const struct msg *m, const char *why)
-{
-	uint64_t n = ++*counter;
-
-	if (n == 1 || n % 1000 == 0)
-		log_warnx("%s: %s: type 0x%04x from %.*s (%llu so far)",
-		          __func__, why, m->type, (int)m->sender.n,
-		          m->sender.p, (unsigned long long)n);
-}
-
 static void
 telemetry_on_msg(void *arg, const struct msg *m)
 {
@@ -63,21 +51,21 @@ telemetry_on_msg(void *arg, const struct msg *m)
 	enum proc kind = proc_of(m->sender);
 
 	if (msg_name(m->type) == NULL) {
-		telemetry_note_drop(t->drop_unknown, m, "unknown type");
+		svc_note_drop(t->drop_unknown, m, "unknown type");
 		return;
 	}
 	if (!msg_route_ok(m->type, kind, PROC_TELEMETRY)) {
-		telemetry_note_drop(t->drop_route, m, "route not allowed");
+		svc_note_drop(t->drop_route, m, "route not allowed");
 		return;
 	}
 	switch (telemetry_dispatch_any(t, m)) {
 	case DISPATCH_OK:
 		break;
 	case DISPATCH_BAD:
-		telemetry_note_drop(t->drop_bad, m, "undecodable body");
+		svc_note_drop(t->drop_bad, m, "undecodable body");
 		break;
 	default:
-		telemetry_note_drop(t->drop_unknown, m, "unhandled type");
+		svc_note_drop(t->drop_unknown, m, "unhandled type");
 		break;
 	}
 }
