@@ -160,6 +160,14 @@ def test_peer_restart_loses_no_queued_work():
         h.check(isinstance(r, h.Response), "no answer after %s came back"
                 % name)
         h.eq(r.status, 200, "chat queued while %s was down (%r)" % (name, r))
+        # Back to full service by itself: fresh chats succeed again.
+        t0 = time.monotonic()
+        h.wait_for(lambda: all(t.chat("after %s restart %d" % (name, i),
+                                      timeout=3).status == 200
+                               for i in range(3)),
+                   10, 0.2, "chats to succeed after %s restarted" % name)
+        h.note("%s: full service %.1fs after its restart" %
+               (name, time.monotonic() - t0))
 
 
 def test_exactly_once():

@@ -164,6 +164,9 @@ def clean_env(extra=None):
     env.setdefault("ASAN_OPTIONS",
                    "abort_on_error=1:detect_leaks=1")
     env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    env.setdefault("LSAN_OPTIONS", "suppressions=%s:print_suppressions=0"
+                   % os.path.join(os.path.dirname(os.path.dirname(
+                       os.path.abspath(__file__))), "lsan.supp"))
     if extra:
         env.update(extra)
     return env
