@@ -130,8 +130,9 @@ ctx_unavailable(struct storage_ctx_req *req, const char *what)
 	ctx_reply(req, 503, 5030, what, NULL, 0);
 }
 
-void
-storage_ctx_bad(struct storage *st, const struct msg *m)
+/* Refuse a CTX_GET at once: 400/4000 with why, to its reply_to. */
+static void
+ctx_refuse(struct storage *st, const struct msg *m, const char *why)
 {
 	struct msg_head h = msg_head_reply(m, NULL);
 	struct ctx_reply r;
@@ -143,11 +144,17 @@ storage_ctx_bad(struct storage *st, const struct msg *m)
 	memset(&r, 0, sizeof(r));
 	r.status = 400;
 	r.code = 4000;
-	r.msg = MSTR("undecodable CTX_GET");
+	r.msg = MSTR(why);
 	r.upstream = r.model = r.system_prompt = r.context = MSTR_NULL;
 	if (msg_send_ctx_reply(st->svc.ipc, to, &h, &r) == -1)
 		storage_count(st->m.err_send);
 	free(to);
+}
+
+void
+storage_ctx_bad(struct storage *st, const struct msg *m)
+{
+	ctx_refuse(st, m, "undecodable CTX_GET");
 }
 
 void
@@ -163,21 +170,7 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	    !storage_text_utf8_ok(b->conversation_id.p,
 	                          b->conversation_id.n) ||
 	    !storage_text_utf8_ok(b->bot_id.p, b->bot_id.n)) {
-		struct msg_head h = msg_head_reply(m, NULL);
-		struct ctx_reply r;
-		char *to;
-
-		storage_count(st->m.ctx_invalid);
-		if (m->reply_to.n == 0 || (to = mstr_dup(m->reply_to)) == NULL)
-			return;
-		memset(&r, 0, sizeof(r));
-		r.status = 400;
-		r.code = 4000;
-		r.msg = MSTR("invalid conversation or bot id");
-		r.upstream = r.model = r.system_prompt = r.context = MSTR_NULL;
-		if (msg_send_ctx_reply(st->svc.ipc, to, &h, &r) == -1)
-			storage_count(st->m.err_send);
-		free(to);
+		ctx_refuse(st, m, "invalid conversation or bot id");
 		return;
 	}
 	if (storage_text_ctx_key(&key, b->bot_id, b->conversation_id) == -1)

@@ -4,7 +4,7 @@
  * real processes, one at a time and with a window of envelopes in flight.
  * The parent re-executes itself as the echo peer, so both sides are fresh
  * processes.  Prints envelope round trips per second, CPU µs per hop (both
- * processes, from getrusage), and envelopes per nng message.
+ * processes, from getrusage and /proc), and envelopes per nng message.
  *
  *	troupe-ipc-bench [seconds per window]  (default 3)
  */
@@ -74,6 +74,27 @@ cpu_us(int who)
 	    ru.ru_stime.tv_sec * 1e6 + ru.ru_stime.tv_usec);
 }
 
+/* CPU time of a running child, from /proc (getrusage only counts the
+ * children that have exited); -1 if unreadable. */
+static double
+child_cpu_us(pid_t pid)
+{
+	char p[64];
+	unsigned long ut, st;
+	FILE *f;
+
+	snprintf(p, sizeof(p), "/proc/%d/stat", (int)pid);
+	if ((f = fopen(p, "r")) == NULL)
+		return (-1);
+	if (fscanf(f, "%*d %*s %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u "
+	    "%lu %lu", &ut, &st) != 2) {
+		fclose(f);
+		return (-1);
+	}
+	fclose(f);
+	return ((double)(ut + st) * 1e6 / (double)sysconf(_SC_CLK_TCK));
+}
+
 int
 main(int argc, char **argv)
 {
@@ -118,7 +139,6 @@ main(int argc, char **argv)
 		uint64_t sent = 0, t0, t1, last = 0;
 		double c0s, c0c, c1s, c1c;
 		struct ipc_stats s0, s1;
-		struct rusage ru;
 
 		got = 0;
 		/* warm up: one round trip */
@@ -131,21 +151,8 @@ main(int argc, char **argv)
 		got = sent = 0;
 		ipc_stats(ipc, &s0);
 		c0s = cpu_us(RUSAGE_SELF);
-		getrusage(RUSAGE_CHILDREN, &ru);
-		/* the child is still running: read its CPU from /proc */
-		{
-			char p[64];
-			unsigned long ut, st;
-			FILE *f;
-			snprintf(p, sizeof(p), "/proc/%d/stat", (int)pid);
-			f = fopen(p, "r");
-			if (f == NULL ||
-			    fscanf(f, "%*d %*s %*c %*d %*d %*d %*d %*d %*u %*u "
-			    "%*u %*u %*u %lu %lu", &ut, &st) != 2)
-				return (1);
-			fclose(f);
-			c0c = (ut + st) * 1e6 / sysconf(_SC_CLK_TCK);
-		}
+		if ((c0c = child_cpu_us(pid)) < 0)
+			return (1);
 		t0 = now_mono_ms();
 		while ((t1 = now_mono_ms()) - t0 < (uint64_t)secs * 1000) {
 			while (sent - got < (uint64_t)windows[w]) {
@@ -160,19 +167,8 @@ main(int argc, char **argv)
 			}
 		}
 		c1s = cpu_us(RUSAGE_SELF);
-		{
-			char p[64];
-			unsigned long ut, st;
-			FILE *f;
-			snprintf(p, sizeof(p), "/proc/%d/stat", (int)pid);
-			f = fopen(p, "r");
-			if (f == NULL ||
-			    fscanf(f, "%*d %*s %*c %*d %*d %*d %*d %*d %*u %*u "
-			    "%*u %*u %*u %lu %lu", &ut, &st) != 2)
-				return (1);
-			fclose(f);
-			c1c = (ut + st) * 1e6 / sysconf(_SC_CLK_TCK);
-		}
+		if ((c1c = child_cpu_us(pid)) < 0)
+			return (1);
 		ipc_stats(ipc, &s1);
 		printf("%-8d %12.0f %14.1f %14.1f\n", windows[w],
 		    got * 1000.0 / (double)(t1 - t0),
