@@ -14,7 +14,11 @@
  * nng 1.5.2 pitfalls handled here (PITFALLS.md): dials are non-blocking
  * with a bounded reconnect back-off; RECVMAXSZ is set before listening; a
  * lock file keeps a second instance from probing our path; the listener is
- * checked every 5 s by a full handshake and re-created if it died.
+ * checked every 2 s by a full handshake and re-created if it died.  A
+ * dialer can die for good too: a handshake that fails with EPIPE ends in
+ * NNG_ECLOSED, on which dialer_connect_cb() stops retrying.  So a peer
+ * without a pipe for IPC_REDIAL_MS gets a new dialer, and again every
+ * IPC_REDIAL_MS while it stays down.
  * Never logs; counts what it drops.
  */
 #include <errno.h>
@@ -44,8 +48,10 @@
 #define IPC_RESEND_MAX_MS 8000	  /* backing off to this */
 #define IPC_PROCESS_MAX 256	  /* nng messages handled per call */
 #define IPC_INQ_MAX 4096	  /* stop receiving past this many */
-#define IPC_PROBE_EVERY_MS 5000	  /* listener health check */
+#define IPC_PROBE_EVERY_MS 2000	  /* listener health check */
 #define IPC_PROBE_WAIT_MS 1000
+#define IPC_REDIAL_MS 2000	  /* no pipe this long: a new dialer */
+#define IPC_RECONN_MAX_MS 250	  /* nng's reconnect back-off ceiling */
 #define IPC_PEER_GC_MS 60000	  /* forget a peer unreachable this long */
 #define IPC_WINDOW 8192		  /* dedup window, in envelopes */
 #define IPC_HASH 128
@@ -65,6 +71,7 @@ struct peer {
 	struct ipc *ipc;
 	uint64_t inc;		/* this link's incarnation (immutable) */
 	nng_socket sock;
+	nng_dialer dialer;
 	nng_aio *aio;
 	pthread_mutex_t mu;
 	/* under mu */
@@ -80,6 +87,7 @@ struct peer {
 	uint64_t progress_ms;	/* last ack progress, or first unacked */
 	uint64_t resend_ms;	/* current resend interval */
 	uint64_t down_since;	/* no pipe since (0: up) */
+	uint64_t redial_at;	/* make a new dialer then, if still down */
 	atomic_int pipes;
 	atomic_int rewind;
 };
@@ -370,12 +378,47 @@ peer_find(struct ipc *ipc, const char *name, size_t n)
 	return (NULL);
 }
 
+/* Start a dialer for p; non-blocking, so it keeps retrying in the
+ * background (only NNG_ECLOSED stops it: see peer_redial). */
+static int
+peer_dial(struct peer *p)
+{
+	char url[512];
+	nng_dialer d;
+
+	if (ipc_url(p->name, url, sizeof(url)) == -1 ||
+	    nng_dialer_create(&d, p->sock, url) != 0)
+		return (-1);
+	nng_dialer_set_size(d, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
+	nng_dialer_set_ms(d, NNG_OPT_RECONNMINT, 10);
+	nng_dialer_set_ms(d, NNG_OPT_RECONNMAXT, IPC_RECONN_MAX_MS);
+	if (nng_dialer_start(d, NNG_FLAG_NONBLOCK) != 0) {
+		nng_dialer_close(d);
+		return (-1);
+	}
+	p->dialer = d;
+	return (0);
+}
+
+/* The peer has had no pipe for IPC_REDIAL_MS: its dialer may have died
+ * for good (see the top of the file), or be stuck for nng's 10 s
+ * handshake timeout on a listener that never answers.  Replace it; the
+ * socket, and the envelopes waiting on it, stay. */
+static void
+peer_redial(struct ipc *ipc, struct peer *p)
+{
+	nng_dialer old = p->dialer;
+
+	if (peer_dial(p) == 0) {
+		nng_dialer_close(old);
+		ipc->st.redials++;
+	}
+}
+
 static struct peer *
 peer_get(struct ipc *ipc, const char *name, size_t n)
 {
 	struct peer *p;
-	char url[512];
-	nng_dialer d;
 	unsigned h;
 
 	if ((p = peer_find(ipc, name, n)) != NULL)
@@ -393,25 +436,19 @@ peer_get(struct ipc *ipc, const char *name, size_t n)
 	if (random_bytes(&p->inc, sizeof(p->inc)) == -1)
 		p->inc = ipc->incarnation ^ (uint64_t)(uintptr_t)p;
 	pthread_mutex_init(&p->mu, NULL);
-	if (ipc_url(p->name, url, sizeof(url)) == -1 ||
-	    nng_push0_open(&p->sock) != 0) {
+	if (nng_push0_open(&p->sock) != 0) {
 		free(p);
 		return (NULL);
 	}
-	nng_socket_set_ms(p->sock, NNG_OPT_RECONNMINT, 10);
-	nng_socket_set_ms(p->sock, NNG_OPT_RECONNMAXT, 1000);
 	nng_pipe_notify(p->sock, NNG_PIPE_EV_ADD_POST, pipe_cb, p);
 	nng_pipe_notify(p->sock, NNG_PIPE_EV_REM_POST, pipe_cb, p);
-	if (nng_aio_alloc(&p->aio, send_cb, p) != 0 ||
-	    nng_dialer_create(&d, p->sock, url) != 0) {
+	if (nng_aio_alloc(&p->aio, send_cb, p) != 0 || peer_dial(p) == -1) {
 		if (p->aio)
 			nng_aio_free(p->aio);
 		nng_close(p->sock);
 		free(p);
 		return (NULL);
 	}
-	nng_dialer_set_size(d, NNG_OPT_RECVMAXSZ, IPC_RECVMAX);
-	nng_dialer_start(d, NNG_FLAG_NONBLOCK);
 	/* No timeout on sends: one racing a pipe's arrival is nng #1523.
 	 * nng_close() in peer_free() aborts a pending send. */
 	nng_aio_set_timeout(p->aio, NNG_DURATION_INFINITE);
@@ -1082,8 +1119,13 @@ ipc_tick(struct ipc *ipc)
 
 			if (up)
 				p->down_since = 0;
-			else if (p->down_since == 0)
+			else if (p->down_since == 0) {
 				p->down_since = now;
+				p->redial_at = now + IPC_REDIAL_MS;
+			} else if (now >= p->redial_at) {
+				peer_redial(ipc, p);
+				p->redial_at = now + IPC_REDIAL_MS;
+			}
 			pthread_mutex_lock(&p->mu);
 			if (p->resend_ms == 0)
 				p->resend_ms = IPC_RESEND_MS;

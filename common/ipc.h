@@ -74,7 +74,8 @@ struct ipc_stats {
 	uint64_t bad_in;	     /* undecodable messages dropped */
 	uint64_t resent;	     /* envelopes sent again */
 	uint64_t send_refused;	     /* ipc_send -1: peer backlog full */
-	uint64_t listener_restarts;
+	uint64_t listener_restarts;  /* our listener had died: re-created */
+	uint64_t redials;	     /* a peer's dialer replaced (no pipe) */
 	uint64_t refused_peers;	     /* pipes from another user, closed */
 };
 

@@ -137,6 +137,18 @@ render_ipc(struct svc *s)
 	*metrics_gauge(s->metrics, "troupe_ipc_listener_restarts",
 	    "Mailbox listeners re-created after they stopped accepting", lb) =
 	    (double)st.listener_restarts;
+	*metrics_gauge(s->metrics, "troupe_ipc_redials",
+	    "Dialers re-created for peers without a connection", lb) =
+	    (double)st.redials;
+	if (st.listener_restarts > s->seen_listener_restarts)
+		log_warnx("ipc: mailbox %s stopped accepting connections "
+		    "(nng #1518); listener re-created (%llu so far)",
+		    s->name, (unsigned long long)st.listener_restarts);
+	if (st.redials > s->seen_redials)
+		log_debug("ipc: %llu dialers re-created for unreachable peers",
+		    (unsigned long long)(st.redials - s->seen_redials));
+	s->seen_listener_restarts = st.listener_restarts;
+	s->seen_redials = st.redials;
 }
 
 static void

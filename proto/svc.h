@@ -57,6 +57,8 @@ struct svc {
 	char **argv;		/* operands after the options */
 	int argc;
 	struct metrics *metrics; /* this process's registry */
+	uint64_t seen_listener_restarts; /* ipc stats already logged */
+	uint64_t seen_redials;
 };
 
 /* Parse argv, load config, open log, loop, mailbox.  Exits with a message

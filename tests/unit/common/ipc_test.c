@@ -2,12 +2,15 @@
 /*
  * ipc_test: two real mailboxes on ipc:// sockets in a temporary run
  * directory, driven by one real loop.  Checks ordering, batching, acks
- * freeing the backlog, and that a receiver's restart loses nothing queued.
+ * freeing the backlog, that a receiver's restart loses nothing queued, and
+ * that a dialer stuck in a handshake nobody answers is replaced.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -303,6 +306,55 @@ t_other_users_refused(void)
 	ipc_close(b);
 }
 
+/* A peer's path first holds a listener that never accepts (a wedged or
+ * stopped process): our dialer's handshake hangs there, and nng would wait
+ * 10 s before it tried again.  Once a live mailbox takes the path, the
+ * envelopes must arrive within a few seconds: the link replaces a dialer
+ * that has had no pipe for IPC_REDIAL_MS. */
+static void
+t_stuck_handshake_redials(void)
+{
+	static struct rx rx = { .in_order = 1 };
+	struct msg_head h = { MSTR_LIT("r5"), MSTR_NULL, 0, MSTR_LIT("a") };
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct ipc_stats st;
+	struct ipc *a, *b;
+	char url[512], err[256];
+	uint64_t i, t0;
+	int fd;
+
+	setup();
+	T_EQ_INT(ipc_url("tl", url, sizeof(url)), 0);
+	T_ASSERT(strncmp(url, "ipc://", 6) == 0);
+	T_ASSERT(strlen(url + 6) < sizeof(sa.sun_path));
+	memcpy(sa.sun_path, url + 6, strlen(url + 6) + 1);
+	T_ASSERT((fd = socket(AF_UNIX, SOCK_STREAM, 0)) != -1);
+	T_EQ_INT(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	T_EQ_INT(listen(fd, 16), 0);
+	a = ipc_open("tk", null_handler, NULL, err, sizeof(err));
+	T_ASSERT(a != NULL);
+	for (i = 1; i <= 5; i++)
+		T_EQ_INT(ipc_send(a, "tl", 0x7777, &h, u64_pack, &i), 0);
+	pump(a, NULL, 300, NULL, 0);	/* connected, handshake pending */
+	T_ASSERT(!ipc_connected(a, "tl"));
+	/* The wedged listener keeps its socket; a live mailbox takes the
+	 * path. */
+	T_EQ_INT(unlink(sa.sun_path), 0);
+	b = ipc_open("tl", rx_handler, &rx, err, sizeof(err));
+	T_ASSERT(b != NULL);
+	t0 = now_mono_ms();
+	pump(a, b, 6000, &rx.n, 5);
+	T_EQ_INT(rx.n, 5);
+	ipc_stats(a, &st);
+	T_ASSERT(st.redials >= 1);
+	printf("    delivered %llu ms after the mailbox came up, %llu "
+	    "redials\n", (unsigned long long)(now_mono_ms() - t0),
+	    (unsigned long long)st.redials);
+	close(fd);
+	ipc_close(a);
+	ipc_close(b);
+}
+
 T_TESTS = {
 	{ "other_users_refused", t_other_users_refused },
 	{ "forgotten_link_starts_anew", t_forgotten_link_starts_anew },
@@ -310,6 +362,7 @@ T_TESTS = {
 	{ "order_and_batching", t_order_and_batching },
 	{ "receiver_restart", t_receiver_restart },
 	{ "second_instance_refused", t_second_instance_refused },
+	{ "stuck_handshake_redials", t_stuck_handshake_redials },
 	{ NULL, NULL },
 };
 T_MAIN
