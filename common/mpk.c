@@ -240,6 +240,8 @@ mpk_pack_mstr(msgpack_packer *pk, struct mstr s)
 {
 	if (msgpack_pack_str(pk, s.n) != 0)
 		return (-1);
+	if (s.n == 0) /* a zeroed struct mstr has p == NULL */
+		return (0);
 	return (msgpack_pack_str_body(pk, s.p, s.n) != 0 ? -1 : 0);
 }
 

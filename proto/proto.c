@@ -2,7 +2,8 @@
 /*
  * proto: codecs generated from bodies.def, names and routes from
  * messages.def.  A body is a msgpack array of its fields in order; the
- * decoder refuses a short array or a wrong type and skips fields appended
+ * decoder refuses a wrong type or an array without every FIELD, leaves an
+ * OPT field an older build did not send at zero, and skips fields appended
  * by newer builds, then requires the body to end exactly.
  */
 #include <string.h>
@@ -17,13 +18,22 @@
 #define RD_U64(c, v) mpk_read_u64(c, v)
 #define RD_I64(c, v) mpk_read_i64(c, v)
 
-/* Field counts. */
+/* Field counts: all of them, and the required ones (FIELD, not OPT). */
 #define BODY_BEGIN(b) enum { b##_NFIELDS = 0
 #define FIELD(b, t, n) +1
 #define BODY_END(b) };
 #include "bodies.def"
 #undef BODY_BEGIN
 #undef FIELD
+#undef BODY_END
+#define BODY_BEGIN(b) enum { b##_NREQ = 0
+#define FIELD(b, t, n) +1
+#define OPT(b, t, n)
+#define BODY_END(b) };
+#include "bodies.def"
+#undef BODY_BEGIN
+#undef FIELD
+#undef OPT
 #undef BODY_END
 
 /* Packers. */
@@ -49,16 +59,23 @@
 	int b##_decode(const void *p, size_t len, struct b *body)          \
 	{                                                                  \
 		struct mpk_cur c;                                          \
-		uint32_t nf;                                               \
+		uint32_t nf, fi = 0;                                       \
 		memset(body, 0, sizeof(*body));                            \
 		mpk_cur_init(&c, p, len);                                  \
-		if (mpk_read_array(&c, &nf) == -1 || nf < b##_NFIELDS)     \
+		if (mpk_read_array(&c, &nf) == -1 || nf < b##_NREQ)        \
 			return (-1);
 #define FIELD(b, t, n)                                                     \
 	if (RD_##t(&c, &body->n) == -1)                                    \
-		return (-1);
+		return (-1);                                               \
+	fi++;
+#define OPT(b, t, n)                                                       \
+	if (fi < nf) {                                                     \
+		if (RD_##t(&c, &body->n) == -1)                            \
+			return (-1);                                       \
+		fi++;                                                      \
+	}
 #define BODY_END(b)                                                        \
-	for (uint32_t i = b##_NFIELDS; i < nf; i++)                        \
+	for (; fi < nf; fi++)                                              \
 		if (mpk_skip(&c) == -1)                                    \
 			return (-1);                                       \
 	return (mpk_left(&c) == 0 ? 0 : -1);                               \
@@ -70,6 +87,7 @@
 #include "bodies.def"
 #undef BODY_BEGIN
 #undef FIELD
+#undef OPT
 #undef BODY_END
 
 static const struct {

@@ -50,7 +50,7 @@ auth_chat_request(struct auth *a, const struct msg *m,
                   const struct chat_request *req)
 {
 	char to[AUTH_NAME_MAX];
-	struct chat_request run;
+	struct chat_request run = {0};
 	struct auth_claims cl;
 	struct msg_head h;
 	enum auth_token_verdict v;

@@ -468,7 +468,7 @@ dispatcher_run_drain(struct dispatcher *d)
 {
 	struct runtab *rt = &d->d_runs;
 	uint64_t wall = now_wall_ms(), now = loop_now(d->d_loop);
-	struct chat_request req;
+	struct chat_request req = {0};
 	struct run *r;
 
 	while ((r = TAILQ_FIRST(&rt->rt_queue)) != NULL) {

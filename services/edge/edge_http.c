@@ -597,7 +597,7 @@ route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 {
 	struct edge_chat c;
 	struct edge_waiter *w;
-	struct chat_request body;
+	struct chat_request body = {0};
 	struct msg_head head;
 	h2o_iovec_t tok;
 	char msg[128], *text;

@@ -315,7 +315,7 @@ worker_run_assign(struct worker *w, const struct msg *m,
                   const struct chat_request *q)
 {
 	char conv[WORKER_CONV_ID_LEN + 1], edge[WORKER_PEER_MAX];
-	struct ctx_get cg;
+	struct ctx_get cg = {0};
 	struct msg_head h;
 	uint64_t now = now_wall_ms(), deadline;
 	struct run *r;
@@ -436,7 +436,7 @@ run_upstream_done(void *arg, struct upstream_answer *a)
 	struct run *r = arg;
 	struct worker *w = r->w;
 	char chat_id[WORKER_CHAT_ID_LEN + 1];
-	struct chat_persist p;
+	struct chat_persist p = {0};
 	struct buf data = {0};
 
 	r->call = NULL;

@@ -3,8 +3,9 @@
  * proto_test: walks bodies.def.  Every body is filled with distinct values,
  * packed, decoded and compared field by field; every truncation of the
  * packed form must be refused; a body with a field appended by a newer
- * build must still decode; one with a wrong field type must not.  A new
- * message is tested here before anyone writes a test for it.
+ * build must still decode; one from an older build, without the OPT
+ * fields, must decode with them zero.  A new message is tested here
+ * before anyone writes a test for it.
  */
 #include <stdio.h>
 
@@ -33,7 +34,7 @@ fill_I64(int64_t *v, int k)
 static int
 same_STR(struct mstr a, struct mstr b)
 {
-	return (a.n == b.n && memcmp(a.p, b.p, a.n) == 0);
+	return (a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, a.n) == 0));
 }
 static int
 same_U64(uint64_t a, uint64_t b)
@@ -45,6 +46,49 @@ same_I64(int64_t a, int64_t b)
 {
 	return (a == b);
 }
+
+/* Pack a body as a build from before its OPT fields would. */
+#define PK_STR(pk, v) mpk_pack_mstr(pk, v)
+#define PK_U64(pk, v) msgpack_pack_uint64(pk, v)
+#define PK_I64(pk, v) msgpack_pack_int64(pk, v)
+#undef BODY_BEGIN
+#undef FIELD
+#undef OPT
+#undef BODY_END
+#define BODY_BEGIN(b)                                                      \
+	static int oldpack_fields_##b(msgpack_packer *pk,                  \
+	    const struct b *body)                                          \
+	{
+#define FIELD(b, t, n)                                                     \
+	if (PK_##t(pk, body->n) != 0)                                      \
+		return (-1);
+#define OPT(b, t, n)
+#define BODY_END(b)                                                        \
+	return (0);                                                        \
+	}
+#include "bodies.def"
+#undef BODY_BEGIN
+#undef FIELD
+#undef OPT
+#undef BODY_END
+#define BODY_BEGIN(b)                                                      \
+	static int oldpack_##b(msgpack_packer *pk, const struct b *body,     \
+	    int *nopt)                                                     \
+	{                                                                  \
+		int nreq = 0;                                              \
+		*nopt = 0;
+#define FIELD(b, t, n) nreq++;
+#define OPT(b, t, n) (*nopt)++;
+#define BODY_END(b)                                                        \
+	if (msgpack_pack_array(pk, (size_t)nreq) != 0)                     \
+		return (-1);                                               \
+	return (oldpack_fields_##b(pk, body));                             \
+	}
+#include "bodies.def"
+#undef BODY_BEGIN
+#undef FIELD
+#undef OPT
+#undef BODY_END
 
 #define BODY_BEGIN(b)                                                      \
 	static const char *diff_##b(const struct b *x, const struct b *y)  \
@@ -58,6 +102,20 @@ same_I64(int64_t a, int64_t b)
 #include "bodies.def"
 #undef BODY_BEGIN
 #undef FIELD
+#undef BODY_END
+
+/* What a decoder makes of an older build's body: OPT fields zero. */
+#define BODY_BEGIN(b)                                                      \
+	static void old_zero_##b(struct b *v)                              \
+	{                                                                  \
+		(void)v;
+#define FIELD(b, t, n)
+#define OPT(b, t, n) memset(&v->n, 0, sizeof(v->n));
+#define BODY_END(b) }
+#include "bodies.def"
+#undef BODY_BEGIN
+#undef FIELD
+#undef OPT
 #undef BODY_END
 
 #define CHECK(b)                                                           \
@@ -90,11 +148,29 @@ same_I64(int64_t a, int64_t b)
 		msgpack_packer np;                                         \
 		mpk_packer_init(&np, &nb);                                 \
 		msgpack_pack_array(&np, (size_t)k + 1);                    \
-		buf_add(&nb, pb.b + 1, pb.len - 1);                        \
+		/* skip our array header: fixarray, or array 16 */         \
+		buf_add(&nb, pb.b + (k < 16 ? 1 : 3),                      \
+		    pb.len - (k < 16 ? 1 : 3));                            \
 		mpk_pack_cstr(&np, "future");                              \
 		T_EQ_INT(B##_decode(nb.b, nb.len, &out), 0);               \
 		CHECK(B)                                                   \
 		buf_free(&nb);                                             \
+	}                                                                  \
+	{ /* an older build, without the OPT fields: zero */               \
+		struct buf ob = { 0 };                                     \
+		msgpack_packer op;                                         \
+		int nopt;                                                  \
+		mpk_packer_init(&op, &ob);                                 \
+		T_EQ_INT(oldpack_##B(&op, &in, &nopt), 0);                 \
+		T_EQ_INT(B##_decode(ob.b, ob.len, &out), 0);               \
+		if (nopt > 0) {                                            \
+			struct B z = in;                                   \
+			old_zero_##B(&z);                                  \
+			if (diff_##B(&z, &out) != NULL)                    \
+				T_FAIL("%s from an older build: %s",       \
+				    #B, diff_##B(&z, &out));               \
+		}                                                          \
+		buf_free(&ob);                                             \
 	}                                                                  \
 	{ /* trailing garbage after the body is refused */                 \
 		buf_add(&pb, "\xc0", 1);                                   \

@@ -215,11 +215,12 @@ main(int argc, char **argv)
 		        dl < 0 ? now_wall_ms() + (uint64_t)-dl : (uint64_t)dl;
 		h.reply_to = MSTR(self);
 		if (strcmp(cmd, "ctx") == 0) {
-			struct ctx_get b = {jstr(o, "bot_id"),
-			                    jstr(o, "conversation_id")};
+			struct ctx_get b = {0};
+			b.bot_id = jstr(o, "bot_id");
+			b.conversation_id = jstr(o, "conversation_id");
 			rc = msg_send_ctx_get(ipc, "storage", &h, &b);
 		} else if (strcmp(cmd, "persist") == 0) {
-			struct chat_persist b;
+			struct chat_persist b = {0};
 			b.chat_id = jstr(o, "chat_id");
 			b.conversation_id = jstr(o, "conversation_id");
 			b.bot_id = jstr(o, "bot_id");

@@ -554,7 +554,7 @@ static void
 t_run_ctx_undecodable(void)
 {
 	struct msg m;
-	struct ctx_get dummy = {MSTR("x"), MSTR("y")};
+	struct ctx_get dummy = {.bot_id = MSTR("x"), .conversation_id = MSTR("y")};
 
 	setup();
 	assign("req-5", "h", now_wall_ms() + 10000);
