@@ -36,13 +36,17 @@ static const char help_extra[] =
         "  max_upstream_body     largest upstream answer, bytes (4194304)\n"
         "  connect_timeout_ms    upstream connect timeout, ms (2000)\n"
         "  run_timeout_ms        deadline of a run that has none, ms "
-        "(30000)\n";
+        "(30000)\n"
+        "  first_event_ms        v3: first upstream content within, ms; "
+        "0 none (15000)\n"
+        "  total_ms              v3: whole upstream answer within, ms; "
+        "0 none (300000)\n";
 
 /* Read [worker]; nothing changes unless every key is good. */
 static int
 worker_conf(struct worker *w, char *err, size_t errlen)
 {
-	int64_t conns, body, connect_ms, run_ms;
+	int64_t conns, body, connect_ms, run_ms, first_ms, total_ms;
 
 	if (conf_get_int("worker", "upstream_connections", 64, 1, 100000,
 	                 &conns, err, errlen) == -1 ||
@@ -51,12 +55,18 @@ worker_conf(struct worker *w, char *err, size_t errlen)
 	    conf_get_int("worker", "connect_timeout_ms", 2000, 1, 600000,
 	                 &connect_ms, err, errlen) == -1 ||
 	    conf_get_int("worker", "run_timeout_ms", 30000, 100, 3600000,
-	                 &run_ms, err, errlen) == -1)
+	                 &run_ms, err, errlen) == -1 ||
+	    conf_get_int("worker", "first_event_ms", 15000, 0, 3600000,
+	                 &first_ms, err, errlen) == -1 ||
+	    conf_get_int("worker", "total_ms", 300000, 0, 86400000, &total_ms,
+	                 err, errlen) == -1)
 		return (-1);
 	w->upconf.connections = (long)conns;
 	w->upconf.max_body = (size_t)body;
 	w->upconf.connect_timeout_ms = (long)connect_ms;
 	w->run_timeout_ms = run_ms;
+	w->first_event_ms = first_ms;
+	w->total_ms = total_ms;
 	return (0);
 }
 
@@ -206,6 +216,8 @@ worker_on_reload(struct svc *svc, void *arg)
 	}
 	w->upconf = next.upconf;
 	w->run_timeout_ms = next.run_timeout_ms;
+	w->first_event_ms = next.first_event_ms;
+	w->total_ms = next.total_ms;
 	worker_upstream_conf(w->up, &w->upconf);
 	return (0);
 }
@@ -276,7 +288,16 @@ worker_metrics_init(struct worker *w)
 	w->m_bad_msg = metrics_counter(
 	        w->metrics, "troupe_worker_ignored_total",
 	        "Envelopes the worker ignored, by reason.", labels);
+	(void)snprintf(labels, sizeof(labels),
+	               "service=\"%s\",reason=\"cancel_not_running\"",
+	               w->svc.name);
+	w->m_cancel_late = metrics_counter(
+	        w->metrics, "troupe_worker_ignored_total",
+	        "Envelopes the worker ignored, by reason.", labels);
 	(void)snprintf(labels, sizeof(labels), "service=\"%s\"", w->svc.name);
+	w->m_canceled = metrics_counter(
+	        w->metrics, "troupe_worker_canceled_total",
+	        "v3 chats canceled (cancel call or client gone).", labels);
 	w->m_send_refused = metrics_counter(
 	        w->metrics, "troupe_worker_send_refused_total",
 	        "Envelopes a full peer backlog refused.", labels);

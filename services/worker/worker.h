@@ -43,6 +43,8 @@ struct worker {
 	struct upstream *up;
 	struct upstream_conf upconf;
 	int64_t run_timeout_ms; /* deadline of a run that came without */
+	int64_t first_event_ms; /* v3: first content by then, 0: none */
+	int64_t total_ms;       /* v3: the whole answer by then, 0: none */
 
 	/* Runs by request id: a chained hash table. */
 	struct run **buckets;
@@ -66,6 +68,8 @@ struct worker {
 	uint64_t *m_unknown_ctx;
 	uint64_t *m_bad_msg;
 	uint64_t *m_send_refused;
+	uint64_t *m_canceled;    /* v3 runs canceled */
+	uint64_t *m_cancel_late; /* RUN_CANCEL for a run we no longer have */
 	struct {
 		uint64_t status;
 		uint64_t *count;
@@ -95,6 +99,11 @@ void worker_run_assign(struct worker *, const struct msg *,
                        const struct chat_request *);
 /* Answer a RUN_ASSIGN that did not decode: 500 to its edge, RUN_DONE. */
 void worker_run_reject(struct worker *, const struct msg *);
+/* Cancel a v3 run (RUN_CANCEL): abort its upstream call, store it as
+ * canceled and answer reply_to, if any, with the chat (409 if the run is
+ * no longer here). */
+void worker_run_cancel(struct worker *, const struct msg *,
+                       const struct chat_request *);
 /* Continue a run with storage's CTX_REPLY (NULL: it did not decode). */
 void worker_run_ctx(struct worker *, const struct msg *,
                     const struct ctx_reply *);

@@ -30,6 +30,11 @@ worker_dispatch_dispatcher(struct worker *w, const struct msg *m)
 		}
 		worker_run_assign(w, m, &q);
 		break;
+	case MSG_RUN_CANCEL:
+		if (chat_request_unpack(m, &q) == -1)
+			return (DISPATCH_BAD);
+		worker_run_cancel(w, m, &q);
+		break;
 	default:
 		return (DISPATCH_UNHANDLED);
 	}

@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * worker_upstream: calls a bot's OpenAI-compatible upstream
- * (POST <base>/v1/chat/completions, "stream": false) with libcurl's multi
- * interface on the worker's own loop, and turns whatever happened into the
- * answer the client gets (PRODUCT.md §2 codes).
+ * (POST <base>/v1/chat/completions, "stream": false for v1, "stream": true
+ * for v3) with libcurl's multi interface on the worker's own loop, and
+ * turns whatever happened into the answer the client gets (PRODUCT.md §2
+ * codes).  A stream is read as server-sent events while it arrives; the
+ * content it added in one loop turn goes to the caller after
+ * socket_action returns (never from inside curl), before any completion.
  *
  * The loop drives curl the way curl's ephiperfifo example does, with the
  * rules of PITFALLS.md: CURLMOPT_SOCKETFUNCTION maps onto loop_fd_*,
@@ -60,6 +63,14 @@ struct upstream_call {
 	uint64_t defer_status; /* when deferred: 504 or 500 */
 	upstream_done_cb cb;
 	void *arg;
+	/* Streams: the parser, content not yet given to delta_cb. */
+	int stream;
+	int pending; /* on up->pending */
+	long http;   /* the answer's status, once known (streams) */
+	size_t delivered;
+	upstream_delta_cb delta_cb;
+	TAILQ_ENTRY(upstream_call) pentry;
+	struct upstream_sse sse;
 	/* Our own list node for the per-call traceparent header: it points
 	 * at the shared headers, so a call allocates no header list. */
 	struct curl_slist tp_node;
@@ -86,10 +97,12 @@ struct upstream {
 	struct loop_timer *timer;       /* curl's */
 	struct loop_timer *defer_timer; /* deferred completions */
 	struct curl_slist *headers;     /* shared by every call */
+	struct curl_slist *sheaders;    /* the same, for streams */
 	struct upstream_conf conf;
 	struct call_list active;
 	struct call_list deferred;
-	size_t ncalls; /* queued + active + deferred */
+	struct call_list pending; /* streams with new content */
+	size_t ncalls;            /* queued + active + deferred */
 	size_t nqueued;
 	struct up_host *hosts[UP_HOST_BUCKETS];
 	CURL **pool; /* idle easy handles */
@@ -163,15 +176,13 @@ trim_context(struct mstr s)
 	return (s);
 }
 
-int
-worker_upstream_request(struct buf *out, struct mstr model,
-                        struct mstr system_prompt, struct mstr context,
-                        struct mstr query)
+/* The head of a request: model, system prompt, context (each followed by
+ * a comma, ready for the last messages). */
+static int
+request_head(struct buf *out, struct mstr model, struct mstr system_prompt,
+             struct mstr context)
 {
 	context = trim_context(context);
-	if (buf_reserve(out, 96 + model.n + system_prompt.n + context.n +
-	                             query.n + query.n / 8) == -1)
-		return (-1);
 	if (buf_adds(out, "{\"model\":") == -1 ||
 	    buf_add_json_str(out, model.p, model.n) == -1 ||
 	    buf_adds(out, ",\"messages\":[") == -1)
@@ -184,11 +195,91 @@ worker_upstream_request(struct buf *out, struct mstr model,
 	if (context.n > 0 && (buf_add(out, context.p, context.n) == -1 ||
 	                      buf_adds(out, ",") == -1))
 		return (-1);
-	if (buf_adds(out, "{\"role\":\"user\",\"content\":") == -1 ||
-	    buf_add_json_str(out, query.p, query.n) == -1 ||
-	    buf_adds(out, "}],\"stream\":false}") == -1)
+	return (0);
+}
+
+static int
+request_msg(struct buf *out, const char *role, size_t rlen, const char *c,
+            size_t clen)
+{
+	if (buf_adds(out, "{\"role\":") == -1 ||
+	    buf_add_json_str(out, role, rlen) == -1 ||
+	    buf_adds(out, ",\"content\":") == -1 ||
+	    buf_add_json_str(out, c, clen) == -1 || buf_adds(out, "}") == -1)
 		return (-1);
 	return (0);
+}
+
+int
+worker_upstream_request(struct buf *out, struct mstr model,
+                        struct mstr system_prompt, struct mstr context,
+                        struct mstr query)
+{
+	if (buf_reserve(out, 96 + model.n + system_prompt.n + context.n +
+	                             query.n + query.n / 8) == -1)
+		return (-1);
+	if (request_head(out, model, system_prompt, context) == -1 ||
+	    request_msg(out, "user", 4, query.p, query.n) == -1 ||
+	    buf_adds(out, "],\"stream\":false}") == -1)
+		return (-1);
+	return (0);
+}
+
+/* The {role, content} of each message in the JSON array messages; the
+ * count written, -1 on ENOMEM. */
+static int
+request_msgs(struct buf *out, struct mstr messages)
+{
+	const cJSON *m, *role, *content;
+	cJSON *root;
+	char *text;
+	int n = 0;
+
+	if (messages.n == 0 || (text = mstr_dup(messages)) == NULL)
+		return (0);
+	root = cJSON_Parse(text);
+	free(text);
+	if (!cJSON_IsArray(root)) {
+		cJSON_Delete(root);
+		return (0);
+	}
+	cJSON_ArrayForEach(m, root)
+	{
+		role = cJSON_GetObjectItemCaseSensitive(m, "role");
+		content = cJSON_GetObjectItemCaseSensitive(m, "content");
+		if (!cJSON_IsString(role) || !cJSON_IsString(content))
+			continue;
+		if ((n > 0 && buf_adds(out, ",") == -1) ||
+		    request_msg(out, role->valuestring,
+		                strlen(role->valuestring),
+		                content->valuestring,
+		                strlen(content->valuestring)) == -1) {
+			cJSON_Delete(root);
+			return (-1);
+		}
+		n++;
+	}
+	cJSON_Delete(root);
+	return (n);
+}
+
+int
+worker_upstream_request_stream(struct buf *out, struct mstr model,
+                               struct mstr system_prompt, struct mstr context,
+                               struct mstr messages, struct mstr query)
+{
+	int n;
+
+	if (buf_reserve(out, 160 + model.n + system_prompt.n + context.n +
+	                             messages.n + query.n) == -1)
+		return (-1);
+	if (request_head(out, model, system_prompt, context) == -1 ||
+	    (n = request_msgs(out, messages)) == -1)
+		return (-1);
+	if (n == 0 && request_msg(out, "user", 4, query.p, query.n) == -1)
+		return (-1);
+	return (buf_adds(out, "],\"stream\":true,"
+	                      "\"stream_options\":{\"include_usage\":true}}"));
 }
 
 uint64_t
@@ -282,14 +373,11 @@ done:
 	return (rc);
 }
 
-int
-worker_upstream_classify(struct upstream_answer *a, CURLcode rc, long http,
-                         const char *retry_after, int toobig, const char *body,
-                         size_t len)
+/* The errors that do not depend on the body: 1 if a decided a, else 0. */
+static int
+classify_transport(struct upstream_answer *a, CURLcode rc, long http,
+                   const char *retry_after, int toobig)
 {
-	int prc;
-
-	(void)len;
 	a->status = 200;
 	a->code = 0;
 	a->retry_after = 0;
@@ -301,26 +389,39 @@ worker_upstream_classify(struct upstream_answer *a, CURLcode rc, long http,
 
 	if (toobig || rc == CURLE_FILESIZE_EXCEEDED) {
 		answer_error(a, 502, 5020, "upstream answer too large");
-		return (0);
+		return (1);
 	}
 	if (rc == CURLE_OPERATION_TIMEDOUT) {
 		answer_error(a, 504, 5040, "upstream deadline exceeded");
-		return (0);
+		return (1);
 	}
 	if (rc != CURLE_OK) {
 		answer_error(a, 502, 5020, "upstream unreachable: %s",
 		             curl_easy_strerror(rc));
-		return (0);
+		return (1);
 	}
 	if (http == 429) {
 		answer_error(a, 503, 5030, "upstream rate limited");
 		a->retry_after = worker_upstream_retry_after(retry_after);
-		return (0);
+		return (1);
 	}
 	if (http < 200 || http > 299) {
 		answer_error(a, 502, 5020, "upstream status %ld", http);
-		return (0);
+		return (1);
 	}
+	return (0);
+}
+
+int
+worker_upstream_classify(struct upstream_answer *a, CURLcode rc, long http,
+                         const char *retry_after, int toobig, const char *body,
+                         size_t len)
+{
+	int prc;
+
+	(void)len;
+	if (classify_transport(a, rc, http, retry_after, toobig))
+		return (0);
 	if ((prc = parse_completion(a, body ? body : "")) == -2) {
 		answer_error(a, 500, 5000, "out of memory");
 		return (-1);
@@ -334,10 +435,232 @@ worker_upstream_classify(struct upstream_answer *a, CURLcode rc, long http,
 }
 
 /*
+ * Server-sent events (the WHATWG rules OpenAI streams follow): lines end
+ * in LF, CRLF or CR; "data:" lines of one event are joined with LF; a
+ * blank line ends the event; ":" starts a comment; other fields are
+ * ignored.  Each event's data is "[DONE]" or one chat.completion.chunk.
+ */
+
+#define SSE_MAX_DEFAULT (4u << 20)
+
+static size_t
+sse_max(const struct upstream_sse *s)
+{
+	return (s->max ? s->max : SSE_MAX_DEFAULT);
+}
+
+static int
+sse_fail(int *flag)
+{
+	*flag = 1;
+	return (-1);
+}
+
+/* One event's data (NUL-terminated in s->data). */
+static int
+sse_event(struct upstream_sse *s)
+{
+	const cJSON *choices, *choice, *delta, *content, *fin, *usage, *err;
+	const char *d = s->data.b;
+	cJSON *root;
+	size_t n;
+
+	while (*d == ' ' || *d == '\t' || *d == '\n')
+		d++;
+	if (strncmp(d, "[DONE]", 6) == 0) {
+		s->done = 1;
+		return (0);
+	}
+	if (s->done)
+		return (0); /* nothing counts after [DONE] */
+	if ((root = cJSON_Parse(d)) == NULL || !cJSON_IsObject(root)) {
+		cJSON_Delete(root);
+		return (sse_fail(&s->bad));
+	}
+	s->events++;
+	if ((err = cJSON_GetObjectItemCaseSensitive(root, "error")) != NULL &&
+	    !cJSON_IsNull(err)) {
+		const cJSON *m = cJSON_IsString(err)
+		                         ? err
+		                         : cJSON_GetObjectItemCaseSensitive(
+		                                   err, "message");
+
+		if (cJSON_IsString(m))
+			(void)snprintf(s->error, sizeof(s->error), "%s",
+			               m->valuestring);
+		else
+			(void)snprintf(s->error, sizeof(s->error), "error");
+		cJSON_Delete(root);
+		return (sse_fail(&s->bad));
+	}
+	choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
+	choice =
+	        cJSON_IsArray(choices) ? cJSON_GetArrayItem(choices, 0) : NULL;
+	delta = cJSON_GetObjectItemCaseSensitive(choice, "delta");
+	content = cJSON_GetObjectItemCaseSensitive(delta, "content");
+	if (cJSON_IsString(content) &&
+	    (n = strlen(content->valuestring)) > 0) {
+		if (s->content.len + n > sse_max(s)) {
+			cJSON_Delete(root);
+			return (sse_fail(&s->toobig));
+		}
+		if (buf_add(&s->content, content->valuestring, n) == -1) {
+			cJSON_Delete(root);
+			return (sse_fail(&s->nomem));
+		}
+	}
+	fin = cJSON_GetObjectItemCaseSensitive(choice, "finish_reason");
+	if (cJSON_IsString(fin))
+		s->finished = 1;
+	usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
+	if (cJSON_IsObject(usage)) {
+		s->prompt_tokens = json_count(usage, "prompt_tokens");
+		s->completion_tokens = json_count(usage, "completion_tokens");
+	}
+	cJSON_Delete(root);
+	return (0);
+}
+
+/* One whole line (s->line, without its end). */
+static int
+sse_line(struct upstream_sse *s)
+{
+	const char *l = s->line.b, *v;
+	size_t n = s->line.len, fl, vl;
+	int rc = 0;
+
+	if (n == 0) {
+		if (!s->has_data)
+			return (0);
+		if (buf_add(&s->data, "", 1) == -1)
+			return (sse_fail(&s->nomem));
+		rc = sse_event(s);
+		buf_reset(&s->data);
+		s->has_data = 0;
+		return (rc);
+	}
+	if (l[0] == ':')
+		return (0); /* a comment (keep-alive) */
+	if ((v = memchr(l, ':', n)) != NULL) {
+		fl = (size_t)(v - l);
+		v++;
+		if (v < l + n && *v == ' ')
+			v++;
+		vl = n - (size_t)(v - l);
+	} else {
+		fl = n;
+		v = l + n;
+		vl = 0;
+	}
+	if (fl != 4 || memcmp(l, "data", 4) != 0)
+		return (0); /* event:, id:, retry:, or unknown */
+	if (s->data.len + vl + 1 > sse_max(s))
+		return (sse_fail(&s->toobig));
+	if ((s->has_data && buf_add(&s->data, "\n", 1) == -1) ||
+	    buf_add(&s->data, v, vl) == -1)
+		return (sse_fail(&s->nomem));
+	s->has_data = 1;
+	return (0);
+}
+
+int
+worker_upstream_sse_feed(struct upstream_sse *s, const char *p, size_t n)
+{
+	size_t i = 0, j;
+
+	if (s->bad || s->toobig || s->nomem)
+		return (-1);
+	while (i < n) {
+		if (s->cr) {
+			s->cr = 0;
+			if (p[i] == '\n') {
+				i++;
+				continue;
+			}
+		}
+		for (j = i; j < n && p[j] != '\r' && p[j] != '\n'; j++)
+			;
+		if (j > i) {
+			if (s->line.len + (j - i) > sse_max(s))
+				return (sse_fail(&s->toobig));
+			if (buf_add(&s->line, p + i, j - i) == -1)
+				return (sse_fail(&s->nomem));
+		}
+		if (j == n)
+			break;
+		s->cr = p[j] == '\r';
+		i = j + 1;
+		if (sse_line(s) == -1)
+			return (-1);
+		buf_reset(&s->line);
+	}
+	return (0);
+}
+
+int
+worker_upstream_sse_end(struct upstream_sse *s)
+{
+	if (s->bad || s->toobig || s->nomem)
+		return (-1);
+	if (s->line.len > 0) {
+		if (sse_line(s) == -1)
+			return (-1);
+		buf_reset(&s->line);
+	}
+	buf_reset(&s->line); /* a blank line ends the last event */
+	return (sse_line(s));
+}
+
+void
+worker_upstream_sse_free(struct upstream_sse *s)
+{
+	buf_free(&s->line);
+	buf_free(&s->data);
+	buf_free(&s->content);
+}
+
+/* Classify a finished stream; a->content takes s->content (so it is set
+ * on failure too). */
+static void
+classify_stream(struct upstream_answer *a, CURLcode rc, long http,
+                const char *retry_after, struct upstream_sse *s)
+{
+	int http_ok = http >= 200 && http <= 299;
+
+	/* Our own abort from the write callback: the parser says why. */
+	if (rc == CURLE_WRITE_ERROR && http_ok &&
+	    (s->bad || s->nomem || s->toobig))
+		rc = CURLE_OK;
+	if (classify_transport(a, rc, http, retry_after, http_ok && s->toobig))
+		;
+	else if (s->nomem)
+		answer_error(a, 500, 5000, "out of memory");
+	else if (!s->bad && worker_upstream_sse_end(s) == -1 && s->toobig)
+		answer_error(a, 502, 5020, "upstream answer too large");
+	else if (s->bad && s->error[0] != '\0')
+		answer_error(a, 502, 5020, "upstream error: %s", s->error);
+	else if (s->bad || s->nomem || (s->events == 0 && !s->done))
+		answer_error(a, 502, 5020,
+		             "upstream returned an invalid answer");
+	else if (!s->done && !s->finished)
+		answer_error(a, 502, 5020, "upstream stream ended early");
+	if (!http_ok)
+		return;
+	a->prompt_tokens = s->prompt_tokens;
+	a->completion_tokens = s->completion_tokens;
+	if (s->content.len > 0 && buf_add(&s->content, "", 1) == 0) {
+		a->content = s->content.b;
+		a->content_len = s->content.len - 1;
+		memset(&s->content, 0, sizeof(s->content));
+	}
+}
+
+/*
  * The curl multi handle on the loop.
  */
 
 static void up_check_done(struct upstream *);
+static void up_flush(struct upstream *);
 
 static void
 up_fd_cb(struct loop *l, int fd, uint32_t events, void *arg)
@@ -353,6 +676,7 @@ up_fd_cb(struct loop *l, int fd, uint32_t events, void *arg)
 	if (events & EPOLLERR)
 		mask |= CURL_CSELECT_ERR;
 	(void)curl_multi_socket_action(up->multi, fd, mask, &running);
+	up_flush(up);
 	up_check_done(up);
 }
 
@@ -416,6 +740,7 @@ up_timeout(struct loop *l, void *arg)
 	(void)l;
 	(void)curl_multi_socket_action(up->multi, CURL_SOCKET_TIMEOUT, 0,
 	                               &running);
+	up_flush(up);
 	up_check_done(up);
 }
 
@@ -433,6 +758,46 @@ up_write(char *p, size_t size, size_t n, void *arg)
 	if (buf_add(&c->resp, p, len) == -1)
 		return (0);
 	return (len);
+}
+
+/* A stream's bytes: an answer other than 2xx is kept as a body (it is an
+ * error); a 2xx one goes through the SSE parser.  Returning 0 aborts the
+ * transfer (CURLE_WRITE_ERROR) once the stream cannot go on. */
+static size_t
+up_write_stream(char *p, size_t size, size_t n, void *arg)
+{
+	struct upstream_call *c = arg;
+	size_t len = size * n;
+
+	if (c->http == 0)
+		(void)curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE,
+		                        &c->http);
+	if (c->http < 200 || c->http > 299)
+		return (up_write(p, size, n, arg));
+	if (worker_upstream_sse_feed(&c->sse, p, len) == -1)
+		return (0);
+	if (c->sse.content.len > c->delivered && !c->pending) {
+		c->pending = 1;
+		TAILQ_INSERT_TAIL(&c->up->pending, c, pentry);
+	}
+	return (len);
+}
+
+/* Give each stream with new content what arrived, outside curl.  A
+ * callback may cancel any call: take one at a time. */
+static void
+up_flush(struct upstream *up)
+{
+	struct upstream_call *c;
+	size_t len;
+
+	while ((c = TAILQ_FIRST(&up->pending)) != NULL) {
+		TAILQ_REMOVE(&up->pending, c, pentry);
+		c->pending = 0;
+		len = c->sse.content.len;
+		c->delivered = len;
+		c->delta_cb(c->arg, c->sse.content.b, len);
+	}
 }
 
 /*
@@ -456,8 +821,7 @@ easy_get(struct upstream *up)
 	    curl_easy_setopt(e, CURLOPT_PROXY, "") != CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_USERAGENT,
 	                     "troupe-worker/" TROUPE_VERSION) != CURLE_OK ||
-	    curl_easy_setopt(e, CURLOPT_POST, 1L) != CURLE_OK ||
-	    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, up_write) != CURLE_OK) {
+	    curl_easy_setopt(e, CURLOPT_POST, 1L) != CURLE_OK) {
 		curl_easy_cleanup(e);
 		return (NULL);
 	}
@@ -555,6 +919,7 @@ host_release(struct upstream *up, struct up_host *hs)
 static void
 call_free(struct upstream_call *c)
 {
+	worker_upstream_sse_free(&c->sse);
 	buf_free(&c->req);
 	buf_free(&c->resp);
 	free(c);
@@ -587,8 +952,12 @@ call_activate(struct upstream *up, struct upstream_call *c)
 	connect_ms = up->conf.connect_timeout_ms;
 	if (connect_ms > timeout_ms)
 		connect_ms = timeout_ms;
-	if (c->tp_node.data != NULL)
+	if (c->stream)
+		headers = up->sheaders;
+	if (c->tp_node.data != NULL) {
+		c->tp_node.next = headers;
 		headers = &c->tp_node;
+	}
 	if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
 	                     (curl_off_t)c->req.len) != CURLE_OK ||
@@ -597,8 +966,13 @@ call_activate(struct upstream *up, struct upstream_call *c)
 	    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms) != CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_ms) !=
 	            CURLE_OK ||
-	    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE,
-	                     (curl_off_t)up->conf.max_body) != CURLE_OK ||
+	    curl_easy_setopt(
+	            e, CURLOPT_MAXFILESIZE_LARGE,
+	            (curl_off_t)(c->stream ? 0 : up->conf.max_body)) !=
+	            CURLE_OK ||
+	    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION,
+	                     c->stream ? up_write_stream : up_write) !=
+	            CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_WRITEDATA, c) != CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_PRIVATE, c) != CURLE_OK)
 		goto fail;
@@ -700,7 +1074,11 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 	if (http == 429 && curl_easy_header(c->easy, "Retry-After", 0,
 	                                    CURLH_HEADER, -1, &h) == CURLHE_OK)
 		retry_after = h->value;
-	if (buf_reserve(&c->resp, 1) == 0) {
+	if (c->stream) {
+		if (c->http == 0)
+			c->http = http;
+		classify_stream(&a, rc, http, retry_after, &c->sse);
+	} else if (buf_reserve(&c->resp, 1) == 0) {
 		c->resp.b[c->resp.len] = '\0';
 		(void)worker_upstream_classify(&a, rc, http, retry_after,
 		                               c->toobig, c->resp.b,
@@ -710,6 +1088,10 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 		                               c->toobig, "", 0);
 	a.elapsed_us = (now_mono_ns() - c->start_ns) / 1000;
 
+	if (c->pending) {
+		TAILQ_REMOVE(&up->pending, c, pentry);
+		c->pending = 0;
+	}
 	call_deactivate(up, c);
 	up->ncalls--;
 	call_free(c);
@@ -751,10 +1133,10 @@ traceparent_ok(struct mstr tp)
 	return (1);
 }
 
-struct upstream_call *
-worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
-                      struct mstr traceparent, int64_t timeout_ms,
-                      upstream_done_cb cb, void *arg)
+static struct upstream_call *
+call_start(struct upstream *up, const char *url, struct buf *body,
+           struct mstr traceparent, int64_t timeout_ms,
+           upstream_delta_cb delta_cb, upstream_done_cb cb, void *arg)
 {
 	size_t ulen = strlen(url);
 	struct upstream_call *c;
@@ -771,6 +1153,9 @@ worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
 	c->host = hs;
 	c->cb = cb;
 	c->arg = arg;
+	c->delta_cb = delta_cb;
+	c->stream = delta_cb != NULL;
+	c->sse.max = up->conf.max_body;
 	c->start_ns = now_mono_ns();
 	c->deadline_ms =
 	        now_mono_ms() + (uint64_t)(timeout_ms < 1 ? 1 : timeout_ms);
@@ -801,6 +1186,27 @@ worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
 	return (c);
 }
 
+struct upstream_call *
+worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
+                      struct mstr traceparent, int64_t timeout_ms,
+                      upstream_done_cb cb, void *arg)
+{
+	return (call_start(up, url, body, traceparent, timeout_ms, NULL, cb,
+	                   arg));
+}
+
+struct upstream_call *
+worker_upstream_start_stream(struct upstream *up, const char *url,
+                             struct buf *body, struct mstr traceparent,
+                             int64_t timeout_ms, upstream_delta_cb delta_cb,
+                             upstream_done_cb cb, void *arg)
+{
+	if (delta_cb == NULL)
+		return (NULL);
+	return (call_start(up, url, body, traceparent, timeout_ms, delta_cb,
+	                   cb, arg));
+}
+
 void
 worker_upstream_cancel(struct upstream_call *c)
 {
@@ -821,8 +1227,17 @@ worker_upstream_cancel(struct upstream_call *c)
 		TAILQ_REMOVE(&up->deferred, c, entry);
 		break;
 	}
+	if (c->pending)
+		TAILQ_REMOVE(&up->pending, c, pentry);
 	up->ncalls--;
 	call_free(c);
+}
+
+const char *
+worker_upstream_content(const struct upstream_call *c, size_t *len)
+{
+	*len = c->stream ? c->sse.content.len : 0;
+	return (*len > 0 ? c->sse.content.b : NULL);
 }
 
 size_t
@@ -866,16 +1281,25 @@ worker_upstream_new(struct loop *l, const struct upstream_conf *conf)
 	        "Accept: application/json",
 	        "Expect:",
 	};
+	static const char *const sheaders[] = {
+	        "Content-Type: application/json",
+	        "Accept: text/event-stream",
+	        "Expect:",
+	};
 
 	if ((up = calloc(1, sizeof(*up))) == NULL)
 		return (NULL);
 	up->loop = l;
 	TAILQ_INIT(&up->active);
 	TAILQ_INIT(&up->deferred);
+	TAILQ_INIT(&up->pending);
 	for (size_t i = 0; i < nitems(headers); i++) {
 		if ((h = curl_slist_append(up->headers, headers[i])) == NULL)
 			goto fail;
 		up->headers = h;
+		if ((h = curl_slist_append(up->sheaders, sheaders[i])) == NULL)
+			goto fail;
+		up->sheaders = h;
 	}
 	if ((up->timer = loop_timer_new(l, up_timeout, up)) == NULL ||
 	    (up->defer_timer = loop_timer_new(l, up_deferred, up)) == NULL)
@@ -934,5 +1358,6 @@ worker_upstream_free(struct upstream *up)
 	if (up->defer_timer != NULL)
 		loop_timer_free(up->defer_timer);
 	curl_slist_free_all(up->headers);
+	curl_slist_free_all(up->sheaders);
 	free(up);
 }

@@ -39,7 +39,8 @@ struct upstream_answer {
 };
 
 /* Called once per started call with its answer; the callee owns
- * answer->content (free it) and must not cancel this call. */
+ * answer->content (free it; may be set on failure for a stream) and must
+ * not cancel this call. */
 typedef void (*upstream_done_cb)(void *arg, struct upstream_answer *);
 
 struct upstream_conf {
@@ -58,6 +59,45 @@ int worker_upstream_url(struct buf *out, struct mstr base);
 int worker_upstream_request(struct buf *out, struct mstr model,
                             struct mstr system_prompt, struct mstr context,
                             struct mstr query);
+
+/* Append the request JSON of a streaming call (v3): model, the system
+ * prompt (left out if empty), the context verbatim, then each {role,
+ * content} of messages (a JSON array of message objects as the edge
+ * normalised them; if it holds none, one user message with query);
+ * "stream": true with "stream_options": {"include_usage": true}. */
+int worker_upstream_request_stream(struct buf *out, struct mstr model,
+                                   struct mstr system_prompt,
+                                   struct mstr context, struct mstr messages,
+                                   struct mstr query);
+
+/* An OpenAI server-sent-event stream being read: bytes go in as they
+ * arrive (any split, LF, CRLF or CR line ends, comments), the content
+ * pieces of choices[0].delta.content are joined in content, usage is
+ * taken from the chunk that has it.  Zero it before the first feed. */
+struct upstream_sse {
+	struct buf line;    /* the unfinished line */
+	struct buf data;    /* the data: lines of the event so far */
+	struct buf content; /* every content piece so far, joined */
+	size_t max;         /* content and line cap (0: 4 MiB) */
+	uint64_t prompt_tokens;
+	uint64_t completion_tokens;
+	unsigned events; /* JSON chunks read */
+	int cr;          /* the last byte fed was a CR */
+	int has_data;    /* the event has a data: field */
+	int done;        /* data: [DONE] seen */
+	int finished;    /* a finish_reason seen */
+	int bad;         /* a chunk that is not JSON, or an error object */
+	int toobig;      /* content or a line went over max */
+	int nomem;
+	char error[120]; /* the upstream's own error message, if it sent one */
+};
+
+/* Feed n bytes; 0, or -1 when the stream cannot go on (bad, toobig,
+ * nomem set). */
+int worker_upstream_sse_feed(struct upstream_sse *, const char *p, size_t n);
+/* The stream ended: read what is left without a final blank line. */
+int worker_upstream_sse_end(struct upstream_sse *);
+void worker_upstream_sse_free(struct upstream_sse *);
 
 /* Classify a finished call into a (status, code, msg) and, for a 2xx
  * JSON answer, its content and usage.  body must be NUL-terminated at
@@ -88,6 +128,28 @@ struct upstream_call *worker_upstream_start(struct upstream *, const char *url,
                                             struct mstr traceparent,
                                             int64_t timeout_ms,
                                             upstream_done_cb cb, void *arg);
+/* Called (from the loop, never inside libcurl) when a streaming call got
+ * new content: content/len is everything so far (valid until the
+ * callback returns or cancels the call).  What arrived in one loop turn
+ * comes in one call.  The callee may cancel the call. */
+typedef void (*upstream_delta_cb)(void *arg, const char *content, size_t len);
+
+/* As worker_upstream_start, for a body asking "stream": true: the answer
+ * is read as server-sent events, delta_cb gets the content as it grows,
+ * done_cb the end.  The answer's content is everything received (also
+ * when the call failed midway: what the client already saw), its usage
+ * the stream's.  A 2xx stream that is not OpenAI's chunks is 502
+ * "upstream returned an invalid answer"; one that ends without [DONE] or
+ * a finish_reason is 502 "upstream stream ended early". */
+struct upstream_call *
+worker_upstream_start_stream(struct upstream *, const char *url,
+                             struct buf *body, struct mstr traceparent,
+                             int64_t timeout_ms, upstream_delta_cb,
+                             upstream_done_cb, void *arg);
+/* The content a streaming call has received so far (NULL and 0 for
+ * none, or for a call that is not a stream); valid until the next loop
+ * turn or the call's end. */
+const char *worker_upstream_content(const struct upstream_call *, size_t *len);
 /* Abort a call in flight; its callback is never called. */
 void worker_upstream_cancel(struct upstream_call *);
 /* Calls not answered yet (in curl or waiting for a connection). */

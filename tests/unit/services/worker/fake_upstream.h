@@ -12,6 +12,14 @@
  *   big      200, a 5000-byte body with Content-Length
  *   bigchunk 200, a 5000-byte body, chunked (no length known up front)
  *   hang     never answers
+ *   sse      200 text/event-stream: "Hel" + "lo", a comment, CRLF and
+ *            LF line ends, finish, usage 4 + 2, [DONE]
+ *   sseslow  "Hel" now, the rest 200 ms later
+ *   ssehang  "Hel" now, then nothing
+ *   ssegarbage  a data: event that is not JSON, no [DONE]
+ *   sseerr   a data: event with an error object
+ *   sseearly "Hel", then the body ends without finish or [DONE]
+ *   ssecut   "Hel", then the connection closes mid-body
  *
  * Connections are kept alive; accepted and requests count them, and the
  * last request (head and body) is kept.  Included by the tests (all static).
@@ -50,11 +58,60 @@ struct fake_srv {
 	struct buf last_head; /* request line and headers */
 	char last_path[128];
 	struct fake_conn conns[FAKE_CONNS];
+	struct loop_timer *later; /* sseslow's rest */
+	int later_fd;
 };
+
+#define FAKE_SSE_HEL                                                          \
+	": keep-alive\r\n\r\n"                                                \
+	"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":"               \
+	"\"assistant\",\"content\":\"Hel\"}}]}\r\n\r\n"
+#define FAKE_SSE_REST                                                         \
+	"data:{\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"}}]}"   \
+	"\n\n"                                                                \
+	"event: ignored\nid: 7\n"                                             \
+	"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":"    \
+	"\"stop\"}]}\n\n"                                                     \
+	"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,"               \
+	"\"completion_tokens\":2,\"total_tokens\":6}}\n\n"                    \
+	"data: [DONE]\n\n"
+
+/* One chunk of a chunked text/event-stream answer (head: first one). */
+static void
+fake_sse_chunk(int fd, int head, const char *text, int last)
+{
+	char buf[8192];
+	int n = 0;
+
+	if (head)
+		n = snprintf(buf, sizeof(buf),
+		             "HTTP/1.1 200 OK\r\nContent-Type: "
+		             "text/event-stream\r\nTransfer-Encoding: "
+		             "chunked\r\n\r\n");
+	if (*text)
+		n += snprintf(buf + n, sizeof(buf) - (size_t)n,
+		              "%zx\r\n%s\r\n", strlen(text), text);
+	if (last)
+		n += snprintf(buf + n, sizeof(buf) - (size_t)n, "0\r\n\r\n");
+	(void)!write(fd, buf, (size_t)n);
+}
+
+static void
+fake_later_cb(struct loop *l, void *arg)
+{
+	struct fake_srv *s = arg;
+
+	(void)l;
+	if (s->later_fd != -1)
+		fake_sse_chunk(s->later_fd, 0, FAKE_SSE_REST, 1);
+	s->later_fd = -1;
+}
 
 static void
 fake_close(struct fake_srv *s, struct fake_conn *c)
 {
+	if (s->later_fd == c->fd)
+		s->later_fd = -1;
 	loop_fd_del(s->loop, c->fd);
 	close(c->fd);
 	c->fd = -1;
@@ -98,7 +155,6 @@ fake_answer(struct fake_srv *s, struct fake_conn *c, const char *path)
 		memset(big, 'x', sizeof(big) - 1);
 		big[sizeof(big) - 1] = '\0';
 	}
-	(void)s;
 	if (strncmp(seg, "ok/", 3) == 0)
 		fake_send(
 		        c->fd, "200 OK", "",
@@ -124,7 +180,27 @@ fake_answer(struct fake_srv *s, struct fake_conn *c, const char *path)
 		fake_send(c->fd, "200 OK", "", big, 1);
 	else if (strncmp(seg, "hang/", 5) == 0)
 		; /* never */
-	else
+	else if (strncmp(seg, "sse/", 4) == 0)
+		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL FAKE_SSE_REST, 1);
+	else if (strncmp(seg, "sseslow/", 8) == 0) {
+		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL, 0);
+		s->later_fd = c->fd;
+		loop_timer_set(s->later, 200);
+	} else if (strncmp(seg, "ssehang/", 8) == 0)
+		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL, 0);
+	else if (strncmp(seg, "ssegarbage/", 11) == 0)
+		fake_sse_chunk(c->fd, 1, "data: <html>nope\n\n", 1);
+	else if (strncmp(seg, "sseerr/", 7) == 0)
+		fake_sse_chunk(c->fd, 1,
+		               "data: {\"error\":{\"message\":\"overloaded\","
+		               "\"type\":\"server_error\"}}\n\n",
+		               1);
+	else if (strncmp(seg, "sseearly/", 9) == 0)
+		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL, 1);
+	else if (strncmp(seg, "ssecut/", 7) == 0) {
+		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL, 0);
+		shutdown(c->fd, SHUT_RDWR);
+	} else
 		fake_send(c->fd, "404 Not Found", "", "{}", 0);
 }
 
@@ -246,6 +322,9 @@ fake_start(struct fake_srv *s, struct loop *l)
 
 	memset(s, 0, sizeof(*s));
 	s->loop = l;
+	s->later_fd = -1;
+	if ((s->later = loop_timer_new(l, fake_later_cb, s)) == NULL)
+		return (-1);
 	for (int i = 0; i < FAKE_CONNS; i++)
 		s->conns[i].fd = -1;
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -267,6 +346,7 @@ fake_stop(struct fake_srv *s)
 			fake_close(s, &s->conns[i]);
 	loop_fd_del(s->loop, s->lfd);
 	close(s->lfd);
+	loop_timer_free(s->later);
 	buf_free(&s->last_body);
 	buf_free(&s->last_head);
 }

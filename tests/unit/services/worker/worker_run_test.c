@@ -554,7 +554,8 @@ static void
 t_run_ctx_undecodable(void)
 {
 	struct msg m;
-	struct ctx_get dummy = {.bot_id = MSTR("x"), .conversation_id = MSTR("y")};
+	struct ctx_get dummy = {.bot_id = MSTR("x"),
+	                        .conversation_id = MSTR("y")};
 
 	setup();
 	assign("req-5", "h", now_wall_ms() + 10000);
@@ -726,6 +727,630 @@ t_run_queued_deadline(void)
 	teardown();
 }
 
+/* --- v3.chat --- */
+
+#define CHAT_ID "7300000000000000001"
+#define MSGS1                                                                 \
+	"[{\"role\":\"user\",\"type\":\"question\",\"content\":\"hi\","       \
+	"\"content_type\":\"text\"}]"
+
+static void
+assign_v3(const char *reqid, const char *conv, int stream,
+          const char *messages, uint64_t deadline_ms)
+{
+	struct chat_request q = {.route = MSTR("v3.chat"),
+	                         .token = MSTR_NULL,
+	                         .sub = MSTR("u1"),
+	                         .bot_id = MSTR("bot7"),
+	                         .user_id = MSTR("u1"),
+	                         .query = MSTR("hi"),
+	                         .history_id = MSTR(conv),
+	                         .received_ms = now_wall_ms(),
+	                         .chat_id = MSTR(CHAT_ID),
+	                         .stream = (uint64_t)stream,
+	                         .messages = MSTR(messages),
+	                         .scopes = MSTR_NULL};
+	struct msg m = envelope(MSG_RUN_ASSIGN, "dispatcher", reqid, "edge",
+	                        deadline_ms, chat_request_pack, &q);
+
+	T_EQ_INT(worker_dispatch_dispatcher_stub(&m), 0);
+}
+
+static void
+ctx_reply_v3(const char *reqid, uint64_t status, const char *upstream,
+             uint64_t first_event_ms, uint64_t total_ms)
+{
+	struct ctx_reply c = {
+	        .status = status,
+	        .code = status == 200 ? 0 : 4016,
+	        .msg = MSTR(status == 200 ? "" : "conversation busy"),
+	        .upstream = MSTR(upstream),
+	        .model = MSTR("sim-1"),
+	        .system_prompt = MSTR_NULL,
+	        .context_turns = 5,
+	        .context = MSTR_NULL,
+	        .plugins = MSTR_NULL,
+	        .created_at = 1763790000,
+	        .first_event_ms = first_event_ms,
+	        .total_ms = total_ms};
+	struct msg m = envelope(MSG_CTX_REPLY, "storage", reqid, "", 0,
+	                        ctx_reply_pack, &c);
+	struct ctx_reply d;
+
+	T_EQ_INT(ctx_reply_unpack(&m, &d), 0);
+	worker_run_ctx(&w, &m, &d);
+}
+
+static void
+cancel(const char *reqid, const char *reply_to, const char *conv)
+{
+	struct chat_request q = {.route = MSTR("v3.cancel"),
+	                         .token = MSTR_NULL,
+	                         .sub = MSTR("u1"),
+	                         .bot_id = MSTR_NULL,
+	                         .user_id = MSTR_NULL,
+	                         .query = MSTR_NULL,
+	                         .history_id = MSTR(conv),
+	                         .received_ms = now_wall_ms(),
+	                         .chat_id = MSTR(CHAT_ID),
+	                         .stream = 0,
+	                         .messages = MSTR_NULL,
+	                         .scopes = MSTR_NULL};
+	struct msg m = envelope(MSG_RUN_CANCEL, "dispatcher", reqid, reply_to,
+	                        now_wall_ms() + 5000, chat_request_pack, &q);
+	struct chat_request d;
+
+	T_EQ_INT(chat_request_unpack(&m, &d), 0);
+	worker_run_cancel(&w, &m, &d);
+}
+
+/* The SSE text of CHAT_EVENT i (NUL-terminated copy, static). */
+static const char *
+event_text(int i, int want_last)
+{
+	static char text[16384];
+	const struct sent *s = expect(i, "edge", MSG_CHAT_EVENT);
+	struct chat_event e;
+
+	T_EQ_INT(chat_event_decode(s->body.b, s->body.len, &e), 0);
+	T_EQ_INT(e.last, want_last);
+	T_EQ_STR(s->reply_to, "");
+	cstr(text, sizeof(text), e.sse);
+	return (text);
+}
+
+/* The event names of an SSE text, space-separated. */
+static const char *
+event_names(const char *sse)
+{
+	static char names[1024];
+	const char *p = sse;
+	size_t n = 0;
+
+	names[0] = '\0';
+	while ((p = strstr(p, "event:")) != NULL) {
+		size_t k = strcspn(p + 6, "\n");
+
+		n += (size_t)snprintf(names + n, sizeof(names) - n, "%s%.*s",
+		                      n ? " " : "", (int)k, p + 6);
+		p += 6 + k;
+	}
+	return (names);
+}
+
+/* The "data" JSON of the event-th event named name in sse. */
+static cJSON *
+event_json(const char *sse, const char *name, int nth)
+{
+	char want[96];
+	const char *p = sse;
+	char *line;
+	cJSON *j;
+
+	snprintf(want, sizeof(want), "event:%s\ndata:", name);
+	for (int i = 0; i <= nth; i++) {
+		if ((p = strstr(p, want)) == NULL)
+			T_FAIL("no event %s #%d in %s", name, nth, sse);
+		p += strlen(want);
+	}
+	line = strndup(p, strcspn(p, "\n"));
+	j = cJSON_Parse(line);
+	free(line);
+	T_ASSERT(j != NULL);
+	return (j);
+}
+
+static const char *
+jstr(const cJSON *o, const char *k)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+
+	return (cJSON_IsString(v) ? v->valuestring : "(none)");
+}
+
+static double
+jnum(const cJSON *o, const char *k)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+
+	return (cJSON_IsNumber(v) ? v->valuedouble : -1);
+}
+
+/* Append the content of every message.delta of sse to out. */
+static void
+deltas_of(const char *sse, struct buf *out)
+{
+	for (int i = 0; strstr(sse, "event:conversation.message.delta"); i++) {
+		const char *p = sse;
+		int k = 0;
+		cJSON *j;
+
+		for (; (p = strstr(p, "event:conversation.message.delta"));
+		     p++)
+			k++;
+		if (i >= k)
+			return;
+		j = event_json(sse, "conversation.message.delta", i);
+		T_EQ_STR(jstr(j, "role"), "assistant");
+		T_EQ_STR(jstr(j, "type"), "answer");
+		T_EQ_STR(jstr(j, "chat_id"), CHAT_ID);
+		(void)buf_adds(out, jstr(j, "content"));
+		cJSON_Delete(j);
+	}
+}
+
+static int
+find_sent(uint16_t type, const char *peer, int from)
+{
+	for (int i = from; i < nsent; i++)
+		if (sent[i].type == type && strcmp(sent[i].peer, peer) == 0)
+			return (i);
+	return (-1);
+}
+
+static void
+wait_type(uint16_t type, const char *peer, int ms)
+{
+	uint64_t until = now_mono_ms() + (uint64_t)ms;
+
+	while (find_sent(type, peer, 0) == -1 && now_mono_ms() < until)
+		(void)loop_run_once(w.svc.loop, 20);
+	if (find_sent(type, peer, 0) == -1)
+		T_FAIL("no %s to %s within %d ms", msg_name(type), peer, ms);
+}
+
+static void
+t_v3_stream_ok(void)
+{
+	char aid[COZE_ID_LEN + 1], qid[COZE_ID_LEN + 1], conv[64];
+	uint64_t deadline = now_wall_ms() + 10000;
+	const struct sent *s;
+	struct chat_persist p;
+	struct ctx_get cg;
+	struct run_done d;
+	struct buf all = {0};
+	const char *ev;
+	cJSON *j, *e;
+	char *text;
+	int i, ip;
+
+	setup();
+	assign_v3("r3-1", "", 1, MSGS1, deadline);
+	s = expect(0, "storage", MSG_CTX_GET);
+	T_EQ_INT(ctx_get_decode(s->body.b, s->body.len, &cg), 0);
+	T_EQ_MEM(cg.chat_id.p, cg.chat_id.n, CHAT_ID);
+	T_EQ_MEM(cg.user_id.p, cg.user_id.n, "u1");
+	/* A new conversation: a Coze-style id. */
+	cstr(conv, sizeof(conv), cg.conversation_id);
+	T_EQ_INT(strlen(conv), 19);
+	T_ASSERT(coze_id_ok(MSTR(conv)));
+	/* The lock: time to the deadline and 5 s. */
+	T_ASSERT(cg.lock_ms > 14000 && cg.lock_ms <= 15000);
+
+	ctx_reply_v3("r3-1", 200, upstream_url("sseslow"), 0, 0);
+	ev = event_text(1, 0);
+	T_EQ_STR(event_names(ev),
+	         "conversation.chat.created conversation.chat.in_progress");
+	j = event_json(ev, "conversation.chat.created", 0);
+	T_EQ_STR(jstr(j, "id"), CHAT_ID);
+	T_EQ_STR(jstr(j, "conversation_id"), conv);
+	T_EQ_STR(jstr(j, "bot_id"), "bot7");
+	T_EQ_STR(jstr(j, "status"), "created");
+	T_EQ_INT(jnum(j, "created_at"), 1763790000);
+	cJSON_Delete(j);
+	j = event_json(ev, "conversation.chat.in_progress", 0);
+	T_EQ_STR(jstr(j, "status"), "in_progress");
+	cJSON_Delete(j);
+
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	/* "Hel" in its own turn, the rest later. */
+	T_EQ_STR(event_names(event_text(2, 0)), "conversation.message.delta");
+	for (i = 2; sent[i].type == MSG_CHAT_EVENT; i++)
+		deltas_of(event_text(i, 0), &all);
+	T_ASSERT(i >= 3);
+	ip = i;
+	s = expect(ip, "storage", MSG_CHAT_PERSIST);
+	T_EQ_STR(s->reply_to, "edge");
+	T_EQ_STR(s->reqid, "r3-1");
+	T_EQ_INT(chat_persist_decode(s->body.b, s->body.len, &p), 0);
+	T_EQ_MEM(p.route.p, p.route.n, "v3.chat");
+	T_EQ_MEM(p.status.p, p.status.n, "completed");
+	T_EQ_MEM(p.chat_id.p, p.chat_id.n, CHAT_ID);
+	T_EQ_MEM(p.conversation_id.p, p.conversation_id.n, conv);
+	T_EQ_MEM(p.answer.p, p.answer.n, "Hello");
+	T_EQ_INT(p.reply_kind, 1);
+	T_EQ_INT(p.created_at, 1763790000);
+	T_EQ_INT(p.prompt_tokens, 4);
+	T_EQ_INT(p.completion_tokens, 2);
+	T_EQ_INT(p.last_error.n, 0);
+	/* The last events: what the deltas lacked, the whole answer, the
+	 * chat completed, done. */
+	text = mstr_dup(p.reply);
+	T_ASSERT(strstr(event_names(text), "conversation.message.completed "
+	                                   "conversation.chat.completed "
+	                                   "done") != NULL);
+	T_ASSERT(strstr(text, "event:done\ndata:\"[DONE]\"\n\n") != NULL);
+	deltas_of(text, &all);
+	T_EQ_MEM(all.b, all.len, "Hello");
+	coze_msg_id_of(MSTR(CHAT_ID), 1, aid);
+	coze_msg_id_of(MSTR(CHAT_ID), 0, qid);
+	j = event_json(text, "conversation.message.completed", 0);
+	T_EQ_STR(jstr(j, "content"), "Hello");
+	T_EQ_STR(jstr(j, "id"), aid);
+	T_EQ_STR(jstr(j, "type"), "answer");
+	cJSON_Delete(j);
+	j = event_json(text, "conversation.chat.completed", 0);
+	T_EQ_STR(jstr(j, "status"), "completed");
+	T_ASSERT(jnum(j, "completed_at") >= 1763790000);
+	e = cJSON_GetObjectItemCaseSensitive(j, "usage");
+	T_EQ_INT(jnum(e, "token_count"), 6);
+	T_EQ_INT(jnum(e, "input_count"), 4);
+	T_EQ_INT(jnum(e, "output_count"), 2);
+	cJSON_Delete(j);
+	free(text);
+	/* The rows to store: the question and the answer. */
+	text = mstr_dup(p.messages);
+	j = cJSON_Parse(text);
+	T_ASSERT(cJSON_IsArray(j));
+	T_EQ_INT(cJSON_GetArraySize(j), 2);
+	e = cJSON_GetArrayItem(j, 0);
+	T_EQ_STR(jstr(e, "id"), qid);
+	T_EQ_STR(jstr(e, "role"), "user");
+	T_EQ_STR(jstr(e, "type"), "question");
+	T_EQ_STR(jstr(e, "content"), "hi");
+	T_EQ_STR(jstr(e, "content_type"), "text");
+	T_EQ_INT(jnum(e, "created_at"), 1763790000);
+	e = cJSON_GetArrayItem(j, 1);
+	T_EQ_STR(jstr(e, "id"), aid);
+	T_EQ_STR(jstr(e, "role"), "assistant");
+	T_EQ_STR(jstr(e, "type"), "answer");
+	T_EQ_STR(jstr(e, "content"), "Hello");
+	cJSON_Delete(j);
+	free(text);
+	/* The upstream was asked for a stream. */
+	T_ASSERT(strstr(srv.last_body.b, "\"stream\":true,\"stream_options\":"
+	                                 "{\"include_usage\":true}") != NULL);
+	T_ASSERT(strstr(srv.last_body.b,
+	                "{\"role\":\"user\",\"content\":\"hi\"}") != NULL);
+	T_EQ_INT(run_done_decode(sent[ip + 1].body.b, sent[ip + 1].body.len,
+	                         &d),
+	         0);
+	expect_done(ip + 1, "r3-1", 200, 200);
+	T_EQ_INT(nsent, ip + 2);
+	T_EQ_INT(w.nruns, 0);
+	buf_free(&all);
+	teardown();
+}
+
+static void
+t_v3_nonstream(void)
+{
+	const struct sent *s;
+	struct chat_reply rep;
+	struct chat_persist p;
+	char *text;
+	cJSON *j;
+	int ip;
+
+	setup();
+	assign_v3("r3-2", "7000000000000000042", 0, MSGS1,
+	          now_wall_ms() + 10000);
+	ctx_reply_v3("r3-2", 200, upstream_url("sse"), 0, 0);
+	s = expect(1, "edge", MSG_CHAT_REPLY);
+	T_EQ_INT(chat_reply_decode(s->body.b, s->body.len, &rep), 0);
+	T_EQ_INT(rep.status, 200);
+	T_EQ_INT(rep.code, 0);
+	text = mstr_dup(rep.data);
+	j = cJSON_Parse(text);
+	T_EQ_STR(jstr(j, "id"), CHAT_ID);
+	T_EQ_STR(jstr(j, "conversation_id"), "7000000000000000042");
+	T_EQ_STR(jstr(j, "status"), "in_progress");
+	cJSON_Delete(j);
+	free(text);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	/* No events for a non-streaming chat. */
+	T_EQ_INT(find_sent(MSG_CHAT_EVENT, "edge", 0), -1);
+	ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	T_ASSERT(ip == 2);
+	T_EQ_INT(chat_persist_decode(sent[ip].body.b, sent[ip].body.len, &p),
+	         0);
+	T_EQ_INT(p.reply_kind, 2);
+	T_EQ_INT(p.reply.n, 0);
+	T_EQ_MEM(p.status.p, p.status.n, "completed");
+	T_EQ_MEM(p.answer.p, p.answer.n, "Hello");
+	T_EQ_MEM(p.conversation_id.p, p.conversation_id.n,
+	         "7000000000000000042");
+	expect_done(3, "r3-2", 200, 200);
+	teardown();
+}
+
+static void
+t_v3_busy(void)
+{
+	setup();
+	assign_v3("r3-3", "7000000000000000042", 1, MSGS1,
+	          now_wall_ms() + 10000);
+	ctx_reply_v3("r3-3", 409, "", 0, 0);
+	expect_reply(1, 409, 4016, "conversation busy", 0);
+	expect_done(2, "r3-3", 409, 0);
+	T_EQ_INT(nsent, 3);
+	T_EQ_INT(srv.requests, 0);
+	teardown();
+}
+
+/* The persist of a run that did not complete; its final SSE in *sse. */
+static void
+check_failed(int ip, const char *status, int64_t code, const char *msg,
+             const char *answer, char **sse)
+{
+	struct chat_persist p;
+	char want[256], *t;
+	cJSON *j;
+
+	T_EQ_INT(chat_persist_decode(sent[ip].body.b, sent[ip].body.len, &p),
+	         0);
+	T_EQ_MEM(p.status.p, p.status.n, status);
+	T_EQ_MEM(p.answer.p, p.answer.n, answer);
+	if (code != 0) {
+		j = cJSON_CreateString(msg);
+		t = cJSON_PrintUnformatted(j);
+		snprintf(want, sizeof(want), "{\"code\":%lld,\"msg\":%s}",
+		         (long long)code, t);
+		free(t);
+		cJSON_Delete(j);
+		T_EQ_MEM(p.last_error.p, p.last_error.n, want);
+	} else
+		T_EQ_INT(p.last_error.n, 0);
+	/* The answer is stored when some of it came. */
+	t = mstr_dup(p.messages);
+	j = cJSON_Parse(t);
+	T_EQ_INT(cJSON_GetArraySize(j), answer[0] ? 2 : 1);
+	cJSON_Delete(j);
+	free(t);
+	*sse = mstr_dup(p.reply);
+	T_ASSERT(strstr(*sse, "conversation.message.completed") == NULL);
+	T_ASSERT(strstr(*sse, "event:done\ndata:\"[DONE]\"\n\n") != NULL);
+}
+
+static void
+t_v3_upstream_failed(void)
+{
+	char *sse;
+	cJSON *j, *e;
+	int ip;
+
+	setup();
+	assign_v3("r3-4", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_v3("r3-4", 200, upstream_url("ssegarbage"), 0, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	T_EQ_INT(ip, 2);
+	check_failed(ip, "failed", 5020, "upstream returned an invalid answer",
+	             "", &sse);
+	T_EQ_STR(event_names(sse), "conversation.chat.failed done");
+	j = event_json(sse, "conversation.chat.failed", 0);
+	T_EQ_STR(jstr(j, "status"), "failed");
+	T_ASSERT(jnum(j, "failed_at") > 0);
+	e = cJSON_GetObjectItemCaseSensitive(j, "last_error");
+	T_EQ_INT(jnum(e, "code"), 5020);
+	T_EQ_STR(jstr(e, "msg"), "upstream returned an invalid answer");
+	cJSON_Delete(j);
+	free(sse);
+	expect_done(ip + 1, "r3-4", 502, 200);
+	teardown();
+}
+
+static void
+t_v3_first_event_deadline(void)
+{
+	uint64_t t0 = now_mono_ms();
+	char *sse;
+	int ip;
+
+	setup();
+	assign_v3("r3-5", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_v3("r3-5", 200, upstream_url("hang"), 150, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 3000);
+	if (now_mono_ms() - t0 < 100 || now_mono_ms() - t0 > 1500)
+		T_FAIL("failed after %llu ms, want ~150",
+		       (unsigned long long)(now_mono_ms() - t0));
+	ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	check_failed(ip, "failed", 5040,
+	             "upstream first event deadline exceeded", "", &sse);
+	free(sse);
+	expect_done(ip + 1, "r3-5", 504, 0);
+	T_EQ_INT(worker_upstream_active(w.up), 0); /* the call aborted */
+	teardown();
+}
+
+static void
+t_v3_first_event_config(void)
+{
+	uint64_t t0 = now_mono_ms();
+	char *sse;
+
+	/* The bot says 0: the worker's first_event_ms applies. */
+	setup();
+	w.first_event_ms = 120;
+	assign_v3("r3-6", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_v3("r3-6", 200, upstream_url("hang"), 0, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 3000);
+	T_ASSERT(now_mono_ms() - t0 < 1500);
+	check_failed(find_sent(MSG_CHAT_PERSIST, "storage", 0), "failed", 5040,
+	             "upstream first event deadline exceeded", "", &sse);
+	free(sse);
+	teardown();
+
+	/* Content came in time: the first-event deadline no longer counts;
+	 * the total one (the bot's 400 ms) ends the hanging stream. */
+	setup();
+	w.first_event_ms = 120;
+	t0 = now_mono_ms();
+	assign_v3("r3-7", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_v3("r3-7", 200, upstream_url("ssehang"), 0, 400);
+	wait_type(MSG_RUN_DONE, "dispatcher", 3000);
+	if (now_mono_ms() - t0 < 350)
+		T_FAIL("ended after %llu ms, want ~400",
+		       (unsigned long long)(now_mono_ms() - t0));
+	check_failed(find_sent(MSG_CHAT_PERSIST, "storage", 0), "failed", 5040,
+	             "upstream deadline exceeded", "Hel", &sse);
+	/* "Hel" went out as a delta already: no tail. */
+	T_EQ_STR(event_names(sse), "conversation.chat.failed done");
+	free(sse);
+	teardown();
+}
+
+static void
+t_v3_cancel(void)
+{
+	const struct sent *s;
+	struct chat_reply rep;
+	char *text;
+	cJSON *j;
+	int ip, n;
+
+	setup();
+	assign_v3("r3-8", "7000000000000000042", 1, MSGS1,
+	          now_wall_ms() + 10000);
+	ctx_reply_v3("r3-8", 200, upstream_url("ssehang"), 0, 0);
+	wait_type(MSG_CHAT_EVENT, "edge", 1000);
+	while (nsent < 3)
+		(void)loop_run_once(w.svc.loop, 20); /* the "Hel" delta */
+	T_EQ_STR(event_names(event_text(2, 0)), "conversation.message.delta");
+	/* Another conversation's chat of that id: not ours. */
+	cancel("cancel-0", "edge-c", "7000000000000000043");
+	expect(3, "edge-c", MSG_CHAT_REPLY);
+	T_EQ_INT(chat_reply_decode(sent[3].body.b, sent[3].body.len, &rep), 0);
+	T_EQ_INT(rep.status, 404);
+	T_EQ_INT(rep.code, 4201);
+	T_EQ_INT(w.nruns, 1);
+
+	cancel("cancel-1", "edge-c", "7000000000000000042");
+	s = expect(4, "edge-c", MSG_CHAT_REPLY);
+	T_EQ_STR(s->reqid, "cancel-1"); /* the canceler's own request */
+	T_EQ_STR(s->reply_to, "");
+	T_EQ_INT(chat_reply_decode(s->body.b, s->body.len, &rep), 0);
+	T_EQ_INT(rep.status, 200);
+	text = mstr_dup(rep.data);
+	j = cJSON_Parse(text);
+	T_EQ_STR(jstr(j, "id"), CHAT_ID);
+	T_EQ_STR(jstr(j, "status"), "canceled");
+	T_EQ_INT(jnum(j, "created_at"), 1763790000);
+	cJSON_Delete(j);
+	free(text);
+	ip = 5;
+	expect(ip, "storage", MSG_CHAT_PERSIST);
+	T_EQ_STR(sent[ip].reqid, "r3-8"); /* the run's */
+	T_EQ_STR(sent[ip].reply_to, "edge");
+	check_failed(ip, "canceled", 0, "", "Hel", &text);
+	T_EQ_STR(event_names(text), "conversation.chat.canceled done");
+	free(text);
+	expect_done(ip + 1, "r3-8", 499, 0);
+	T_EQ_INT(w.nruns, 0);
+	T_EQ_INT(worker_upstream_active(w.up), 0);
+
+	/* Again, now that it ended: 409. */
+	n = nsent;
+	cancel("cancel-2", "edge-c", "");
+	T_EQ_INT(nsent, n + 1);
+	s = expect(n, "edge-c", MSG_CHAT_REPLY);
+	T_EQ_INT(chat_reply_decode(s->body.b, s->body.len, &rep), 0);
+	T_EQ_INT(rep.status, 409);
+	T_EQ_INT(rep.code, 4202);
+	T_EQ_MEM(rep.msg.p, rep.msg.n, "chat already finished");
+	/* A client gone for a run that ended: nobody to answer. */
+	cancel("r3-8", "", "");
+	T_EQ_INT(nsent, n + 1);
+	teardown();
+}
+
+static void
+t_v3_cancel_before_ctx(void)
+{
+	char *sse;
+	int ip;
+
+	/* The client leaves while storage takes the lock: the chat ends
+	 * canceled when storage answers, the upstream is never called. */
+	setup();
+	assign_v3("r3-9", "", 1, MSGS1, now_wall_ms() + 10000);
+	cancel("r3-9", "", "");
+	T_EQ_INT(nsent, 1);
+	T_EQ_INT(w.nruns, 1);
+	ctx_reply_v3("r3-9", 200, upstream_url("sse"), 0, 0);
+	ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	T_EQ_INT(ip, 1);
+	check_failed(ip, "canceled", 0, "", "", &sse);
+	T_EQ_STR(event_names(sse), "conversation.chat.canceled done");
+	free(sse);
+	expect_done(2, "r3-9", 499, 0);
+	(void)loop_run_once(w.svc.loop, 50);
+	T_EQ_INT(srv.requests, 0);
+	teardown();
+}
+
+static void
+t_v3_messages(void)
+{
+	static const char msgs[] =
+	        "[{\"role\":\"user\",\"type\":\"question\",\"content\":\"a\","
+	        "\"content_type\":\"text\"},"
+	        "{\"role\":\"assistant\",\"type\":\"answer\",\"content\":"
+	        "\"b\","
+	        "\"content_type\":\"text\"},"
+	        "{\"role\":\"user\",\"type\":\"question\",\"content\":\"c\","
+	        "\"content_type\":\"text\"}]";
+	char aid[COZE_ID_LEN + 1];
+	struct chat_persist p;
+	char *text;
+	cJSON *j, *e;
+	int ip;
+
+	setup();
+	assign_v3("r3-10", "", 1, msgs, now_wall_ms() + 10000);
+	ctx_reply_v3("r3-10", 200, upstream_url("sse"), 0, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	T_ASSERT(strstr(srv.last_body.b,
+	                "[{\"role\":\"user\",\"content\":\"a\"},"
+	                "{\"role\":\"assistant\",\"content\":\"b\"},"
+	                "{\"role\":\"user\",\"content\":\"c\"}]") != NULL);
+	ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	T_EQ_INT(chat_persist_decode(sent[ip].body.b, sent[ip].body.len, &p),
+	         0);
+	text = mstr_dup(p.messages);
+	j = cJSON_Parse(text);
+	T_EQ_INT(cJSON_GetArraySize(j), 4);
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 1), "type"), "answer");
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 2), "content"), "c");
+	e = cJSON_GetArrayItem(j, 3);
+	coze_msg_id_of(MSTR(CHAT_ID), 3, aid);
+	T_EQ_STR(jstr(e, "id"), aid); /* the answer follows the request's */
+	T_EQ_STR(jstr(e, "content"), "Hello");
+	cJSON_Delete(j);
+	free(text);
+	teardown();
+}
+
 T_TESTS = {
         {"chat_id", t_chat_id},
         {"chat_id_unique", t_chat_id_unique},
@@ -747,6 +1372,15 @@ T_TESTS = {
         {"run_persist_refused", t_run_persist_refused},
         {"run_no_deadline", t_run_no_deadline},
         {"run_queued_deadline", t_run_queued_deadline},
+        {"v3_stream_ok", t_v3_stream_ok},
+        {"v3_nonstream", t_v3_nonstream},
+        {"v3_busy", t_v3_busy},
+        {"v3_upstream_failed", t_v3_upstream_failed},
+        {"v3_first_event_deadline", t_v3_first_event_deadline},
+        {"v3_first_event_config", t_v3_first_event_config},
+        {"v3_cancel", t_v3_cancel},
+        {"v3_cancel_before_ctx", t_v3_cancel_before_ctx},
+        {"v3_messages", t_v3_messages},
         {NULL, NULL},
 };
 T_MAIN

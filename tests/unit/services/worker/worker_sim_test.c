@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * The worker's upstream client against the real troupe-upstream-sim on
- * 127.0.0.1 (a kernel-chosen port): answers, the sim's [sim:...]
- * directives for errors, deadlines, and a short burst of concurrent calls
- * over a few kept-alive connections (its rate is printed).  Skips (exit
+ * 127.0.0.1 (a kernel-chosen port): answers, streamed answers, the sim's
+ * [sim:...] directives for errors, deadlines, and a short burst of concurrent
+ * calls over a few kept-alive connections (its rate is printed).  Skips (exit
  * 77) with the reason when the sim binary is not there: its path comes
  * from the build (UPSTREAM_SIM) or $TROUPE_UPSTREAM_SIM.
  */
@@ -254,10 +254,89 @@ t_sim_burst(void)
 	teardown();
 }
 
+/* --- streams --- */
+
+struct sgot {
+	int deltas;
+	size_t len; /* content length at the last delta */
+	struct got g;
+};
+
+static void
+on_delta(void *arg, const char *content, size_t len)
+{
+	struct sgot *s = arg;
+
+	(void)content;
+	if (len <= s->len)
+		T_FAIL("delta: content went from %zu to %zu bytes", s->len,
+		       len);
+	s->len = len;
+	s->deltas++;
+}
+
+static void
+on_sdone(void *arg, struct upstream_answer *a)
+{
+	struct sgot *s = arg;
+
+	on_done(&s->g, a);
+}
+
+static void
+sone(const char *query, uint64_t status, const char *msg, const char *content)
+{
+	struct buf url = {0}, body = {0};
+	struct sgot s = {0};
+
+	T_EQ_INT(worker_upstream_url(&url, MSTR(base)), 0);
+	T_EQ_INT(worker_upstream_request_stream(&body, MSTR("sim-1"),
+	                                        MSTR("be brief"), MSTR_NULL,
+	                                        MSTR_NULL, MSTR(query)),
+	         0);
+	T_ASSERT(worker_upstream_start_stream(up, url.b, &body, MSTR_NULL,
+	                                      5000, on_delta, on_sdone,
+	                                      &s) != NULL);
+	buf_free(&url);
+	wait_n(&s.g.n, 1, 5000);
+	T_EQ_INT(s.g.n, 1);
+	if (s.g.a.status != status || strncmp(s.g.a.msg, msg, strlen(msg)))
+		T_FAIL("\"%s\": got %llu \"%s\", want %llu \"%s\"", query,
+		       (unsigned long long)s.g.a.status, s.g.a.msg,
+		       (unsigned long long)status, msg);
+	if (content == NULL)
+		T_ASSERT(s.g.a.content == NULL);
+	else
+		T_EQ_STR(s.g.a.content ? s.g.a.content : "(null)", content);
+	if (s.g.a.content != NULL)
+		T_EQ_INT(s.len, s.g.a.content_len);
+	free(s.g.a.content);
+	s.g.a.content = NULL;
+}
+
+static void
+t_sim_stream(void)
+{
+	setup(8);
+	sone("hello", 200, "",
+	     "sim: messages=2 system=1 context=0 model=sim-1 query=hello");
+	sone("[sim:garbage]", 502, "upstream returned an invalid answer",
+	     NULL);
+	sone("[sim:cut=2] a b c", 502,
+	     "upstream unreachable: ", "sim: messages=2");
+	sone("[sim:status=500]", 502, "upstream status 500", NULL);
+	sone("[sim:429]", 503, "upstream rate limited", NULL);
+	sone("[sim:close]", 502, "upstream unreachable: ", NULL);
+	sone("after", 200, "",
+	     "sim: messages=2 system=1 context=0 model=sim-1 query=after");
+	teardown();
+}
+
 T_TESTS = {
         {"sim_answers", t_sim_answers},
         {"sim_retry_after", t_sim_retry_after},
         {"sim_burst", t_sim_burst},
+        {"sim_stream", t_sim_stream},
         {NULL, NULL},
 };
 T_MAIN

@@ -61,6 +61,198 @@ t_url(void)
 	check_url("http://127.0.0.1:9090/\r\nX: y", NULL);
 }
 
+/* --- the streaming request and the SSE parser --- */
+
+static void
+t_request_stream(void)
+{
+	struct buf b = {0};
+
+	T_EQ_INT(worker_upstream_request_stream(
+	                 &b, MSTR("m"), MSTR("sys"),
+	                 MSTR("{\"role\":\"user\",\"content\":\"a\"},"),
+	                 MSTR("[{\"role\":\"user\",\"type\":\"question\","
+	                      "\"content\":\"q1\",\"content_type\":\"text\"},"
+	                      "{\"role\":\"assistant\",\"content\":\"r\"},"
+	                      "{\"role\":\"user\",\"content\":\"q\\\"2\"}]"),
+	                 MSTR("ignored")),
+	         0);
+	T_EQ_MEM(b.b, b.len,
+	         "{\"model\":\"m\",\"messages\":["
+	         "{\"role\":\"system\",\"content\":\"sys\"},"
+	         "{\"role\":\"user\",\"content\":\"a\"},"
+	         "{\"role\":\"user\",\"content\":\"q1\"},"
+	         "{\"role\":\"assistant\",\"content\":\"r\"},"
+	         "{\"role\":\"user\",\"content\":\"q\\\"2\"}],"
+	         "\"stream\":true,\"stream_options\":{\"include_usage\":true}"
+	         "}");
+	/* No usable messages: the query. */
+	buf_reset(&b);
+	T_EQ_INT(worker_upstream_request_stream(&b, MSTR("m"), MSTR_NULL,
+	                                        MSTR_NULL, MSTR("[]"),
+	                                        MSTR("hello")),
+	         0);
+	T_EQ_MEM(b.b, b.len,
+	         "{\"model\":\"m\",\"messages\":["
+	         "{\"role\":\"user\",\"content\":\"hello\"}],"
+	         "\"stream\":true,\"stream_options\":{\"include_usage\":true}"
+	         "}");
+	buf_free(&b);
+}
+
+static const char sse_text[] =
+        ": comment\r\n\r\n"
+        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\","
+        "\"content\":\"Hel\"}}]}\r\n\r\n"
+        "data:{\"choices\":[{\"delta\":{\"content\":\"lo \\u00e9\"}}]}\n\n"
+        "event: x\rid: 1\r"
+        "data: {\"choices\":[{\"delta\":{\"content\":null},"
+        "\"finish_reason\":\"stop\"}]}\r\r"
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,"
+        "\"completion_tokens\":2}}\n\n"
+        "data: [DONE]\n\n"
+        "data: {\"choices\":[{\"delta\":{\"content\":\"after\"}}]}\n\n";
+
+static void
+check_sse_parsed(struct upstream_sse *s)
+{
+	T_EQ_MEM(s->content.b, s->content.len, "Hello \xc3\xa9");
+	T_EQ_INT(s->prompt_tokens, 4);
+	T_EQ_INT(s->completion_tokens, 2);
+	T_EQ_INT(s->done, 1);
+	T_EQ_INT(s->finished, 1);
+	T_EQ_INT(s->bad, 0);
+	T_EQ_INT(s->events, 4);
+}
+
+static void
+t_sse_whole(void)
+{
+	struct upstream_sse s = {0};
+
+	T_EQ_INT(worker_upstream_sse_feed(&s, sse_text, sizeof(sse_text) - 1),
+	         0);
+	T_EQ_INT(worker_upstream_sse_end(&s), 0);
+	check_sse_parsed(&s);
+	worker_upstream_sse_free(&s);
+}
+
+static void
+t_sse_split(void)
+{
+	size_t n = sizeof(sse_text) - 1;
+
+	/* Every split point in two, and byte by byte (a CR and its LF in
+	 * two feeds included). */
+	for (size_t cut = 0; cut <= n; cut++) {
+		struct upstream_sse s = {0};
+
+		T_EQ_INT(worker_upstream_sse_feed(&s, sse_text, cut), 0);
+		T_EQ_INT(worker_upstream_sse_feed(&s, sse_text + cut, n - cut),
+		         0);
+		T_EQ_INT(worker_upstream_sse_end(&s), 0);
+		if (s.content.len != 8 || !s.done || s.events != 4)
+			T_FAIL("split at %zu: got \"%.*s\" done %d events %u",
+			       cut, (int)s.content.len, s.content.b, s.done,
+			       s.events);
+		worker_upstream_sse_free(&s);
+	}
+	{
+		struct upstream_sse s = {0};
+
+		for (size_t i = 0; i < n; i++)
+			T_EQ_INT(worker_upstream_sse_feed(&s, sse_text + i, 1),
+			         0);
+		check_sse_parsed(&s);
+		worker_upstream_sse_free(&s);
+	}
+}
+
+static void
+t_sse_no_final_blank(void)
+{
+	static const char t[] =
+	        "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},"
+	        "\"finish_reason\":\"stop\"}]}";
+	struct upstream_sse s = {0};
+
+	/* The stream ends without the blank line: the event still counts. */
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), 0);
+	T_EQ_INT(s.content.len, 0);
+	T_EQ_INT(worker_upstream_sse_end(&s), 0);
+	T_EQ_MEM(s.content.b, s.content.len, "x");
+	T_EQ_INT(s.finished, 1);
+	worker_upstream_sse_free(&s);
+}
+
+static void
+t_sse_multiline_data(void)
+{
+	static const char t[] =
+	        "data: {\"choices\":\n"
+	        "data: [{\"delta\":{\"content\":\"ab\"}}]}\n\n";
+	struct upstream_sse s = {0};
+
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), 0);
+	T_EQ_MEM(s.content.b, s.content.len, "ab");
+	worker_upstream_sse_free(&s);
+}
+
+static void
+t_sse_garbage(void)
+{
+	struct upstream_sse s = {0};
+	static const char err[] =
+	        "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+
+	T_EQ_INT(worker_upstream_sse_feed(&s, "data: <html>\n\n", 14), -1);
+	T_EQ_INT(s.bad, 1);
+	/* Once bad, it stays so. */
+	T_EQ_INT(worker_upstream_sse_feed(&s, "data: [DONE]\n\n", 14), -1);
+	T_EQ_INT(s.done, 0);
+	worker_upstream_sse_free(&s);
+
+	memset(&s, 0, sizeof(s));
+	T_EQ_INT(worker_upstream_sse_feed(&s, "data: [1,2]\n\n", 13), -1);
+	T_EQ_INT(s.bad, 1);
+	worker_upstream_sse_free(&s);
+
+	memset(&s, 0, sizeof(s));
+	T_EQ_INT(worker_upstream_sse_feed(&s, err, sizeof(err) - 1), -1);
+	T_EQ_INT(s.bad, 1);
+	T_EQ_STR(s.error, "overloaded");
+	worker_upstream_sse_free(&s);
+}
+
+static void
+t_sse_too_big(void)
+{
+	struct upstream_sse s = {.max = 16};
+	static const char t[] =
+	        "data: "
+	        "{\"choices\":[{\"delta\":{\"content\":\"0123456789\"}}]}"
+	        "\n\n";
+
+	/* A line over max is refused before it is parsed. */
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), -1);
+	T_EQ_INT(s.toobig, 1);
+	worker_upstream_sse_free(&s);
+
+	/* Content over max, lines under it. */
+	memset(&s, 0, sizeof(s));
+	s.max = 60;
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), 0);
+	T_EQ_INT(s.content.len, 10);
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), 0);
+	T_EQ_INT(s.content.len, 20);
+	/* The third piece would go over: refused, content kept. */
+	s.max = 25;
+	T_EQ_INT(worker_upstream_sse_feed(&s, t, sizeof(t) - 1), -1);
+	T_EQ_INT(s.toobig, 1);
+	T_EQ_INT(s.content.len, 20);
+	worker_upstream_sse_free(&s);
+}
+
 /* --- the request JSON --- */
 
 static void
@@ -683,6 +875,211 @@ t_loop_hosts_apart(void)
 	teardown();
 }
 
+/* --- streaming calls --- */
+
+struct sgot {
+	int deltas;
+	size_t lens[16];
+	struct got g;
+	struct upstream_call *cancel_me; /* cancel from the first delta */
+};
+
+static void
+on_delta(void *arg, const char *content, size_t len)
+{
+	struct sgot *s = arg;
+
+	(void)content;
+	if (s->deltas < 16)
+		s->lens[s->deltas] = len;
+	s->deltas++;
+	if (s->cancel_me != NULL) {
+		worker_upstream_cancel(s->cancel_me);
+		s->cancel_me = NULL;
+	}
+}
+
+static void
+on_sdone(void *arg, struct upstream_answer *a)
+{
+	struct sgot *s = arg;
+
+	on_done(&s->g, a);
+}
+
+static struct upstream_call *
+scall(const char *which, int64_t timeout_ms, struct sgot *s)
+{
+	char url[128];
+	struct buf body = {0};
+	struct upstream_call *c;
+
+	snprintf(url, sizeof(url),
+	         "http://127.0.0.1:%d/%s/v1/chat/completions", srv.port,
+	         which);
+	T_EQ_INT(worker_upstream_request_stream(&body, MSTR("m"), MSTR_NULL,
+	                                        MSTR_NULL, MSTR_NULL,
+	                                        MSTR(which)),
+	         0);
+	c = worker_upstream_start_stream(up, url, &body, MSTR_NULL, timeout_ms,
+	                                 on_delta, on_sdone, s);
+	T_ASSERT(c != NULL);
+	return (c);
+}
+
+static void
+t_stream_ok(void)
+{
+	struct sgot s = {0};
+
+	setup(4096, 8);
+	(void)scall("sse", 5000, &s);
+	wait_for(&s.g.n, 1, 5000);
+	T_EQ_INT(s.g.n, 1);
+	T_EQ_INT(s.g.a.status, 200);
+	T_EQ_STR(s.g.a.content, "Hello");
+	T_EQ_INT(s.g.a.content_len, 5);
+	T_EQ_INT(s.g.a.prompt_tokens, 4);
+	T_EQ_INT(s.g.a.completion_tokens, 2);
+	T_ASSERT(s.deltas >= 1);
+	T_EQ_INT(s.lens[s.deltas - 1], 5); /* before done, all of it */
+	T_ASSERT(strcasestr(srv.last_head.b,
+	                    "\r\nAccept: text/event-stream\r\n") != NULL);
+	T_ASSERT(strstr(srv.last_body.b, "\"stream\":true") != NULL);
+	free(s.g.a.content);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	teardown();
+}
+
+static void
+t_stream_two_turns(void)
+{
+	struct sgot s = {0};
+	uint64_t t0 = now_mono_ms();
+
+	setup(4096, 8);
+	(void)scall("sseslow", 5000, &s);
+	wait_for(&s.deltas, 1, 2000);
+	T_EQ_INT(s.deltas, 1);
+	T_EQ_INT(s.lens[0], 3); /* "Hel" */
+	T_EQ_INT(s.g.n, 0);
+	wait_for(&s.g.n, 1, 3000);
+	T_EQ_INT(s.deltas, 2);
+	T_EQ_INT(s.lens[1], 5);
+	T_EQ_STR(s.g.a.content, "Hello");
+	T_ASSERT(now_mono_ms() - t0 >= 150);
+	free(s.g.a.content);
+	teardown();
+}
+
+static void
+t_stream_errors(void)
+{
+	static const struct {
+		const char *which;
+		uint64_t status;
+		const char *msg;
+		const char *content;
+	} cases[] = {
+	        {"ssegarbage", 502, "upstream returned an invalid answer",
+	         NULL},
+	        {"sseerr", 502, "upstream error: overloaded", NULL},
+	        {"sseearly", 502, "upstream stream ended early", "Hel"},
+	        {"ok", 502, "upstream returned an invalid answer", NULL},
+	        {"s500", 502, "upstream status 500", NULL},
+	        {"r429", 503, "upstream rate limited", NULL},
+	};
+
+	setup(4096, 8);
+	for (size_t i = 0; i < nitems(cases); i++) {
+		struct sgot s = {0};
+
+		(void)scall(cases[i].which, 5000, &s);
+		wait_for(&s.g.n, 1, 5000);
+		T_EQ_INT(s.g.n, 1);
+		if (s.g.a.status != cases[i].status ||
+		    strcmp(s.g.a.msg, cases[i].msg) != 0)
+			T_FAIL("%s: got %llu \"%s\", want %llu \"%s\"",
+			       cases[i].which,
+			       (unsigned long long)s.g.a.status, s.g.a.msg,
+			       (unsigned long long)cases[i].status,
+			       cases[i].msg);
+		if (cases[i].content != NULL)
+			T_EQ_STR(s.g.a.content, cases[i].content);
+		else
+			T_ASSERT(s.g.a.content == NULL);
+		T_EQ_INT(s.deltas, cases[i].content ? 1 : 0);
+		free(s.g.a.content);
+	}
+	teardown();
+}
+
+static void
+t_stream_cut(void)
+{
+	struct sgot s = {0};
+
+	setup(4096, 8);
+	(void)scall("ssecut", 5000, &s);
+	wait_for(&s.g.n, 1, 5000);
+	T_EQ_INT(s.g.a.status, 502);
+	T_ASSERT(strncmp(s.g.a.msg, "upstream unreachable: ", 22) == 0);
+	T_EQ_STR(s.g.a.content, "Hel"); /* what the client saw */
+	free(s.g.a.content);
+	teardown();
+}
+
+static void
+t_stream_timeout(void)
+{
+	struct sgot s = {0};
+
+	setup(4096, 8);
+	(void)scall("ssehang", 300, &s);
+	wait_for(&s.g.n, 1, 3000);
+	T_EQ_INT(s.deltas, 1);
+	T_EQ_INT(s.g.a.status, 504);
+	T_EQ_STR(s.g.a.msg, "upstream deadline exceeded");
+	T_EQ_STR(s.g.a.content, "Hel");
+	free(s.g.a.content);
+	teardown();
+}
+
+static void
+t_stream_cancel_in_delta(void)
+{
+	struct sgot s = {0}, s2 = {0};
+
+	/* The delta callback cancels its own call: no done, no crash, and
+	 * the client goes on. */
+	setup(4096, 8);
+	s.cancel_me = scall("ssehang", 5000, &s);
+	wait_for(&s.deltas, 1, 3000);
+	T_EQ_INT(s.deltas, 1);
+	T_EQ_INT(worker_upstream_active(up), 0);
+	(void)scall("sse", 5000, &s2);
+	wait_for(&s2.g.n, 1, 3000);
+	T_EQ_STR(s2.g.a.content, "Hello");
+	T_EQ_INT(s.g.n, 0);
+	free(s2.g.a.content);
+	teardown();
+}
+
+static void
+t_stream_too_big(void)
+{
+	struct sgot s = {0};
+
+	setup(2, 8); /* max_body 2: "Hel" is over */
+	(void)scall("sse", 5000, &s);
+	wait_for(&s.g.n, 1, 3000);
+	T_EQ_INT(s.g.a.status, 502);
+	T_EQ_STR(s.g.a.msg, "upstream answer too large");
+	T_EQ_INT(s.deltas, 0);
+	free(s.g.a.content);
+	teardown();
+}
+
 T_TESTS = {
         {"url", t_url},
         {"request_exact", t_request_exact},
@@ -707,6 +1104,20 @@ T_TESTS = {
         {"loop_queue_expired", t_loop_queue_expired},
         {"loop_queue_cancel", t_loop_queue_cancel},
         {"loop_hosts_apart", t_loop_hosts_apart},
+        {"request_stream", t_request_stream},
+        {"sse_whole", t_sse_whole},
+        {"sse_split", t_sse_split},
+        {"sse_no_final_blank", t_sse_no_final_blank},
+        {"sse_multiline_data", t_sse_multiline_data},
+        {"sse_garbage", t_sse_garbage},
+        {"sse_too_big", t_sse_too_big},
+        {"stream_ok", t_stream_ok},
+        {"stream_two_turns", t_stream_two_turns},
+        {"stream_errors", t_stream_errors},
+        {"stream_cut", t_stream_cut},
+        {"stream_timeout", t_stream_timeout},
+        {"stream_cancel_in_delta", t_stream_cancel_in_delta},
+        {"stream_too_big", t_stream_too_big},
         {NULL, NULL},
 };
 T_MAIN
