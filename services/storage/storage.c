@@ -47,6 +47,8 @@ struct storage_peer {
 static const struct storage_peer peers[] = {
         {"worker", PROC_WORKER, storage_dispatch_worker},
         {"troupectl-", PROC_TOOL, storage_dispatch_tool},
+        {"auth", PROC_AUTH, storage_dispatch_auth},
+        {"dispatcher", PROC_DISPATCHER, storage_dispatch_dispatcher},
 };
 
 size_t
@@ -399,6 +401,39 @@ storage_metrics_init(struct storage *st)
 	        mx, ADM, ADM_H, LBL("service=\"%s\",result=\"ok\"", svc));
 	m->admin_failed = metrics_counter(
 	        mx, ADM, ADM_H, LBL("service=\"%s\",result=\"failed\"", svc));
+#define LOCK "troupe_storage_chat_locks_total"
+#define LOCK_H "v3 conversation locks asked for, by outcome"
+	m->lock_taken = metrics_counter(
+	        mx, LOCK, LOCK_H, LBL("service=\"%s\",result=\"taken\"", svc));
+	m->lock_busy = metrics_counter(
+	        mx, LOCK, LOCK_H, LBL("service=\"%s\",result=\"busy\"", svc));
+	m->lock_unavailable = metrics_counter(
+	        mx, LOCK, LOCK_H,
+	        LBL("service=\"%s\",result=\"unavailable\"", svc));
+#define CQ "troupe_storage_chat_queries_total"
+#define CQ_H "CHAT_QUERY answers (retrieve, list, cancel) by outcome"
+	m->q_ok = metrics_counter(mx, CQ, CQ_H,
+	                          LBL("service=\"%s\",result=\"ok\"", svc));
+	m->q_not_found = metrics_counter(
+	        mx, CQ, CQ_H, LBL("service=\"%s\",result=\"not_found\"", svc));
+	m->q_finished = metrics_counter(
+	        mx, CQ, CQ_H, LBL("service=\"%s\",result=\"finished\"", svc));
+	m->q_invalid = metrics_counter(
+	        mx, CQ, CQ_H, LBL("service=\"%s\",result=\"invalid\"", svc));
+	m->q_unavailable = metrics_counter(
+	        mx, CQ, CQ_H,
+	        LBL("service=\"%s\",result=\"unavailable\"", svc));
+	m->q_error = metrics_counter(
+	        mx, CQ, CQ_H, LBL("service=\"%s\",result=\"error\"", svc));
+#define KC "troupe_storage_key_checks_total"
+#define KC_H "KEY_CHECK answers by outcome"
+	m->key_valid = metrics_counter(
+	        mx, KC, KC_H, LBL("service=\"%s\",result=\"valid\"", svc));
+	m->key_invalid = metrics_counter(
+	        mx, KC, KC_H, LBL("service=\"%s\",result=\"invalid\"", svc));
+	m->key_unavailable = metrics_counter(
+	        mx, KC, KC_H,
+	        LBL("service=\"%s\",result=\"unavailable\"", svc));
 	m->redis_up = metrics_gauge(mx, "troupe_storage_redis_up",
 	                            "1 while the Redis connection serves",
 	                            LBL("service=\"%s\"", svc));
@@ -458,6 +493,7 @@ main(int argc, char **argv)
 
 	svc_init(&st->svc, &storage_def, argc, argv);
 	TAILQ_INIT(&st->rows);
+	TAILQ_INIT(&st->chat_waiting);
 	conf_str(&st->conf.redis, "redis", "127.0.0.1:6379");
 	conf_str(&st->conf.postgres, "postgres",
 	         "host=127.0.0.1 port=5432 dbname=troupe user=troupe");

@@ -5,17 +5,21 @@
  * (conversation contexts) and PostgreSQL (bots, chats): workers ask it for
  * a bot and its context (CTX_GET), hand it finished turns (CHAT_PERSIST,
  * written by group commit, acknowledged to the edge only after COMMIT),
- * and troupectl manages bots through it (ADMIN_REQUEST).
+ * and troupectl manages bots through it (ADMIN_REQUEST).  For the v3 chat
+ * API it also holds each conversation's lock and the chats in progress
+ * (Redis), answers retrieve, message list and the cancel of a chat no
+ * worker runs (CHAT_QUERY), and checks API keys (KEY_CHECK).
  *
  * Files: storage.c (main, config, peer table, status, stop),
  * storage_dispatch.c (one switch per peer), storage_ctx.c (CTX_GET, the
  * Redis context), storage_commit.c (CHAT_PERSIST, group commit),
- * storage_bots.c (bot cache, admin ops), storage_schema.c (migrations),
- * storage_pg.c (a non-blocking libpq connection on the loop),
- * storage_redis.c (hiredis 0.14 async on the loop), storage_text.c (pure
- * text helpers).  Everything runs on the loop thread, and nothing here may
- * block it: Redis or PostgreSQL being down or slow gives clear 503s, never
- * a crash or a hang.
+ * storage_bots.c (bot cache, admin ops), storage_chat.c (v3 lock, chat
+ * hash, CHAT_QUERY), storage_keys.c (API keys), storage_schema.c
+ * (migrations), storage_pg.c (a non-blocking libpq connection on the
+ * loop), storage_redis.c (hiredis 0.14 async on the loop), storage_text.c
+ * (pure text helpers).  Everything runs on the loop thread, and nothing
+ * here may block it: Redis or PostgreSQL being down or slow gives clear
+ * 503s, never a crash or a hang.
  */
 #ifndef TROUPE_STORAGE_H
 #define TROUPE_STORAGE_H
@@ -140,6 +144,10 @@ struct storage_metrics {
 	uint64_t *err_pg, *err_redis, *err_send, *err_bad_msg,
 	        *err_unknown_msg;
 	uint64_t *admin_ok, *admin_failed;
+	uint64_t *lock_taken, *lock_busy, *lock_unavailable;
+	uint64_t *q_ok, *q_not_found, *q_finished, *q_invalid, *q_unavailable,
+	        *q_error;
+	uint64_t *key_valid, *key_invalid, *key_unavailable;
 	double *redis_up, *writer_up, *reader_up, *schema_version;
 	double *queue_rows, *read_queue, *redis_pending, *bot_cache_entries;
 	struct histo *commit_seconds, *ctx_seconds;
@@ -165,6 +173,7 @@ storage_gauge(double *g, double v)
 struct storage_bot {
 	int refs;
 	uint64_t context_turns;
+	uint64_t ttfe_ms, total_ms; /* the bot's deadlines */
 	char *id, *upstream, *model, *system_prompt;
 };
 
@@ -183,7 +192,13 @@ struct storage_ctx_req {
 	struct msg_head head;    /* strings point into blob */
 	char *reply_to;
 	struct mstr bot_id, conversation_id;
-	char *key; /* the Redis key, NUL-terminated */
+	/* v3 (chat_id non-empty): the conversation lock and the chat in
+	 * progress (storage_chat.c); NUL-terminated in blob. */
+	struct mstr chat_id, user_id;
+	uint64_t lock_ms;
+	uint64_t created_at; /* unix s, from the chat's Redis hash */
+	int locked;          /* the lock is ours: release it on failure */
+	char *key;           /* the Redis key, NUL-terminated */
 	size_t keylen;
 	uint64_t epoch; /* commit epoch when the rebuild was queued */
 	uint64_t t0_ns;
@@ -193,6 +208,8 @@ TAILQ_HEAD(storage_ctx_reqs, storage_ctx_req);
 
 struct storage_bot_entry;
 struct storage_row;
+struct storage_chat_q;
+TAILQ_HEAD(storage_chat_qs, storage_chat_q);
 struct storage_batch;
 TAILQ_HEAD(storage_rows, storage_row);
 
@@ -215,6 +232,13 @@ struct storage {
 	size_t nappending;           /* committed batches awaiting Redis */
 	uint64_t commit_epoch;
 	uint64_t epoch_slot[STORAGE_EPOCH_SLOTS];
+	/* v3 persists queued or in flight, per hashed chat_id: a
+	 * CHAT_QUERY about such a chat waits for its commit
+	 * (storage_chat.c), so that a client told "canceled" or "done"
+	 * never reads an older state. */
+	uint32_t chat_pending[STORAGE_EPOCH_SLOTS];
+	struct storage_chat_qs chat_waiting;
+	size_t nchat_waiting;
 
 	/* Bot cache (storage_bots.c). */
 	struct storage_bot_entry **bot_tab;
@@ -251,6 +275,8 @@ void storage_stop_check(struct storage *);
 enum { DISPATCH_OK, DISPATCH_BAD, DISPATCH_UNHANDLED };
 int storage_dispatch_worker(struct storage *, const struct msg *);
 int storage_dispatch_tool(struct storage *, const struct msg *);
+int storage_dispatch_auth(struct storage *, const struct msg *);
+int storage_dispatch_dispatcher(struct storage *, const struct msg *);
 
 /* storage_ctx.c */
 /* Answer a CTX_GET (now or later). */
@@ -268,6 +294,43 @@ void storage_ctx_committed(struct storage *, struct mstr bot_id,
 void storage_ctx_forget(struct storage *, const char *key, size_t keylen);
 /* Redis is (back) up: send the deletions that waited. */
 void storage_ctx_redis_up(struct storage *);
+
+/* The lock of a v3 CTX_GET is taken (status 200: go on with the
+ * context), or not (answer status, code, msg); storage_chat.c calls
+ * this. */
+void storage_ctx_locked(struct storage_ctx_req *, uint64_t status,
+                        int64_t code, const char *msg);
+
+/* storage_chat.c: v3 chats in Redis (the conversation lock, the chat in
+ * progress) and CHAT_QUERY. */
+/* Take the conversation lock for req's chat and record the chat as in
+ * progress; calls storage_ctx_locked() now or later. */
+void storage_chat_lock(struct storage_ctx_req *);
+/* Set the chat's Redis hash to status (completed, failed, canceled; ""
+ * deletes it) and release the conversation lock if it still holds
+ * chat_id, in one EVAL; cb (may be NULL) gets the reply.  -1 if Redis is
+ * not connected (cb then never runs). */
+int storage_chat_finish(struct storage *, const char *conversation_id,
+                        const char *chat_id, const char *status,
+                        storage_redis_cb, void *arg);
+/* A v3 persist of chat_id was queued (delta 1) or is over (-1). */
+void storage_chat_pending(struct storage *, struct mstr chat_id, int delta);
+/* Start the CHAT_QUERYs whose chat has no persist pending any more
+ * (every loop turn). */
+void storage_chat_kick(struct storage *);
+/* Answer a CHAT_QUERY (v3.retrieve, v3.list, v3.cancel). */
+void storage_chat_query(struct storage *, const struct msg *,
+                        const struct chat_request *);
+/* Answer an undecodable CHAT_QUERY with 500. */
+void storage_chat_query_bad(struct storage *, const struct msg *);
+
+/* storage_keys.c: API keys (pat_...). */
+/* Answer a KEY_CHECK with KEY_REPLY. */
+void storage_keys_check(struct storage *, const struct msg *,
+                        const struct key_check *);
+/* Run an ADMIN_REQUEST key.* op (key.add, key.list, key.revoke). */
+void storage_keys_admin(struct storage *, const struct msg *,
+                        const struct admin_request *);
 
 /* storage_commit.c */
 /* Queue a CHAT_PERSIST for the next batch (or refuse it at once). */

@@ -50,8 +50,8 @@ struct bot_load {
 };
 
 static const char bot_load_sql[] =
-        "SELECT upstream, model, system_prompt, context_turns "
-        "FROM bots WHERE id = $1";
+        "SELECT upstream, model, system_prompt, context_turns, ttfe_ms,"
+        " total_ms FROM bots WHERE id = $1";
 
 static uint64_t
 bots_hash(const char *p, size_t n)
@@ -81,7 +81,8 @@ storage_bot_unref(struct storage_bot *b)
 /* One allocation: the struct, then the four strings. */
 static struct storage_bot *
 bot_new(const char *id, const char *upstream, const char *model,
-        const char *prompt, uint64_t turns)
+        const char *prompt, uint64_t turns, uint64_t ttfe_ms,
+        uint64_t total_ms)
 {
 	size_t li = strlen(id) + 1, lu = strlen(upstream) + 1,
 	       lm = strlen(model) + 1, lp = strlen(prompt) + 1;
@@ -92,6 +93,8 @@ bot_new(const char *id, const char *upstream, const char *model,
 		return (NULL);
 	b->refs = 1;
 	b->context_turns = turns;
+	b->ttfe_ms = ttfe_ms;
+	b->total_ms = total_ms;
 	p = (char *)(b + 1);
 	b->id = memcpy(p, id, li);
 	b->upstream = memcpy(p += li, upstream, lu);
@@ -219,10 +222,13 @@ bots_loaded(void *arg, const PGresult *res)
 			        strtoull(PQgetvalue(res, 0, 3), NULL, 10);
 			if (turns > 1000)
 				turns = 1000;
-			if ((b = bot_new(e->id, PQgetvalue(res, 0, 0),
-			                 PQgetvalue(res, 0, 1),
-			                 PQgetvalue(res, 0, 2), turns)) ==
-			    NULL)
+			if ((b = bot_new(
+			             e->id, PQgetvalue(res, 0, 0),
+			             PQgetvalue(res, 0, 1),
+			             PQgetvalue(res, 0, 2), turns,
+			             strtoull(PQgetvalue(res, 0, 4), NULL, 10),
+			             strtoull(PQgetvalue(res, 0, 5), NULL,
+			                      10))) == NULL)
 				ok = 0;
 		}
 	} else if (res != NULL) {

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "coze.h"
 #include "storage.h"
 
 #define CTX_CONV_MAX 1024
@@ -98,7 +99,12 @@ ctx_reply(struct storage_ctx_req *req, uint64_t status, int64_t code,
 	r.code = code;
 	r.msg = MSTR(msg);
 	r.upstream = r.model = r.system_prompt = r.context = MSTR_NULL;
+	r.plugins = MSTR_NULL;
 	if (status == 200 && req->bot != NULL) {
+		r.plugins = MSTR("[]"); /* plugins: slice 2 */
+		r.created_at = req->created_at;
+		r.first_event_ms = req->bot->ttfe_ms;
+		r.total_ms = req->bot->total_ms;
 		r.upstream = MSTR(req->bot->upstream);
 		r.model = MSTR(req->bot->model);
 		r.system_prompt = MSTR(req->bot->system_prompt);
@@ -109,6 +115,11 @@ ctx_reply(struct storage_ctx_req *req, uint64_t status, int64_t code,
 		log_req(LOG_L_DEBUG, req->head.reqid, req->head.traceparent,
 		        req->bot_id, "CTX_GET: %llu %lld %s",
 		        (unsigned long long)status, (long long)code, msg);
+	/* The run will not start: free its conversation at once rather
+	 * than when the lock expires. */
+	if (status != 200 && req->locked)
+		(void)storage_chat_finish(st, req->conversation_id.p,
+		                          req->chat_id.p, "", NULL, NULL);
 	if (st->m.ctx_seconds != NULL)
 		histo_observe(st->m.ctx_seconds,
 		              (double)(now_mono_ns() - req->t0_ns) / 1e9);
@@ -146,6 +157,7 @@ ctx_refuse(struct storage *st, const struct msg *m, const char *why)
 	r.code = 4000;
 	r.msg = MSTR(why);
 	r.upstream = r.model = r.system_prompt = r.context = MSTR_NULL;
+	r.plugins = MSTR_NULL;
 	if (msg_send_ctx_reply(st->svc.ipc, to, &h, &r) == -1)
 		storage_count(st->m.err_send);
 	free(to);
@@ -173,10 +185,20 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 		ctx_refuse(st, m, "invalid conversation or bot id");
 		return;
 	}
+	/* v3: the ids name Redis keys; they are ours (coze.h) or were
+	 * checked by the edge. */
+	if (b->chat_id.n > 0 &&
+	    (!coze_id_ok(b->chat_id) || !coze_id_ok(b->conversation_id) ||
+	     b->user_id.n > CTX_CONV_MAX ||
+	     !storage_text_utf8_ok(b->user_id.p, b->user_id.n))) {
+		ctx_refuse(st, m, "invalid chat, conversation or user id");
+		return;
+	}
 	if (storage_text_ctx_key(&key, b->bot_id, b->conversation_id) == -1)
 		goto oom;
 	sz = sizeof(*req) + storage_head_size(m) + b->bot_id.n + 1 +
-	     b->conversation_id.n + 1 + key.len + 1;
+	     b->conversation_id.n + 1 + b->chat_id.n + 1 + b->user_id.n + 1 +
+	     key.len + 1;
 	if ((req = calloc(1, sz)) == NULL)
 		goto oom;
 	req->st = st;
@@ -190,6 +212,15 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	req->conversation_id = (struct mstr){p, b->conversation_id.n};
 	p += b->conversation_id.n;
 	*p++ = '\0';
+	memcpy(p, b->chat_id.p, b->chat_id.n);
+	req->chat_id = (struct mstr){p, b->chat_id.n};
+	p += b->chat_id.n;
+	*p++ = '\0';
+	memcpy(p, b->user_id.p, b->user_id.n);
+	req->user_id = (struct mstr){p, b->user_id.n};
+	p += b->user_id.n;
+	*p++ = '\0';
+	req->lock_ms = b->lock_ms;
 	memcpy(p, key.b, key.len);
 	p[key.len] = '\0';
 	req->key = p;
@@ -209,15 +240,13 @@ oom:
 
 static void ctx_lrange_done(void *, const redisReply *);
 static void ctx_rebuild_done(void *, const PGresult *);
+static void ctx_read(struct storage_ctx_req *);
 
 void
 storage_ctx_have_bot(struct storage_ctx_req *req, struct storage_bot *bot,
                      enum storage_bot_status status)
 {
 	struct storage *st = req->st;
-	char lo[24];
-	const char *argv[4];
-	size_t argl[4];
 
 	switch (status) {
 	case STORAGE_BOT_ABSENT:
@@ -232,6 +261,36 @@ storage_ctx_have_bot(struct storage_ctx_req *req, struct storage_bot *bot,
 	}
 	storage_bot_ref(bot);
 	req->bot = bot;
+	if (req->chat_id.n > 0) {
+		storage_chat_lock(req);
+		return;
+	}
+	ctx_read(req);
+}
+
+void
+storage_ctx_locked(struct storage_ctx_req *req, uint64_t status, int64_t code,
+                   const char *msg)
+{
+	if (status != 200) {
+		if (status == 503)
+			storage_count(req->st->m.ctx_unavailable);
+		ctx_reply(req, status, code, msg, NULL, 0);
+		return;
+	}
+	ctx_read(req);
+}
+
+/* The bot is known (and the lock taken): read the context. */
+static void
+ctx_read(struct storage_ctx_req *req)
+{
+	struct storage *st = req->st;
+	struct storage_bot *bot = req->bot;
+	char lo[24];
+	const char *argv[4];
+	size_t argl[4];
+
 	if (req->conversation_id.n == 0 || bot->context_turns == 0) {
 		storage_count(st->m.ctx_none);
 		ctx_reply(req, 200, 0, "", "", 0);

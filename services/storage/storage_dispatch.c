@@ -2,12 +2,18 @@
 /*
  * storage_dispatch: one switch per peer kind (STYLE.md §3).  Each case
  * decodes the body and calls the one function named after the message;
- * the work lives in storage_ctx.c, storage_commit.c and storage_bots.c.
+ * the work lives in storage_ctx.c, storage_commit.c, storage_bots.c,
+ * storage_chat.c and storage_keys.c.  Peers: workers (CTX_GET,
+ * CHAT_PERSIST), troupectl (ADMIN_REQUEST; key.* ops go to
+ * storage_keys.c), auth (CHAT_QUERY, KEY_CHECK), the dispatcher
+ * (CHAT_QUERY).
  * Callers: storage.c's peer table, on the loop thread.  An undecodable
  * body is answered with an error where the message says where to, and
  * reported as DISPATCH_BAD; a type this peer may not send here is
  * DISPATCH_UNHANDLED (storage.c counts and logs both).  Never blocks.
  */
+#include <string.h>
+
 #include "storage.h"
 
 int
@@ -48,10 +54,58 @@ storage_dispatch_tool(struct storage *st, const struct msg *m)
 			storage_bots_admin_bad(st, m);
 			return (DISPATCH_BAD);
 		}
-		storage_bots_admin(st, m, &ar);
+		if (ar.op.n > 4 && memcmp(ar.op.p, "key.", 4) == 0)
+			storage_keys_admin(st, m, &ar);
+		else
+			storage_bots_admin(st, m, &ar);
 		break;
 	default:
 		return (DISPATCH_UNHANDLED);
 	}
 	return (DISPATCH_OK);
+}
+
+/* CHAT_QUERY comes from auth (retrieve, list) and the dispatcher (the
+ * cancel of a chat no worker runs). */
+static int
+dispatch_query(struct storage *st, const struct msg *m)
+{
+	struct chat_request cr;
+
+	if (chat_request_unpack(m, &cr) == -1) {
+		storage_chat_query_bad(st, m);
+		return (DISPATCH_BAD);
+	}
+	storage_chat_query(st, m, &cr);
+	return (DISPATCH_OK);
+}
+
+int
+storage_dispatch_auth(struct storage *st, const struct msg *m)
+{
+	struct key_check kc;
+
+	switch (m->type) {
+	case MSG_CHAT_QUERY:
+		return (dispatch_query(st, m));
+	case MSG_KEY_CHECK:
+		if (key_check_unpack(m, &kc) == -1)
+			return (DISPATCH_BAD);
+		storage_keys_check(st, m, &kc);
+		break;
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
+	return (DISPATCH_OK);
+}
+
+int
+storage_dispatch_dispatcher(struct storage *st, const struct msg *m)
+{
+	switch (m->type) {
+	case MSG_CHAT_QUERY:
+		return (dispatch_query(st, m));
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
 }

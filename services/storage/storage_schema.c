@@ -58,6 +58,39 @@ static const struct migration migrations[] = {
          " seq bigserial);"
          "CREATE INDEX chats_conversation_idx"
          " ON chats (bot_id, conversation_id, seq);"},
+        {2, "v3 chats, conversations, messages, api keys",
+         /* Defaults keep every v1 row valid: a stored v1 chat is a
+          * completed one. */
+         "ALTER TABLE chats"
+         " ADD COLUMN status text NOT NULL DEFAULT 'completed',"
+         " ADD COLUMN route text NOT NULL DEFAULT 'v1.chat',"
+         " ADD COLUMN completed_at timestamptz,"
+         " ADD COLUMN last_error text;"
+         "CREATE TABLE conversations ("
+         " id text PRIMARY KEY,"
+         " bot_id text NOT NULL,"
+         " user_id text NOT NULL,"
+         " created_at bigint NOT NULL);"
+         "CREATE TABLE messages ("
+         " id text PRIMARY KEY,"
+         " chat_id text NOT NULL,"
+         " conversation_id text NOT NULL,"
+         " bot_id text NOT NULL,"
+         " seq int NOT NULL,"
+         " role text NOT NULL,"
+         " type text NOT NULL,"
+         " content text NOT NULL,"
+         " content_type text NOT NULL,"
+         " created_at bigint NOT NULL);"
+         "CREATE INDEX messages_chat_idx ON messages (chat_id, seq);"
+         "CREATE TABLE api_keys ("
+         " id text PRIMARY KEY,"
+         " hash text NOT NULL UNIQUE,"
+         " name text NOT NULL,"
+         " sub text NOT NULL,"
+         " scopes text NOT NULL,"
+         " created_at timestamptz NOT NULL DEFAULT now(),"
+         " revoked_at timestamptz)"},
 };
 
 /* Step 1: take the lock, make sure the ledger exists, read it. */

@@ -14,6 +14,13 @@
  *    "user_id":"u","query":"q","answer":"a","prompt_tokens":1,
  *    "completion_tokens":2,"context_turns":10,"reply":"{}"}
  *   {"cmd":"admin","op":"bot.add","args":{"id":"b","upstream":"http://x"}}
+ *   v3: ctx takes "chat_id", "user_id", "lock_ms"; persist takes "route",
+ *   "status", "reply_kind", "messages" and "last_error" (a string, or
+ *   JSON that is sent as its text), "created_at";
+ *   {"cmd":"query","route":"v3.retrieve","chat_id":"1",
+ *    "conversation_id":"2"}   CHAT_QUERY (mailbox auth-* or dispatcher*)
+ *   {"cmd":"keycheck","hash":"<64 hex>"}   KEY_CHECK (mailbox auth-*)
+ * "noreply":true on a command: no answer is expected (reply_kind 2).
  *   {"cmd":"bad","type":769}      an undecodable body of that type
  *   {"cmd":"wait","timeout_ms":5000}   until every answer is in
  *   {"cmd":"sleep","ms":100}
@@ -55,6 +62,8 @@ on_msg(void *arg, const struct msg *m)
 	struct ctx_reply cr;
 	struct chat_reply ch;
 	struct admin_reply ar;
+	struct chat_event ev;
+	struct key_reply kr;
 
 	(void)arg;
 	buf_reset(&out);
@@ -76,6 +85,28 @@ on_msg(void *arg, const struct msg *m)
 		buf_addf(&out, ",\"context_turns\":%llu",
 		         (unsigned long long)cr.context_turns);
 		out_str("context", cr.context);
+		out_str("plugins", cr.plugins);
+		buf_addf(&out,
+		         ",\"created_at\":%llu,\"first_event_ms\":%llu,"
+		         "\"total_ms\":%llu",
+		         (unsigned long long)cr.created_at,
+		         (unsigned long long)cr.first_event_ms,
+		         (unsigned long long)cr.total_ms);
+		break;
+	case MSG_CHAT_EVENT:
+		if (chat_event_unpack(m, &ev) == -1)
+			goto bad;
+		out_str("sse", ev.sse);
+		buf_addf(&out, ",\"last\":%llu", (unsigned long long)ev.last);
+		break;
+	case MSG_KEY_REPLY:
+		if (key_reply_unpack(m, &kr) == -1)
+			goto bad;
+		out_str("hash", kr.hash);
+		buf_addf(&out, ",\"status\":%llu",
+		         (unsigned long long)kr.status);
+		out_str("sub", kr.sub);
+		out_str("scopes", kr.scopes);
 		break;
 	case MSG_CHAT_REPLY:
 		if (chat_reply_unpack(m, &ch) == -1)
@@ -144,6 +175,22 @@ jstr(const cJSON *o, const char *k)
 	return (MSTR_NULL);
 }
 
+/* A string as it is, anything else as its JSON text (in *tmp). */
+static struct mstr
+jtext(const cJSON *o, const char *k, char **tmp)
+{
+	const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, k);
+
+	if (it == NULL)
+		return (MSTR_NULL);
+	if (cJSON_IsString(it))
+		return (MSTR(it->valuestring));
+	free(*tmp);
+	if ((*tmp = cJSON_PrintUnformatted(it)) == NULL)
+		return (MSTR_NULL);
+	return (MSTR(*tmp));
+}
+
 static double
 jnum(const cJSON *o, const char *k, double def)
 {
@@ -167,7 +214,7 @@ main(int argc, char **argv)
 	struct ipc *ipc;
 	unsigned long n = 0;
 	int ch, final_ms = 10000;
-	char *raw = NULL;
+	char *raw = NULL, *t1 = NULL, *t2 = NULL;
 
 	while ((ch = getopt(argc, argv, "c:n:t:")) != -1) {
 		switch (ch) {
@@ -218,6 +265,9 @@ main(int argc, char **argv)
 			struct ctx_get b = {0};
 			b.bot_id = jstr(o, "bot_id");
 			b.conversation_id = jstr(o, "conversation_id");
+			b.chat_id = jstr(o, "chat_id");
+			b.user_id = jstr(o, "user_id");
+			b.lock_ms = (uint64_t)jnum(o, "lock_ms", 0);
 			rc = msg_send_ctx_get(ipc, "storage", &h, &b);
 		} else if (strcmp(cmd, "persist") == 0) {
 			struct chat_persist b = {0};
@@ -247,7 +297,24 @@ main(int argc, char **argv)
 			b.context_turns =
 			        (uint64_t)jnum(o, "context_turns", 10);
 			b.reply = jstr(o, "reply");
+			b.route = jstr(o, "route");
+			b.status = jstr(o, "status");
+			b.reply_kind = (uint64_t)jnum(o, "reply_kind", 0);
+			b.messages = jtext(o, "messages", &t1);
+			b.last_error = jtext(o, "last_error", &t2);
+			b.created_at = (uint64_t)jnum(o, "created_at", 0);
 			rc = msg_send_chat_persist(ipc, "storage", &h, &b);
+		} else if (strcmp(cmd, "query") == 0) {
+			struct chat_request b = {0};
+			b.route = jstr(o, "route");
+			b.chat_id = jstr(o, "chat_id");
+			b.history_id = jstr(o, "conversation_id");
+			b.bot_id = jstr(o, "bot_id");
+			rc = msg_send_chat_query(ipc, "storage", &h, &b);
+		} else if (strcmp(cmd, "keycheck") == 0) {
+			struct key_check b = {0};
+			b.hash = jstr(o, "hash");
+			rc = msg_send_key_check(ipc, "storage", &h, &b);
 		} else if (strcmp(cmd, "admin") == 0) {
 			struct admin_request b;
 			const cJSON *a =
@@ -281,7 +348,8 @@ main(int argc, char **argv)
 		}
 		if (rc == -1)
 			printf("{\"type\":\"SEND_REFUSED\"}\n");
-		else
+		else if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(
+		                 o, "noreply")))
 			outstanding++;
 		cJSON_Delete(o);
 		/* Let the batch go out without waiting for replies. */
@@ -294,6 +362,8 @@ main(int argc, char **argv)
 	fflush(stdout);
 	free(args);
 	free(raw);
+	free(t1);
+	free(t2);
 	buf_free(&out);
 	ipc_close(ipc);
 	return (rc == -1 ? 3 : 0);
