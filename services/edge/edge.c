@@ -155,7 +155,7 @@ edge_on_stop(struct svc *svc, void *arg)
 static const struct svc_def edge_def = {
         .kind = "edge",
         .summary = "troupe-edge: the HTTP/1.1 API (POST /v1/bot/chat, "
-                   "/healthz, /readyz)",
+                   "/v3/chat and friends, /healthz, /readyz)",
         .help_extra =
                 "[edge] keys:\n"
                 "  listen           host:port (127.0.0.1:8080); a socket "

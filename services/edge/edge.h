@@ -51,10 +51,15 @@ void edge_http_stop(struct svc *);
 /* Answer the client waiting for request id reqid with r.  0, or -1 if no
  * request waits for it (answered, timed out, or its client left). */
 int edge_http_reply(struct mstr reqid, const struct chat_reply *r);
+/* Stream ev's events to the client waiting for request id reqid (the
+ * first starts its 200 text/event-stream answer; ev->last ends it).  0,
+ * or -1 if no request waits for it. */
+int edge_http_event(struct mstr reqid, const struct chat_event *ev);
 
 /* Set up dispatch counters (in svc->metrics). */
 void edge_dispatch_init(struct svc *);
-/* CHAT_REPLY from any peer (auth, dispatcher, workers, storage). */
+/* CHAT_REPLY and CHAT_EVENT from any peer (auth, dispatcher, workers,
+ * storage). */
 int edge_dispatch_any(struct svc *, const struct msg *);
 
 #endif

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * edge_dispatch: the messages peers send to the edge.  There is one: a
- * CHAT_REPLY, from whichever process ends a chat (auth on a bad token,
- * the dispatcher when a worker dies, a worker on an unknown bot, storage
- * after COMMIT).  It answers the waiting client through edge_http.c.
+ * edge_dispatch: the messages peers send to the edge.  A CHAT_REPLY, from
+ * whichever process ends a chat (auth on a bad token, the dispatcher when
+ * a worker dies, a worker on an unknown bot, storage after COMMIT), and a
+ * CHAT_EVENT (server-sent events of a streaming v3 chat, from a worker or
+ * storage).  They answer the waiting client through edge_http.c.
  *
  * A reply for a request nobody waits for any more (answered, past its
  * deadline, client gone, or a duplicate after a sender's restart) is
@@ -36,6 +37,7 @@ int
 edge_dispatch_any(struct svc *svc, const struct msg *m)
 {
 	struct chat_reply r;
+	struct chat_event ev;
 
 	(void)svc;
 	switch (m->type) {
@@ -43,6 +45,12 @@ edge_dispatch_any(struct svc *svc, const struct msg *m)
 		if (chat_reply_unpack(m, &r) == -1)
 			return (DISPATCH_BAD);
 		if (edge_http_reply(m->reqid, &r) == -1)
+			++*m_late;
+		break;
+	case MSG_CHAT_EVENT:
+		if (chat_event_unpack(m, &ev) == -1)
+			return (DISPATCH_BAD);
+		if (edge_http_event(m->reqid, &ev) == -1)
 			++*m_late;
 		break;
 	default:

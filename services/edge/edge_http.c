@@ -17,6 +17,17 @@
  * connection goes first (the pool's dispose callback unlinks the waiter).
  * Never touch a req after a FINAL h2o_send(): it may be freed inside it.
  *
+ * v3.  /v3/chat and /v3/chat/{retrieve,message/list,cancel} go to auth the
+ * same way (route v3.*).  A CHAT_EVENT for a waiting request turns its
+ * answer into a 200 text/event-stream, written through our generator
+ * (one send in flight, the rest queued, 1 MiB at most); the event with
+ * last=1 ends it, and an error or the deadline after the stream began
+ * ends it with conversation.chat.failed and done.  When the client of a
+ * v3 chat leaves before its answer ended (the pool goes while the waiter
+ * is live: a failed write, a dropped slow client, or the sweep seeing end
+ * of file on a connection h2o is not reading), the dispatcher gets
+ * CLIENT_GONE.
+ *
  * Limits.  h2o enforces the body limit (max_request_entity_size: its 413
  * and its 400s for broken framing come out as our JSON through a filter on
  * the fallback path) and one request timeout (http1.req_timeout, set to
@@ -57,6 +68,7 @@
 #include <h2o.h>
 #include <h2o/http1.h>
 
+#include "coze.h"
 #include "edge.h"
 #include "edge_pending.h"
 #include "edge_req.h"
@@ -84,9 +96,31 @@ int phr_parse_request(const char *buf, size_t len, const char **method,
 #define EDGE_DRAIN_CHECK_MS 20
 #define EDGE_CTR_CACHE 24 /* (status, code) pairs cached per endpoint */
 
-enum edge_ep { EP_HEALTHZ, EP_READYZ, EP_CHAT, EP_OTHER, EP_N };
-static const char *const ep_name[EP_N] = {"/healthz", "/readyz",
-                                          "/v1/bot/chat", "other"};
+#define EDGE_STREAM_QMAX (1 << 20) /* bytes a slow stream client may owe */
+
+enum edge_ep {
+	EP_HEALTHZ,
+	EP_READYZ,
+	EP_CHAT,
+	EP_OTHER,
+	EP_V3CHAT,
+	EP_V3RETRIEVE,
+	EP_V3LIST,
+	EP_V3CANCEL,
+	EP_N
+};
+static const char *const ep_name[EP_N] = {
+        "/healthz",
+        "/readyz",
+        "/v1/bot/chat",
+        "other",
+        "/v3/chat",
+        "/v3/chat/retrieve",
+        "/v3/chat/message/list",
+        "/v3/chat/cancel",
+};
+
+struct edge_waiter;
 
 /* One accepted connection (h2o owns the socket; we watch it). */
 struct edge_conn {
@@ -97,6 +131,7 @@ struct edge_conn {
 	uint64_t partial_nreq;  /* nreq when partial_since was taken */
 	uint64_t partial_since; /* h2o time a partial request was seen */
 	int linger_fd;          /* dup for a lingering close, or -1 */
+	struct edge_waiter *w;  /* its v3 chat waiting or streaming, or NULL */
 };
 
 /* A socket being drained before it is closed. */
@@ -105,12 +140,36 @@ struct edge_linger {
 	h2o_timeout_entry_t to;
 };
 
-/* A chat waiting for its CHAT_REPLY; lives in the request's pool. */
+/*
+ * A request waiting for its CHAT_REPLY or streaming its CHAT_EVENTs;
+ * lives in the request's pool (h2o_mem_alloc_shared: waiter_dispose runs
+ * when the pool goes).  req is NULL once the answer is handed to h2o or
+ * the request is gone.
+ */
 struct edge_waiter {
 	struct edge_pending_ent ent;
 	h2o_req_t *req;
 	h2o_timeout_entry_t to;
-	h2o_iovec_t trace; /* in the request's pool */
+	h2o_iovec_t trace; /* = tr */
+	char tr[EDGE_TRACE_LEN];
+	enum edge_ep ep;
+	uint64_t received_ms, deadline_ms;
+	struct edge_conn *ec; /* v3 chat: its connection (sweep watches it) */
+	/* v3: the ids we know (chat_id made here for v3.chat) */
+	char chat_id[EDGE_ID_MAX + 1];
+	char conv_id[EDGE_ID_MAX + 1];
+	char *bot_id; /* in the pool */
+	size_t bot_id_len;
+	unsigned v3chat : 1;    /* CLIENT_GONE if it ends early */
+	unsigned sent : 1;      /* CHAT_REQUEST left */
+	unsigned ended : 1;     /* its whole answer is with h2o or queued */
+	unsigned streaming : 1; /* the 200 event stream started */
+	unsigned inflight : 1;  /* an h2o_send() waits for proceed */
+	unsigned final : 1;     /* the stream ends after q */
+	unsigned dead : 1;      /* dropped; ignore what comes */
+	h2o_generator_t gen;
+	struct buf out; /* bytes of the send in flight */
+	struct buf q;   /* bytes waiting for it */
 };
 
 struct edge_ctr {
@@ -144,7 +203,7 @@ static struct {
 	int nctr[EP_N];
 	struct histo *dur[EP_N];
 	double *g_pending, *g_conns;
-	uint64_t *c_pauses, *c_head_big, *c_head_slow;
+	uint64_t *c_pauses, *c_head_big, *c_head_slow, *c_gone, *c_dropped;
 	uint64_t nconns;
 } E;
 
@@ -216,7 +275,7 @@ gauges(void)
 static int
 metrics_setup(struct svc *svc)
 {
-	char lb[160];
+	char lb[160], lb_svc[160];
 	int i;
 
 	for (i = 0; i < EP_N; i++) {
@@ -227,6 +286,7 @@ metrics_setup(struct svc *svc)
 		        "Time from the start of a request to its answer", lb);
 	}
 	snprintf(lb, sizeof(lb), "service=\"%s\"", svc->name);
+	snprintf(lb_svc, sizeof(lb_svc), "service=\"%s\"", svc->name);
 	E.g_pending =
 	        metrics_gauge(svc->metrics, "troupe_edge_pending_requests",
 	                      "Chats sent on and waiting for their reply", lb);
@@ -258,6 +318,19 @@ metrics_setup(struct svc *svc)
 		E.c_head_big = &ctr_sink;
 	if (E.c_head_slow == NULL)
 		E.c_head_slow = &ctr_sink;
+	E.c_gone = metrics_counter(
+	        svc->metrics, "troupe_edge_clients_gone_total",
+	        "v3 chats whose client left before the answer ended "
+	        "(CLIENT_GONE sent)",
+	        lb_svc);
+	E.c_dropped = metrics_counter(
+	        svc->metrics, "troupe_edge_stream_drops_total",
+	        "Stream clients dropped for falling more than 1 MiB behind",
+	        lb_svc);
+	if (E.c_gone == NULL)
+		E.c_gone = &ctr_sink;
+	if (E.c_dropped == NULL)
+		E.c_dropped = &ctr_sink;
 	return (0);
 }
 
@@ -494,21 +567,257 @@ route_readyz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 	              0, extra);
 }
 
+/* Pending chats and streams. */
+
+static struct mstr
+ms(const char *p, size_t n)
+{
+	return ((struct mstr){p, (uint32_t)n});
+}
+
+/* Unlink w from the pending table and the deadline list. */
 static void
-waiter_detach(struct edge_waiter *w)
+waiter_unlink(struct edge_waiter *w)
 {
 	edge_pending_del(&E.pending, &w->ent);
 	if (h2o_timeout_is_linked(&w->to))
 		h2o_timeout_unlink(&w->to);
-	w->req = NULL;
 	gauges();
 }
 
-/* The request's pool is going (answered, or the connection closed). */
+static void
+waiter_detach(struct edge_waiter *w)
+{
+	waiter_unlink(w);
+	w->req = NULL;
+}
+
+/* Tell the dispatcher that the client of w's v3 chat left before its
+ * answer ended (it cancels the run, or drops it from its queue). */
+static void
+client_gone(struct edge_waiter *w)
+{
+	struct chat_request b = {0};
+	struct msg_head head;
+
+	head.reqid = ms(w->ent.reqid, EDGE_REQID_LEN);
+	head.traceparent = ms(w->tr, EDGE_TRACE_LEN);
+	head.deadline_ms = w->deadline_ms;
+	head.reply_to = MSTR_NULL;
+	b.route = MSTR_LIT("v3.chat");
+	b.token = MSTR_NULL;
+	b.sub = MSTR_NULL;
+	b.bot_id = MSTR_NULL;
+	b.user_id = MSTR_NULL;
+	b.query = MSTR_NULL;
+	b.history_id = MSTR(w->conv_id);
+	b.chat_id = MSTR(w->chat_id);
+	b.messages = MSTR_NULL;
+	b.scopes = MSTR_NULL;
+	++*E.c_gone;
+	/* Best effort: with the dispatcher's backlog full the run ends at
+	 * its deadline anyway. */
+	(void)msg_send_client_gone(E.svc->ipc, "dispatcher", &head, &b);
+}
+
+/*
+ * The request's pool is going: answered (after the last byte was
+ * written), or the connection closed.  A v3 chat whose answer had not
+ * ended (its client left, or we dropped a slow one) is reported to the
+ * dispatcher.
+ */
 static void
 waiter_dispose(void *p)
 {
-	waiter_detach(p);
+	struct edge_waiter *w = p;
+
+	if (w->v3chat && w->sent && !w->ended)
+		client_gone(w);
+	waiter_detach(w);
+	if (w->ec != NULL && w->ec->w == w)
+		w->ec->w = NULL;
+	w->ec = NULL;
+	buf_free(&w->out);
+	buf_free(&w->q);
+}
+
+/*
+ * Streams.  The first CHAT_EVENT for a waiting request starts a 200
+ * text/event-stream answer (chunked); each event's text is appended.
+ * h2o allows one send in flight: what arrives meanwhile waits in w->q
+ * and leaves when h2o calls proceed.  w->out holds the bytes of the send
+ * in flight (h2o does not copy them).  A client that lets more than
+ * EDGE_STREAM_QMAX bytes pile up behind the send in flight is dropped.
+ */
+
+static void stream_flush(struct edge_waiter *);
+
+static void
+stream_proceed(h2o_generator_t *gen, h2o_req_t *req)
+{
+	struct edge_waiter *w =
+	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, gen, gen);
+
+	(void)req;
+	w->inflight = 0;
+	buf_reset(&w->out);
+	stream_flush(w);
+}
+
+/* The connection went while a send was in flight: the pool's dispose
+ * (waiter_dispose) follows and does the rest. */
+static void
+stream_stop(h2o_generator_t *gen, h2o_req_t *req)
+{
+	struct edge_waiter *w =
+	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, gen, gen);
+
+	(void)req;
+	w->inflight = 0;
+}
+
+/* Send what waits, unless a send is in flight.  After the final send
+ * (w->final), neither w nor its request may be touched: h2o may free
+ * both inside h2o_send() or once the bytes are written. */
+static void
+stream_flush(struct edge_waiter *w)
+{
+	h2o_req_t *req = w->req;
+	struct buf t;
+	h2o_iovec_t b;
+
+	if (req == NULL || w->inflight || (w->q.len == 0 && !w->final))
+		return;
+	t = w->out;
+	w->out = w->q;
+	w->q = t;
+	buf_reset(&w->q);
+	b = h2o_iovec_init(w->out.b, w->out.len);
+	if (w->final) {
+		w->req = NULL;
+		rewrap_later(req);
+		h2o_send(req, &b, b.len > 0 ? 1 : 0, H2O_SEND_STATE_FINAL);
+		return;
+	}
+	w->inflight = 1;
+	h2o_send(req, &b, 1, H2O_SEND_STATE_IN_PROGRESS);
+}
+
+/* Drop w's client (too slow, or out of memory): h2o closes the
+ * connection, and waiter_dispose tells the dispatcher.  w is freed. */
+static void
+stream_drop(struct edge_waiter *w)
+{
+	struct edge_conn *ec = w->ec;
+
+	++*E.c_dropped;
+	if (ec == NULL && w->req != NULL)
+		ec = conn_of(w->req);
+	if (ec == NULL || E.h2o_read == NULL) {
+		/* Not ours to close (never happens with HTTP/1): stop
+		 * adding to it and let the connection end the stream. */
+		w->final = 0;
+		buf_reset(&w->q);
+		w->dead = 1;
+		return;
+	}
+	/* XXX as in conn_kill: a read error is how h2o 2.2.5 closes. */
+	E.h2o_read(ec->sock, h2o_socket_error_closed);
+}
+
+/* Start w's 200 event stream. */
+static void
+stream_start(struct edge_waiter *w)
+{
+	h2o_req_t *req = w->req;
+
+	req->res.status = 200;
+	req->res.reason = "OK";
+	req->res.content_length = SIZE_MAX;
+	h2o_vector_reserve(&req->pool, &req->res.headers, 5);
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
+	               "Content-Type",
+	               H2O_STRLIT("text/event-stream; charset=utf-8"));
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL,
+	               "Cache-Control", H2O_STRLIT("no-cache"));
+	add_hdr(req, &hn_logid, "X-Tt-Logid", w->ent.reqid, EDGE_REQID_LEN);
+	add_hdr(req, &hn_trace, NULL, w->tr, EDGE_TRACE_LEN);
+	w->gen.proceed = stream_proceed;
+	w->gen.stop = stream_stop;
+	w->streaming = 1;
+	observe(req, w->ep, 200, 0);
+	h2o_start_response(req, &w->gen);
+}
+
+/* Append n bytes of events for w's client; last: the stream ends after
+ * them.  w may be freed when this returns (after the final send, or when
+ * the client is dropped). */
+static void
+stream_push(struct edge_waiter *w, const char *p, size_t n, int last)
+{
+	if (w->dead)
+		return;
+	if (!w->streaming)
+		stream_start(w);
+	/* What the client owes us beyond the send in flight. */
+	if ((w->inflight && w->q.len > 0 && w->q.len + n > EDGE_STREAM_QMAX) ||
+	    buf_add(&w->q, p, n) == -1) {
+		stream_drop(w);
+		return;
+	}
+	if (last)
+		w->final = 1;
+	stream_flush(w);
+}
+
+/* Remember the conversation id the run's first events carry (a new
+ * conversation's id is made by the worker), for a failed event we may
+ * have to write ourselves. */
+static void
+stream_sniff_conv(struct edge_waiter *w, struct mstr sse)
+{
+	static const char key[] = "\"conversation_id\":\"";
+	const char *p = memmem(sse.p, sse.n, key, sizeof(key) - 1), *e;
+	size_t n;
+
+	if (p == NULL)
+		return;
+	p += sizeof(key) - 1;
+	e = memchr(p, '"', (size_t)(sse.p + sse.n - p));
+	if (e == NULL || (n = (size_t)(e - p)) == 0 || n > EDGE_ID_MAX ||
+	    !coze_id_ok(ms(p, n)))
+		return;
+	memcpy(w->conv_id, p, n);
+	w->conv_id[n] = '\0';
+}
+
+/* End w's stream with conversation.chat.failed (the chat as we know it,
+ * last_error {code, msg}) and done.  w may be freed. */
+static void
+stream_fail(struct edge_waiter *w, int64_t code, const char *msg,
+            size_t msglen)
+{
+	struct coze_chat c = {0};
+	struct buf b = {0};
+
+	c.id = MSTR(w->chat_id);
+	c.conversation_id = MSTR(w->conv_id);
+	c.bot_id = ms(w->bot_id, w->bot_id_len);
+	c.status = "failed";
+	c.created_at = w->received_ms / 1000;
+	c.failed_at = now_wall_ms() / 1000;
+	c.error_code = code;
+	c.error_msg = ms(msg, msglen);
+	w->ended = 1;
+	waiter_unlink(w);
+	if (coze_sse_chat(&b, "conversation.chat.failed", &c) == -1 ||
+	    coze_sse_done(&b) == -1) {
+		buf_free(&b);
+		stream_drop(w);
+		return;
+	}
+	stream_push(w, b.b, b.len, 1);
+	buf_free(&b);
 }
 
 static void
@@ -518,47 +827,98 @@ waiter_timeout(h2o_timeout_entry_t *to)
 	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, to, to);
 	h2o_req_t *req = w->req;
 
-	waiter_detach(w);
-	if (req != NULL)
-		ERR(req, EP_CHAT, 504, 5040, "deadline exceeded", w->ent.reqid,
-		    w->trace, 0);
+	if (req != NULL && w->streaming) {
+		stream_fail(w, 5040, H2O_STRLIT("deadline exceeded"));
+	} else {
+		w->ended = 1;
+		waiter_detach(w);
+		if (req != NULL)
+			ERR(req, w->ep, 504, 5040, "deadline exceeded",
+			    w->ent.reqid, w->trace, 0);
+	}
 	if (E.stopping)
 		drain_check(NULL);
+}
+
+static struct edge_waiter *
+waiter_find(struct mstr reqid)
+{
+	struct edge_pending_ent *e;
+	struct edge_waiter *w;
+
+	if ((e = edge_pending_find(&E.pending, reqid.p, reqid.n)) == NULL)
+		return (NULL);
+	w = (struct edge_waiter *)e;
+	if (w->req == NULL || w->ended)
+		return (NULL);
+	return (w);
 }
 
 int
 edge_http_reply(struct mstr reqid, const struct chat_reply *r)
 {
-	struct edge_pending_ent *e;
 	struct edge_waiter *w;
 	h2o_req_t *req;
 	int status = (int)r->status;
+	int64_t code = r->code;
 
-	if ((e = edge_pending_find(&E.pending, reqid.p, reqid.n)) == NULL)
+	if ((w = waiter_find(reqid)) == NULL)
 		return (-1);
-	w = (struct edge_waiter *)e;
-	if ((req = w->req) == NULL)
-		return (-1);
+	req = w->req;
+	if (r->status != 200 && (r->status < 400 || r->status > 599)) {
+		status = 502;
+		code = 5020;
+	}
+	if (code == 0)
+		code = 5000;
+	if (w->streaming) {
+		/* The stream has begun: say it in the stream. */
+		if (r->status == 200) {
+			w->ended = 1;
+			waiter_unlink(w);
+			stream_push(w,
+			            H2O_STRLIT("event:done\ndata:\"[DONE]\""
+			                       "\n\n"),
+			            1);
+		} else
+			stream_fail(w, code, r->msg.p, r->msg.n);
+		goto out;
+	}
+	w->ended = 1;
 	waiter_detach(w);
 	if (r->status == 200) {
 		size_t cap = edge_json_ok_max(r->data.n);
 		char *b = h2o_mem_alloc_pool(&req->pool, cap);
 		size_t n = edge_json_ok(b, cap, r->data.p, r->data.n);
 
-		respond(req, EP_CHAT, 200, 0, w->ent.reqid, w->trace,
+		respond(req, w->ep, 200, 0, w->ent.reqid, w->trace,
 		        h2o_iovec_init(b, n), 0, 0);
 	} else {
-		int64_t code = r->code;
 		int ra = r->retry_after > 86400 ? 86400 : (int)r->retry_after;
 
-		if (r->status < 400 || r->status > 599) {
-			status = 502;
-			code = 5020;
-		}
-		respond_error(req, EP_CHAT, status, code == 0 ? 5000 : code,
-		              r->msg.p, r->msg.n, w->ent.reqid, w->trace, ra,
-		              0, NULL);
+		respond_error(req, w->ep, status, code, r->msg.p, r->msg.n,
+		              w->ent.reqid, w->trace, ra, 0, NULL);
 	}
+out:
+	if (E.stopping)
+		drain_check(NULL);
+	return (0);
+}
+
+int
+edge_http_event(struct mstr reqid, const struct chat_event *ev)
+{
+	struct edge_waiter *w;
+
+	if ((w = waiter_find(reqid)) == NULL)
+		return (-1);
+	if (w->conv_id[0] == '\0')
+		stream_sniff_conv(w, ev->sse);
+	if (ev->last) {
+		w->ended = 1;
+		waiter_unlink(w);
+	}
+	stream_push(w, ev->sse.p, ev->sse.n, ev->last != 0);
 	if (E.stopping)
 		drain_check(NULL);
 	return (0);
@@ -586,10 +946,67 @@ bearer(h2o_req_t *req)
 	return (h2o_iovec_init(p, (size_t)(end - p)));
 }
 
-static struct mstr
-ms(const char *p, size_t n)
+/* A waiter for req, in its pool (freed with it). */
+static struct edge_waiter *
+waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
+           uint64_t now)
 {
-	return ((struct mstr){p, (uint32_t)n});
+	struct edge_waiter *w =
+	        h2o_mem_alloc_shared(&req->pool, sizeof(*w), waiter_dispose);
+
+	memset(w, 0, sizeof(*w));
+	memcpy(w->ent.reqid, id, EDGE_REQID_LEN + 1);
+	/* Our own copy: CLIENT_GONE may need it while the pool goes. */
+	memcpy(w->tr, tr.base, EDGE_TRACE_LEN);
+	w->req = req;
+	w->ep = ep;
+	w->trace = h2o_iovec_init(w->tr, EDGE_TRACE_LEN);
+	w->to.cb = waiter_timeout;
+	w->received_ms = now;
+	w->deadline_ms = now + E.conf.chat_timeout_ms;
+	return (w);
+}
+
+/* Send body to auth for w, and park w until its answer; or answer 503 at
+ * once if ipc refuses. */
+static void
+waiter_send(struct edge_waiter *w, struct chat_request *body, h2o_iovec_t tok)
+{
+	h2o_req_t *req = w->req;
+	struct msg_head head;
+
+	head.reqid = ms(w->ent.reqid, EDGE_REQID_LEN);
+	head.traceparent = ms(w->tr, EDGE_TRACE_LEN);
+	head.deadline_ms = w->deadline_ms;
+	head.reply_to = MSTR(E.svc->name);
+	body->token = ms(tok.base, tok.len);
+	body->sub = MSTR_NULL;
+	body->received_ms = w->received_ms;
+	if (msg_send_chat_request(E.svc->ipc, "auth", &head, body) == -1) {
+		w->req = NULL;
+		respond_error(
+		        req, w->ep, 503, 5030,
+		        H2O_STRLIT(
+		                "service unavailable: auth is not keeping up"),
+		        w->ent.reqid, w->trace, 1, 0, NULL);
+		return;
+	}
+	w->sent = 1;
+	edge_pending_add(&E.pending, &w->ent);
+	h2o_timeout_link(E.loop, &E.chat_to, &w->to);
+	gauges();
+}
+
+/* The request's body as a NUL-terminated copy in its pool. */
+static char *
+body_text(h2o_req_t *req)
+{
+	char *text = h2o_mem_alloc_pool(&req->pool, req->entity.len + 1);
+
+	if (req->entity.len)
+		memcpy(text, req->entity.base, req->entity.len);
+	text[req->entity.len] = '\0';
+	return (text);
 }
 
 static void
@@ -598,10 +1015,8 @@ route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 	struct edge_chat c;
 	struct edge_waiter *w;
 	struct chat_request body = {0};
-	struct msg_head head;
 	h2o_iovec_t tok;
 	char msg[128], *text;
-	uint64_t now = now_wall_ms();
 
 	if (!method_is(req, H2O_STRLIT("POST"))) {
 		method_not_allowed(req, EP_CHAT, "POST", id, tr);
@@ -611,49 +1026,138 @@ route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 		ERR(req, EP_CHAT, 401, 4100, "missing token", id, tr, 0);
 		return;
 	}
-	text = h2o_mem_alloc_pool(&req->pool, req->entity.len + 1);
-	if (req->entity.len)
-		memcpy(text, req->entity.base, req->entity.len);
-	text[req->entity.len] = '\0';
+	text = body_text(req);
 	if (edge_chat_parse(text, req->entity.len, &c, msg, sizeof(msg)) ==
 	    -1) {
 		ERR(req, EP_CHAT, 400, 4000, msg, id, tr, 0);
 		return;
 	}
-
-	w = h2o_mem_alloc_shared(&req->pool, sizeof(*w), waiter_dispose);
-	memset(w, 0, sizeof(*w));
-	memcpy(w->ent.reqid, id, EDGE_REQID_LEN + 1);
-	w->req = req;
-	w->trace = tr;
-	w->to.cb = waiter_timeout;
-
-	head.reqid = ms(w->ent.reqid, EDGE_REQID_LEN);
-	head.traceparent = ms(tr.base, tr.len);
-	head.deadline_ms = now + E.conf.chat_timeout_ms;
-	head.reply_to = MSTR(E.svc->name);
+	w = waiter_new(req, EP_CHAT, id, tr, now_wall_ms());
 	body.route = MSTR_LIT("v1.chat");
-	body.token = ms(tok.base, tok.len);
-	body.sub = MSTR_NULL;
 	body.bot_id = ms(c.bot_id, c.bot_id_len);
 	body.user_id = ms(c.user_id, c.user_id_len);
 	body.query = ms(c.query, c.query_len);
 	body.history_id = ms(c.history_id, c.history_id_len);
-	body.received_ms = now;
-	if (msg_send_chat_request(E.svc->ipc, "auth", &head, &body) == -1) {
-		edge_chat_free(&c);
-		w->req = NULL;
-		respond_error(
-		        req, EP_CHAT, 503, 5030,
-		        H2O_STRLIT(
-		                "service unavailable: auth is not keeping up"),
-		        w->ent.reqid, tr, 1, 0, NULL);
+	waiter_send(w, &body, tok);
+	edge_chat_free(&c);
+}
+
+/* The query string of req (after '?'), or an empty one. */
+static h2o_iovec_t
+query_of(h2o_req_t *req)
+{
+	if (req->query_at == SIZE_MAX || req->query_at >= req->path.len)
+		return (h2o_iovec_init("", 0));
+	return (h2o_iovec_init(req->path.base + req->query_at + 1,
+	                       req->path.len - req->query_at - 1));
+}
+
+static void
+route_v3chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
+{
+	struct edge_v3chat c;
+	struct edge_waiter *w;
+	struct chat_request body = {0};
+	struct edge_conn *ec;
+	h2o_iovec_t tok, q = query_of(req);
+	char msg[160], conv[EDGE_ID_MAX + 1] = "", *text;
+	int r;
+
+	if (!method_is(req, H2O_STRLIT("POST"))) {
+		method_not_allowed(req, EP_V3CHAT, "POST", id, tr);
 		return;
 	}
-	edge_chat_free(&c);
-	edge_pending_add(&E.pending, &w->ent);
-	h2o_timeout_link(E.loop, &E.chat_to, &w->to);
-	gauges();
+	if ((tok = bearer(req)).len == 0) {
+		ERR(req, EP_V3CHAT, 401, 4100, "missing token", id, tr, 0);
+		return;
+	}
+	r = edge_query_get(q.base, q.len, "conversation_id", conv,
+	                   sizeof(conv));
+	if (r == -1 || (r == 1 && !coze_id_ok(MSTR(conv)))) {
+		ERR(req, EP_V3CHAT, 400, 4000,
+		    "conversation_id must be 1 to 32 decimal digits", id, tr,
+		    0);
+		return;
+	}
+	text = body_text(req);
+	if (edge_v3chat_parse(text, req->entity.len, &c, msg, sizeof(msg)) ==
+	    -1) {
+		ERR(req, EP_V3CHAT, 400, 4000, msg, id, tr, 0);
+		return;
+	}
+	w = waiter_new(req, EP_V3CHAT, id, tr, now_wall_ms());
+	w->v3chat = 1;
+	coze_chat_id_of(ms(w->ent.reqid, EDGE_REQID_LEN), w->chat_id);
+	strcpy(w->conv_id, conv);
+	w->bot_id = h2o_mem_alloc_pool(&req->pool, c.bot_id_len + 1);
+	memcpy(w->bot_id, c.bot_id, c.bot_id_len + 1);
+	w->bot_id_len = c.bot_id_len;
+	if ((ec = conn_of(req)) != NULL) {
+		ec->w = w;
+		w->ec = ec;
+	}
+	body.route = MSTR_LIT("v3.chat");
+	body.bot_id = ms(c.bot_id, c.bot_id_len);
+	body.user_id = ms(c.user_id, c.user_id_len);
+	body.query = ms(c.query, c.query_len);
+	body.history_id = MSTR(w->conv_id);
+	body.chat_id = MSTR(w->chat_id);
+	body.stream = (uint64_t)c.stream;
+	body.messages = ms(c.messages, c.messages_len);
+	body.scopes = MSTR_NULL;
+	waiter_send(w, &body, tok);
+	edge_v3chat_free(&c);
+}
+
+/* retrieve, message/list, cancel: ids in, the answer from whoever. */
+static void
+route_v3ids(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr)
+{
+	static const char *const routes[EP_N] = {
+	        [EP_V3RETRIEVE] = "v3.retrieve",
+	        [EP_V3LIST] = "v3.list",
+	        [EP_V3CANCEL] = "v3.cancel",
+	};
+	struct edge_v3ids ids;
+	struct edge_waiter *w;
+	struct chat_request body = {0};
+	h2o_iovec_t tok, q = query_of(req);
+	char msg[160], *text = NULL;
+	int post = method_is(req, H2O_STRLIT("POST"));
+
+	if (ep == EP_V3CANCEL && !post) {
+		method_not_allowed(req, ep, "POST", id, tr);
+		return;
+	}
+	if (!post && !method_is(req, H2O_STRLIT("GET"))) {
+		method_not_allowed(req, ep, "GET, POST", id, tr);
+		return;
+	}
+	if ((tok = bearer(req)).len == 0) {
+		ERR(req, ep, 401, 4100, "missing token", id, tr, 0);
+		return;
+	}
+	/* The SDK POSTs retrieve with an empty form body: only cancel
+	 * reads its body. */
+	if (ep == EP_V3CANCEL)
+		text = body_text(req);
+	if (edge_v3ids_parse(q.base, q.len, text, text ? req->entity.len : 0,
+	                     &ids, msg, sizeof(msg)) == -1) {
+		ERR(req, ep, 400, 4000, msg, id, tr, 0);
+		return;
+	}
+	w = waiter_new(req, ep, id, tr, now_wall_ms());
+	memcpy(w->conv_id, ids.conversation_id, sizeof(w->conv_id));
+	memcpy(w->chat_id, ids.chat_id, sizeof(w->chat_id));
+	body.route = MSTR(routes[ep]);
+	body.bot_id = MSTR_NULL;
+	body.user_id = MSTR_NULL;
+	body.query = MSTR_NULL;
+	body.history_id = MSTR(w->conv_id);
+	body.chat_id = MSTR(w->chat_id);
+	body.messages = MSTR_NULL;
+	body.scopes = MSTR_NULL;
+	waiter_send(w, &body, tok);
 }
 
 /* The size of a parsed head as h2o rebuilds it (request line, Host,
@@ -680,6 +1184,21 @@ ep_of(h2o_iovec_t path)
 		return (EP_CHAT);
 	if (h2o_memis(path.base, path.len, H2O_STRLIT("/readyz")))
 		return (EP_READYZ);
+	/* The Coze SDK with a base URL ending in '/' asks for //v3/...: the
+	 * v3 routes take extra leading slashes. */
+	while (path.len > 1 && path.base[1] == '/') {
+		path.base++;
+		path.len--;
+	}
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/v3/chat")))
+		return (EP_V3CHAT);
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/v3/chat/retrieve")))
+		return (EP_V3RETRIEVE);
+	if (h2o_memis(path.base, path.len,
+	              H2O_STRLIT("/v3/chat/message/list")))
+		return (EP_V3LIST);
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/v3/chat/cancel")))
+		return (EP_V3CANCEL);
 	return (EP_OTHER);
 }
 
@@ -708,6 +1227,14 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 		break;
 	case EP_READYZ:
 		route_readyz(req, id, tr);
+		break;
+	case EP_V3CHAT:
+		route_v3chat(req, id, tr);
+		break;
+	case EP_V3RETRIEVE:
+	case EP_V3LIST:
+	case EP_V3CANCEL:
+		route_v3ids(req, ep, id, tr);
 		break;
 	default:
 		ERR(req, EP_OTHER, 404, 4000, "no such route", id, tr, 0);
@@ -852,6 +1379,8 @@ conn_on_close(void *arg)
 	struct edge_conn *ec = arg;
 
 	h2o_linklist_unlink(&ec->link);
+	if (ec->w != NULL)
+		ec->w->ec = NULL;
 	if (h2o_linklist_is_linked(&ec->rewrap))
 		h2o_linklist_unlink(&ec->rewrap);
 	E.nconns--;
@@ -1011,6 +1540,26 @@ conn_partial(const struct edge_conn *ec)
 	        s->input != NULL && s->input->size > 0);
 }
 
+/*
+ * Has the client of a v3 chat that is still waiting or streaming gone?
+ * h2o does not read a connection while its request is being answered, so
+ * look at the kernel's: end of file (or a reset) there means it left.
+ * (A client that half-closes after its request counts as gone too.)
+ */
+static int
+conn_gone(const struct edge_conn *ec)
+{
+	char c;
+	ssize_t n;
+
+	if (ec->w == NULL || ec->w->req == NULL || ec->w->ended ||
+	    E.h2o_read == NULL || h2o_socket_is_reading(ec->sock))
+		return (0);
+	n = recv(h2o_socket_get_fd(ec->sock), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+	return (n == 0 || (n == -1 && errno != EAGAIN &&
+	                   errno != EWOULDBLOCK && errno != EINTR));
+}
+
 static void
 sweep(h2o_timeout_entry_t *to)
 {
@@ -1024,6 +1573,12 @@ sweep(h2o_timeout_entry_t *to)
 		h2o_buffer_t *in = ec->sock->input;
 
 		next = node->next;
+		if (conn_gone(ec)) {
+			/* XXX as in conn_kill; waiter_dispose tells the
+			 * dispatcher. */
+			E.h2o_read(ec->sock, h2o_socket_error_closed);
+			continue;
+		}
 		conn_wrap(ec);
 		if (!conn_partial(ec)) {
 			ec->partial_since = 0;

@@ -1,17 +1,21 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * edge_req: request ids, traceparents, the chat body check and answer
- * JSON (see edge_req.h).  Callers: edge_http.c and the unit test.  Pure:
- * it never logs, never reads a clock and never allocates except through
- * cJSON while parsing a chat body.
+ * edge_req: request ids, traceparents, the chat body checks (v1 and v3),
+ * query strings and answer JSON (see edge_req.h).  Callers: edge_http.c
+ * and the unit test.  Pure: it never logs, never reads a clock and never
+ * allocates except while parsing a chat body (cJSON, and the normalised
+ * messages of a v3 chat).
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include <cjson/cJSON.h>
 
+#include "coze.h"
 #include "edge_req.h"
+#include "util.h"
 
 static const char hexd[] = "0123456789abcdef";
 
@@ -204,6 +208,296 @@ edge_chat_free(struct edge_chat *c)
 	if (c->root != NULL)
 		cJSON_Delete(c->root);
 	c->root = NULL;
+}
+
+/* Parse text (NUL-terminated at text[len]) into a JSON object. */
+static cJSON *
+json_object(const char *text, size_t len, char *msg, size_t msglen)
+{
+	const char *end = NULL;
+	cJSON *root;
+
+	/* A NUL inside the body would end cJSON's view of it early. */
+	if (len == 0 || memchr(text, '\0', len) != NULL ||
+	    (root = cJSON_ParseWithOpts(text, &end, 1)) == NULL) {
+		snprintf(msg, msglen, "invalid JSON body");
+		return (NULL);
+	}
+	if (!cJSON_IsObject(root)) {
+		snprintf(msg, msglen, "invalid JSON body: not an object");
+		cJSON_Delete(root);
+		return (NULL);
+	}
+	return (root);
+}
+
+/* One additional message: check it and append its normalised form. */
+static int
+v3_message(const cJSON *m, size_t i, struct buf *out, int *is_user,
+           const char **content, size_t *content_len, char *msg, size_t msglen)
+{
+	const cJSON *role, *content_v, *ctype, *type;
+	const char *type_s;
+
+	if (!cJSON_IsObject(m)) {
+		snprintf(msg, msglen,
+		         "additional_messages[%zu] must be an object", i);
+		return (-1);
+	}
+	role = cJSON_GetObjectItemCaseSensitive(m, "role");
+	if (!cJSON_IsString(role) || role->valuestring == NULL ||
+	    (strcmp(role->valuestring, "user") != 0 &&
+	     strcmp(role->valuestring, "assistant") != 0)) {
+		snprintf(msg, msglen,
+		         "additional_messages[%zu].role must be \"user\" or "
+		         "\"assistant\"",
+		         i);
+		return (-1);
+	}
+	*is_user = role->valuestring[0] == 'u';
+	content_v = cJSON_GetObjectItemCaseSensitive(m, "content");
+	if (content_v == NULL) {
+		snprintf(msg, msglen,
+		         "missing additional_messages[%zu].content", i);
+		return (-1);
+	}
+	if (!cJSON_IsString(content_v) || content_v->valuestring == NULL) {
+		snprintf(msg, msglen,
+		         "additional_messages[%zu].content must be a string",
+		         i);
+		return (-1);
+	}
+	if (content_v->valuestring[0] == '\0') {
+		snprintf(msg, msglen,
+		         "additional_messages[%zu].content must not be empty",
+		         i);
+		return (-1);
+	}
+	ctype = cJSON_GetObjectItemCaseSensitive(m, "content_type");
+	if (ctype != NULL &&
+	    (!cJSON_IsString(ctype) || ctype->valuestring == NULL ||
+	     strcmp(ctype->valuestring, "text") != 0)) {
+		snprintf(msg, msglen,
+		         "additional_messages[%zu].content_type must be "
+		         "\"text\"",
+		         i);
+		return (-1);
+	}
+	type = cJSON_GetObjectItemCaseSensitive(m, "type");
+	type_s = *is_user ? "question" : "answer";
+	if (type != NULL) {
+		if (!cJSON_IsString(type) || type->valuestring == NULL ||
+		    type->valuestring[0] == '\0') {
+			snprintf(msg, msglen,
+			         "additional_messages[%zu].type must be a "
+			         "non-empty string",
+			         i);
+			return (-1);
+		}
+		type_s = type->valuestring;
+	}
+	*content = content_v->valuestring;
+	*content_len = strlen(content_v->valuestring);
+	if (buf_adds(out, i ? ",{\"role\":" : "{\"role\":") == -1 ||
+	    buf_add_json_str(out, role->valuestring,
+	                     strlen(role->valuestring)) == -1 ||
+	    buf_adds(out, ",\"type\":") == -1 ||
+	    buf_add_json_str(out, type_s, strlen(type_s)) == -1 ||
+	    buf_adds(out, ",\"content\":") == -1 ||
+	    buf_add_json_str(out, *content, *content_len) == -1 ||
+	    buf_adds(out, ",\"content_type\":\"text\"}") == -1) {
+		snprintf(msg, msglen, "out of memory");
+		return (-1);
+	}
+	return (0);
+}
+
+int
+edge_v3chat_parse(const char *text, size_t len, struct edge_v3chat *c,
+                  char *msg, size_t msglen)
+{
+	const cJSON *stream, *am, *m;
+	struct buf out = {0};
+	const char *content;
+	size_t i = 0, content_len;
+	int is_user, users = 0;
+	cJSON *root;
+
+	memset(c, 0, sizeof(*c));
+	if ((root = json_object(text, len, msg, msglen)) == NULL)
+		return (-1);
+	c->root = root;
+	if (chat_str(root, "bot_id", 1, &c->bot_id, &c->bot_id_len, msg,
+	             msglen) == -1 ||
+	    chat_str(root, "user_id", 1, &c->user_id, &c->user_id_len, msg,
+	             msglen) == -1)
+		goto fail;
+	stream = cJSON_GetObjectItemCaseSensitive(root, "stream");
+	if (stream != NULL && !cJSON_IsBool(stream)) {
+		snprintf(msg, msglen, "stream must be a boolean");
+		goto fail;
+	}
+	c->stream = stream != NULL && cJSON_IsTrue(stream);
+	am = cJSON_GetObjectItemCaseSensitive(root, "additional_messages");
+	if (am == NULL || cJSON_IsNull(am)) {
+		snprintf(msg, msglen, "missing additional_messages");
+		goto fail;
+	}
+	if (!cJSON_IsArray(am)) {
+		snprintf(msg, msglen, "additional_messages must be an array");
+		goto fail;
+	}
+	if (buf_adds(&out, "[") == -1) {
+		snprintf(msg, msglen, "out of memory");
+		goto fail;
+	}
+	cJSON_ArrayForEach(m, am)
+	{
+		if (v3_message(m, i, &out, &is_user, &content, &content_len,
+		               msg, msglen) == -1)
+			goto fail;
+		if (is_user) {
+			users++;
+			c->query = content;
+			c->query_len = content_len;
+		}
+		i++;
+	}
+	if (users == 0) {
+		snprintf(msg, msglen,
+		         "additional_messages must hold at least one user "
+		         "message");
+		goto fail;
+	}
+	if (buf_add(&out, "]", 2) == -1) { /* "]" and a NUL */
+		snprintf(msg, msglen, "out of memory");
+		goto fail;
+	}
+	c->messages = out.b;
+	c->messages_len = out.len - 1;
+	c->nmessages = i;
+	return (0);
+fail:
+	buf_free(&out);
+	edge_v3chat_free(c);
+	return (-1);
+}
+
+void
+edge_v3chat_free(struct edge_v3chat *c)
+{
+	if (c->root != NULL)
+		cJSON_Delete(c->root);
+	free(c->messages);
+	memset(c, 0, sizeof(*c));
+}
+
+static int
+hexval(char ch)
+{
+	if (ch >= '0' && ch <= '9')
+		return (ch - '0');
+	if (ch >= 'a' && ch <= 'f')
+		return (ch - 'a' + 10);
+	if (ch >= 'A' && ch <= 'F')
+		return (ch - 'A' + 10);
+	return (-1);
+}
+
+int
+edge_query_get(const char *q, size_t qlen, const char *name, char *out,
+               size_t cap)
+{
+	size_t nl = strlen(name), i = 0, o;
+
+	while (i < qlen) {
+		size_t end = i;
+
+		while (end < qlen && q[end] != '&')
+			end++;
+		if (end - i >= nl && memcmp(q + i, name, nl) == 0 &&
+		    (end - i == nl || q[i + nl] == '=')) {
+			for (i += nl + (end - i > nl), o = 0; i < end; i++) {
+				int ch = (unsigned char)q[i];
+
+				if (ch == '%') {
+					int hi, lo;
+
+					if (i + 2 >= end)
+						return (-1);
+					if ((hi = hexval(q[i + 1])) == -1 ||
+					    (lo = hexval(q[i + 2])) == -1)
+						return (-1);
+					ch = hi * 16 + lo;
+					i += 2;
+				} else if (ch == '+')
+					ch = ' ';
+				if (ch == 0 || o + 1 >= cap)
+					return (-1);
+				out[o++] = (char)ch;
+			}
+			out[o] = '\0';
+			return (1);
+		}
+		i = end + 1;
+	}
+	return (0);
+}
+
+/* One id: from the body object (if it has it), else from the query. */
+static int
+v3_id(const char *q, size_t qlen, const cJSON *root, const char *name,
+      char *out, char *msg, size_t msglen)
+{
+	const cJSON *v =
+	        root ? cJSON_GetObjectItemCaseSensitive(root, name) : NULL;
+	int r;
+
+	if (v != NULL && !cJSON_IsNull(v)) {
+		if (!cJSON_IsString(v) || v->valuestring == NULL) {
+			snprintf(msg, msglen, "%s must be a string", name);
+			return (-1);
+		}
+		if (strlen(v->valuestring) > EDGE_ID_MAX)
+			goto bad;
+		strcpy(out, v->valuestring);
+	} else if ((r = edge_query_get(q, qlen, name, out, EDGE_ID_MAX + 1)) ==
+	           0) {
+		snprintf(msg, msglen, "missing %s", name);
+		return (-1);
+	} else if (r == -1)
+		goto bad;
+	if (out[0] == '\0') {
+		snprintf(msg, msglen, "missing %s", name);
+		return (-1);
+	}
+	if (!coze_id_ok((struct mstr){out, (uint32_t)strlen(out)}))
+		goto bad;
+	return (0);
+bad:
+	snprintf(msg, msglen, "%s must be 1 to %d decimal digits", name,
+	         EDGE_ID_MAX);
+	return (-1);
+}
+
+int
+edge_v3ids_parse(const char *q, size_t qlen, const char *body, size_t blen,
+                 struct edge_v3ids *ids, char *msg, size_t msglen)
+{
+	cJSON *root = NULL;
+	int rv = -1;
+
+	memset(ids, 0, sizeof(*ids));
+	if (body != NULL && blen > 0 &&
+	    (root = json_object(body, blen, msg, msglen)) == NULL)
+		return (-1);
+	if (v3_id(q, qlen, root, "conversation_id", ids->conversation_id, msg,
+	          msglen) == 0 &&
+	    v3_id(q, qlen, root, "chat_id", ids->chat_id, msg, msglen) == 0)
+		rv = 0;
+	if (root != NULL)
+		cJSON_Delete(root);
+	return (rv);
 }
 
 size_t

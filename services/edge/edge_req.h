@@ -2,7 +2,9 @@
 /*
  * edge_req: the pure parts of answering one HTTP request at the edge:
  * request ids, W3C traceparent checks and generation, validation of the
- * /v1/bot/chat body, and the JSON of answers and errors (PRODUCT.md §2).
+ * /v1/bot/chat and /v3/chat bodies and of the ids of the other v3 routes
+ * (query string or JSON body), and the JSON of answers and errors
+ * (PRODUCT.md §2).
  *
  * Callers: edge_http.c on every request, and the unit test.  No h2o, no
  * logging, no clock of its own (the caller passes the time), no global
@@ -56,6 +58,56 @@ struct edge_chat {
 int edge_chat_parse(const char *text, size_t len, struct edge_chat *,
                     char *msg, size_t msglen);
 void edge_chat_free(struct edge_chat *);
+
+/* The fields of a /v3/chat body (Coze's chat API).  Strings point into
+ * root, except messages, which is allocated. */
+struct edge_v3chat {
+	void *root; /* the cJSON tree; edge_v3chat_free() frees it */
+	const char *bot_id, *user_id, *query;
+	size_t bot_id_len, user_id_len, query_len;
+	int stream;     /* 1: answer as server-sent events */
+	char *messages; /* normalised additional_messages (JSON array) */
+	size_t messages_len;
+	size_t nmessages;
+};
+
+/* Parse and check a /v3/chat body: text must be NUL-terminated at
+ * text[len].  bot_id and user_id non-empty strings, stream absent or a
+ * boolean, additional_messages a non-empty array of objects {role "user"
+ * or "assistant", content a non-empty string, content_type absent or
+ * "text", type absent or a non-empty string}, at least one of them from
+ * the user; auto_save_history, custom_variables, meta_data and unknown
+ * members are ignored.  query is the content of the last user message;
+ * messages is
+ * [{"role":..,"type":..,"content":..,"content_type":"text"},...] (type
+ * defaults to question for the user, answer for the assistant).  0, or
+ * -1 with a message for the client in msg (naming the field at fault). */
+int edge_v3chat_parse(const char *text, size_t len, struct edge_v3chat *,
+                      char *msg, size_t msglen);
+void edge_v3chat_free(struct edge_v3chat *);
+
+/* Find parameter name in the query string q (qlen bytes, without the
+ * '?'), and percent-decode its value ('+' is a space) into out (cap bytes,
+ * NUL-terminated).  1 found, 0 absent, -1 malformed (bad escape, a NUL, or
+ * longer than cap - 1).  The first occurrence wins. */
+int edge_query_get(const char *q, size_t qlen, const char *name, char *out,
+                   size_t cap);
+
+#define EDGE_ID_MAX 32 /* digits of a conversation or chat id */
+
+/* The ids of a v3 retrieve, message list or cancel. */
+struct edge_v3ids {
+	char conversation_id[EDGE_ID_MAX + 1];
+	char chat_id[EDGE_ID_MAX + 1];
+};
+
+/* Take conversation_id and chat_id from the query string q (qlen bytes)
+ * and, if body is not NULL, from the JSON object body (NUL-terminated at
+ * body[blen]; blen 0: no body), which wins over the query.  Both are
+ * required and must be ids (1 to 32 decimal digits).  0, or -1 with a
+ * message for the client in msg. */
+int edge_v3ids_parse(const char *q, size_t qlen, const char *body, size_t blen,
+                     struct edge_v3ids *, char *msg, size_t msglen);
 
 /* Bytes edge_json_error() needs at most for a message of msglen bytes. */
 size_t edge_json_error_max(size_t msglen);

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * edge_req_test: request ids, traceparent checks, the /v1/bot/chat body
- * check and the answer JSON of services/edge/edge_req.c (included whole).
+ * edge_req_test: request ids, traceparent checks, the /v1/bot/chat and
+ * /v3/chat body checks, query strings, the ids of the other v3 routes and
+ * the answer JSON of services/edge/edge_req.c (included whole).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -342,6 +343,295 @@ t_json_ok(void)
 	         0);
 }
 
+/* v3. */
+
+#define V3_HEAD "{\"bot_id\":\"b1\",\"user_id\":\"u1\","
+
+static int
+v3(const char *body, struct edge_v3chat *c, char *msg, size_t msglen)
+{
+	return (edge_v3chat_parse(body, strlen(body), c, msg, msglen));
+}
+
+static void
+t_v3chat_ok(void)
+{
+	struct edge_v3chat c;
+	char msg[160] = "";
+	const char *b = V3_HEAD
+	        "\"stream\":true,\"auto_save_history\":true,"
+	        "\"custom_variables\":{\"a\":\"b\"},\"meta_data\":{},"
+	        "\"additional_messages\":["
+	        "{\"role\":\"user\",\"content\":\"first\","
+	        "\"content_type\":\"text\"},"
+	        "{\"role\":\"assistant\",\"content\":\"a \\\"q\\\"\\n\","
+	        "\"type\":\"answer\"},"
+	        "{\"role\":\"user\",\"content\":\"今天北京天气怎么样?\","
+	        "\"extra\":1}]}";
+
+	if (v3(b, &c, msg, sizeof(msg)) == -1)
+		T_FAIL("parse: %s", msg);
+	T_EQ_MEM(c.bot_id, c.bot_id_len, "b1");
+	T_EQ_MEM(c.user_id, c.user_id_len, "u1");
+	T_EQ_INT(c.stream, 1);
+	T_EQ_INT(c.nmessages, 3);
+	/* query: the last user message. */
+	T_EQ_MEM(c.query, c.query_len, "今天北京天气怎么样?");
+	T_EQ_MEM(c.messages, c.messages_len,
+	         "[{\"role\":\"user\",\"type\":\"question\",\"content\":"
+	         "\"first\",\"content_type\":\"text\"},"
+	         "{\"role\":\"assistant\",\"type\":\"answer\",\"content\":"
+	         "\"a \\\"q\\\"\\n\",\"content_type\":\"text\"},"
+	         "{\"role\":\"user\",\"type\":\"question\",\"content\":"
+	         "\"今天北京天气怎么样?\",\"content_type\":\"text\"}]");
+	T_EQ_INT(c.messages[c.messages_len], '\0');
+	/* What we send on is JSON. */
+	{
+		cJSON *j = cJSON_Parse(c.messages);
+		T_ASSERT(cJSON_IsArray(j) && cJSON_GetArraySize(j) == 3);
+		cJSON_Delete(j);
+	}
+	edge_v3chat_free(&c);
+	T_ASSERT(c.root == NULL && c.messages == NULL);
+
+	/* stream absent: 0; false: 0; an assistant message defaults to
+	 * type answer. */
+	T_EQ_INT(v3(V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                    "\"content\":\"x\"}]}",
+	            &c, msg, sizeof(msg)),
+	         0);
+	T_EQ_INT(c.stream, 0);
+	T_EQ_MEM(c.query, c.query_len, "x");
+	edge_v3chat_free(&c);
+	T_EQ_INT(v3(V3_HEAD "\"stream\":false,\"additional_messages\":["
+	                    "{\"role\":\"user\",\"content\":\"q\"},"
+	                    "{\"role\":\"assistant\",\"content\":\"a\"}]}",
+	            &c, msg, sizeof(msg)),
+	         0);
+	T_EQ_INT(c.stream, 0);
+	/* The last USER message, even with an assistant one after it. */
+	T_EQ_MEM(c.query, c.query_len, "q");
+	T_ASSERT(strstr(c.messages, "{\"role\":\"assistant\",\"type\":"
+	                            "\"answer\",\"content\":\"a\"") != NULL);
+	edge_v3chat_free(&c);
+}
+
+static void
+t_v3chat_bad(void)
+{
+	static const struct {
+		const char *body, *msg;
+	} cases[] = {
+	        {"", "invalid JSON body"},
+	        {"{not json", "invalid JSON body"},
+	        {"{\"bot_id\":\"b\"} x", "invalid JSON body"},
+	        {"[1,2]", "invalid JSON body: not an object"},
+	        {"\"str\"", "invalid JSON body: not an object"},
+	        {"{\"user_id\":\"u\",\"additional_messages\":[]}",
+	         "missing bot_id"},
+	        {"{\"bot_id\":7,\"user_id\":\"u\"}",
+	         "bot_id must be a string"},
+	        {"{\"bot_id\":\"\",\"user_id\":\"u\"}",
+	         "bot_id must not be empty"},
+	        {"{\"bot_id\":\"b\"}", "missing user_id"},
+	        {"{\"bot_id\":\"b\",\"user_id\":null}",
+	         "user_id must be a string"},
+	        {V3_HEAD "\"stream\":\"yes\",\"additional_messages\":[]}",
+	         "stream must be a boolean"},
+	        {V3_HEAD "\"stream\":1}", "stream must be a boolean"},
+	        {V3_HEAD "\"stream\":null}", "stream must be a boolean"},
+	        {V3_HEAD "\"stream\":true}", "missing additional_messages"},
+	        {V3_HEAD "\"additional_messages\":null}",
+	         "missing additional_messages"},
+	        {V3_HEAD "\"additional_messages\":\"hi\"}",
+	         "additional_messages must be an array"},
+	        {V3_HEAD "\"additional_messages\":{}}",
+	         "additional_messages must be an array"},
+	        {V3_HEAD "\"additional_messages\":[]}",
+	         "additional_messages must hold at least one user message"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"assistant\","
+	                 "\"content\":\"a\"}]}",
+	         "additional_messages must hold at least one user message"},
+	        {V3_HEAD "\"additional_messages\":[\"hi\"]}",
+	         "additional_messages[0] must be an object"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"a\"},null]}",
+	         "additional_messages[1] must be an object"},
+	        {V3_HEAD "\"additional_messages\":[{\"content\":\"a\"}]}",
+	         "additional_messages[0].role must be \"user\" or "
+	         "\"assistant\""},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"robot\","
+	                 "\"content\":\"a\"}]}",
+	         "additional_messages[0].role must be \"user\" or "
+	         "\"assistant\""},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"User\","
+	                 "\"content\":\"a\"}]}",
+	         "additional_messages[0].role must be \"user\" or "
+	         "\"assistant\""},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":1,"
+	                 "\"content\":\"a\"}]}",
+	         "additional_messages[0].role must be \"user\" or "
+	         "\"assistant\""},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\"}]}",
+	         "missing additional_messages[0].content"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":5}]}",
+	         "additional_messages[0].content must be a string"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":null}]}",
+	         "additional_messages[0].content must be a string"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":[\"a\"]}]}",
+	         "additional_messages[0].content must be a string"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"\"}]}",
+	         "additional_messages[0].content must not be empty"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"a\",\"content_type\":\"object_string\""
+	                 "}]}",
+	         "additional_messages[0].content_type must be \"text\""},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"a\",\"type\":3}]}",
+	         "additional_messages[0].type must be a non-empty string"},
+	};
+	struct edge_v3chat c;
+	char msg[160];
+	size_t i;
+
+	for (i = 0; i < nitems(cases); i++) {
+		msg[0] = '\0';
+		if (v3(cases[i].body, &c, msg, sizeof(msg)) != -1)
+			T_FAIL("case %zu (%s): accepted", i, cases[i].body);
+		if (strcmp(msg, cases[i].msg) != 0)
+			T_FAIL("case %zu (%s): got \"%s\", want \"%s\"", i,
+			       cases[i].body, msg, cases[i].msg);
+		T_ASSERT(c.root == NULL && c.messages == NULL);
+	}
+	/* A NUL inside the body. */
+	{
+		static const char b[] =
+		        V3_HEAD "\"additional_messages\":[]}\0x";
+		T_EQ_INT(edge_v3chat_parse(b, sizeof(b) - 1, &c, msg,
+		                           sizeof(msg)),
+		         -1);
+		T_EQ_STR(msg, "invalid JSON body");
+	}
+}
+
+static void
+t_query_get(void)
+{
+	static const char q[] =
+	        "a=1&conversation_id=123%34&x&chat_id=7+8&e=&bad=%4&bad2=%zz"
+	        "&nul=%00&conversation_id=999";
+	char out[16];
+
+	T_EQ_INT(edge_query_get(q, strlen(q), "conversation_id", out,
+	                        sizeof(out)),
+	         1);
+	T_EQ_STR(out, "1234"); /* the first one, decoded */
+	T_EQ_INT(edge_query_get(q, strlen(q), "a", out, sizeof(out)), 1);
+	T_EQ_STR(out, "1");
+	T_EQ_INT(edge_query_get(q, strlen(q), "chat_id", out, sizeof(out)), 1);
+	T_EQ_STR(out, "7 8");
+	T_EQ_INT(edge_query_get(q, strlen(q), "x", out, sizeof(out)), 1);
+	T_EQ_STR(out, "");
+	T_EQ_INT(edge_query_get(q, strlen(q), "e", out, sizeof(out)), 1);
+	T_EQ_STR(out, "");
+	T_EQ_INT(edge_query_get(q, strlen(q), "chat", out, sizeof(out)), 0);
+	T_EQ_INT(edge_query_get(q, strlen(q), "missing", out, sizeof(out)), 0);
+	T_EQ_INT(edge_query_get(q, strlen(q), "bad", out, sizeof(out)), -1);
+	T_EQ_INT(edge_query_get(q, strlen(q), "bad2", out, sizeof(out)), -1);
+	T_EQ_INT(edge_query_get(q, strlen(q), "nul", out, sizeof(out)), -1);
+	/* A truncated escape at the very end. */
+	T_EQ_INT(edge_query_get("k=%", 3, "k", out, sizeof(out)), -1);
+	T_EQ_INT(edge_query_get("k=%4", 4, "k", out, sizeof(out)), -1);
+	/* Too long for out. */
+	T_EQ_INT(edge_query_get("k=0123456789abcdef", 18, "k", out,
+	                        sizeof(out)),
+	         -1);
+	T_EQ_INT(
+	        edge_query_get("k=0123456789abcde", 17, "k", out, sizeof(out)),
+	        1);
+	/* qlen is obeyed: nothing past it is read. */
+	T_EQ_INT(edge_query_get("k=12&j=3", 4, "k", out, sizeof(out)), 1);
+	T_EQ_STR(out, "12");
+	T_EQ_INT(edge_query_get("k=12&j=3", 4, "j", out, sizeof(out)), 0);
+	T_EQ_INT(edge_query_get("", 0, "k", out, sizeof(out)), 0);
+}
+
+static void
+t_v3ids(void)
+{
+	static const struct {
+		const char *q, *body, *msg;
+	} bad[] = {
+	        {"", NULL, "missing conversation_id"},
+	        {"conversation_id=1", NULL, "missing chat_id"},
+	        {"chat_id=1", NULL, "missing conversation_id"},
+	        {"conversation_id=&chat_id=1", NULL,
+	         "missing conversation_id"},
+	        {"conversation_id=abc&chat_id=1", NULL,
+	         "conversation_id must be 1 to 32 decimal digits"},
+	        {"conversation_id=1&chat_id=-5", NULL,
+	         "chat_id must be 1 to 32 decimal digits"},
+	        {"conversation_id=1&chat_id=1%2", NULL,
+	         "chat_id must be 1 to 32 decimal digits"},
+	        {"conversation_id=1&chat_id=123456789012345678901234567890123",
+	         NULL, "chat_id must be 1 to 32 decimal digits"},
+	        {"conversation_id=1&chat_id=1", "{x", "invalid JSON body"},
+	        {"conversation_id=1&chat_id=1", "[]",
+	         "invalid JSON body: not an object"},
+	        {"", "{\"conversation_id\":1,\"chat_id\":\"2\"}",
+	         "conversation_id must be a string"},
+	        {"", "{\"conversation_id\":\"1\",\"chat_id\":\"2x\"}",
+	         "chat_id must be 1 to 32 decimal digits"},
+	        {"", "{\"conversation_id\":\"1\"}", "missing chat_id"},
+	};
+	struct edge_v3ids ids;
+	char msg[160];
+	size_t i;
+
+	/* Query only (retrieve, list); the body wins over the query
+	 * (cancel); one from each. */
+	T_EQ_INT(edge_v3ids_parse("conversation_id=7342&chat_id=7343", 33,
+	                          NULL, 0, &ids, msg, sizeof(msg)),
+	         0);
+	T_EQ_STR(ids.conversation_id, "7342");
+	T_EQ_STR(ids.chat_id, "7343");
+	{
+		static const char b[] = "{\"conversation_id\":\"11\","
+		                        "\"chat_id\":\"12\"}";
+		T_EQ_INT(edge_v3ids_parse("conversation_id=1&chat_id=2", 27, b,
+		                          strlen(b), &ids, msg, sizeof(msg)),
+		         0);
+		T_EQ_STR(ids.conversation_id, "11");
+		T_EQ_STR(ids.chat_id, "12");
+	}
+	{
+		static const char b[] =
+		        "{\"chat_id\":\"1234567890123456789\"}";
+		T_EQ_INT(edge_v3ids_parse("conversation_id=5", 17, b,
+		                          strlen(b), &ids, msg, sizeof(msg)),
+		         0);
+		T_EQ_STR(ids.conversation_id, "5");
+		T_EQ_STR(ids.chat_id, "1234567890123456789");
+	}
+	for (i = 0; i < nitems(bad); i++) {
+		const char *b = bad[i].body;
+
+		msg[0] = '\0';
+		if (edge_v3ids_parse(bad[i].q, strlen(bad[i].q), b,
+		                     b ? strlen(b) : 0, &ids, msg,
+		                     sizeof(msg)) != -1)
+			T_FAIL("case %zu (%s / %s): accepted", i, bad[i].q,
+			       b ? b : "-");
+		if (strcmp(msg, bad[i].msg) != 0)
+			T_FAIL("case %zu: got \"%s\", want \"%s\"", i, msg,
+			       bad[i].msg);
+	}
+}
+
 T_TESTS = {
         {"reqid_format", t_reqid_format},
         {"reqid_stamp_follows_clock", t_reqid_stamp_follows_clock},
@@ -354,6 +644,10 @@ T_TESTS = {
         {"chat_nul_inside", t_chat_nul_inside},
         {"json_error", t_json_error},
         {"json_ok", t_json_ok},
+        {"v3chat_ok", t_v3chat_ok},
+        {"v3chat_bad", t_v3chat_bad},
+        {"query_get", t_query_get},
+        {"v3ids", t_v3ids},
         {NULL, NULL},
 };
 T_MAIN

@@ -8,8 +8,11 @@
  * deadline, reply_to), the HTTP answer built from a CHAT_REPLY (success,
  * errors, Retry-After, a nonsense status), replies for requests nobody
  * waits for (duplicates, after the deadline, client gone), pipelined
- * chats, /readyz as peers come and go, and undecodable messages.
- * Python's harness cannot speak nng, hence C here.
+ * chats, /readyz as peers come and go, and undecodable messages;
+ * the v3 routes (fields sent on, bad input, streams from CHAT_EVENT, a
+ * failure or the deadline during a stream, CLIENT_GONE to the dispatcher
+ * when a client leaves, a client too slow to read).  Python's harness cannot
+ * speak nng, hence C here.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +30,7 @@
 #include <unistd.h>
 
 #include "conf.h"
+#include "coze.h"
 #include "ipc.h"
 #include "proto.h"
 #include "t.h"
@@ -48,6 +52,8 @@ struct got {
 	uint64_t deadline_ms, received_ms;
 	char route[32], token[64], sub[32], bot_id[64], user_id[64];
 	char query[128], history_id[64];
+	char chat_id[40], messages[1024];
+	uint64_t stream;
 };
 static struct got got[NGOT];
 static int ngot;
@@ -82,6 +88,33 @@ on_auth(void *arg, const struct msg *m)
 	cp(g->query, sizeof(g->query), q.query);
 	cp(g->history_id, sizeof(g->history_id), q.history_id);
 	g->received_ms = q.received_ms;
+	cp(g->chat_id, sizeof(g->chat_id), q.chat_id);
+	cp(g->messages, sizeof(g->messages), q.messages);
+	g->stream = q.stream;
+}
+
+/* The CLIENT_GONEs the dispatcher received. */
+static struct got gone[NGOT];
+static int ngone;
+
+static void
+on_disp(void *arg, const struct msg *m)
+{
+	struct chat_request q;
+	struct got *g;
+
+	(void)arg;
+	if (ngone == NGOT || m->type != MSG_CLIENT_GONE ||
+	    chat_request_unpack(m, &q) == -1)
+		return;
+	g = &gone[ngone++];
+	memset(g, 0, sizeof(*g));
+	cp(g->reqid, sizeof(g->reqid), m->reqid);
+	cp(g->traceparent, sizeof(g->traceparent), m->traceparent);
+	cp(g->sender, sizeof(g->sender), m->sender);
+	cp(g->route, sizeof(g->route), q.route);
+	cp(g->chat_id, sizeof(g->chat_id), q.chat_id);
+	cp(g->history_id, sizeof(g->history_id), q.history_id);
 }
 
 static void
@@ -395,8 +428,8 @@ t_readyz(void)
 	/* All three come up: ready (the edge redials within a second). */
 	if ((auth = ipc_open("auth", on_auth, NULL, err, sizeof(err))) ==
 	            NULL ||
-	    (disp = ipc_open("dispatcher", on_other, NULL, err,
-	                     sizeof(err))) == NULL ||
+	    (disp = ipc_open("dispatcher", on_disp, NULL, err, sizeof(err))) ==
+	            NULL ||
 	    (stor = ipc_open("storage", on_other, NULL, err, sizeof(err))) ==
 	            NULL)
 		T_FAIL("ipc_open: %s", err);
@@ -599,6 +632,448 @@ t_pipelined(void)
 	http_close(fd);
 }
 
+/* v3. */
+
+static char *
+v3_req(const char *method, const char *path, const char *token,
+       const char *body)
+{
+	static char b[8192];
+
+	snprintf(b, sizeof(b),
+	         "%s %s HTTP/1.1\r\nHost: t\r\n%s%s%s"
+	         "Content-Type: application/json\r\nContent-Length: "
+	         "%zu\r\n\r\n%s",
+	         method, path, token ? "Authorization: Bearer " : "",
+	         token ? token : "", token ? "\r\n" : "", strlen(body), body);
+	return (b);
+}
+
+static const char v3body[] =
+        "{\"bot_id\":\"bot-1\",\"user_id\":\"u_1\",\"stream\":true,"
+        "\"additional_messages\":[{\"role\":\"user\",\"content\":\"hi\"},"
+        "{\"role\":\"assistant\",\"content\":\"yes?\"},"
+        "{\"role\":\"user\",\"content\":\"weather\","
+        "\"content_type\":\"text\"}]}";
+
+static const char ev_created[] =
+        "event:conversation.chat.created\ndata:{\"id\":\"1\","
+        "\"conversation_id\":\"7777\",\"status\":\"created\"}\n\n";
+static const char ev_delta[] =
+        "event:conversation.message.delta\ndata:{\"content\":\"sun\"}\n\n";
+static const char ev_end[] =
+        "event:conversation.chat.completed\ndata:{\"status\":"
+        "\"completed\"}\n\nevent:done\ndata:\"[DONE]\"\n\n";
+
+static void
+event(struct ipc *box, const char *reqid, const char *sse, int last)
+{
+	struct chat_event e = {MSTR(sse), (uint64_t)last};
+	struct msg_head h = {MSTR(reqid), MSTR_LIT(TRACE), 0, MSTR_LIT("")};
+
+	T_EQ_INT(msg_send_chat_event(box, "edge", &h, &e), 0);
+}
+
+/* Raw bytes of a stream, read until s shows up (or ms pass). */
+static char raw[1 << 16];
+static size_t nraw;
+
+static int
+read_until(int fd, const char *s, int ms)
+{
+	uint64_t end = now_mono_ms() + (uint64_t)ms;
+
+	for (;;) {
+		struct pollfd p = {fd, POLLIN, 0};
+		ssize_t n;
+
+		raw[nraw] = '\0';
+		if (strstr(raw, s) != NULL)
+			return (0);
+		if (now_mono_ms() >= end)
+			return (-1);
+		if (poll(&p, 1, 5) == 1) {
+			n = read(fd, raw + nraw, sizeof(raw) - 1 - nraw);
+			if (n <= 0)
+				return (-1);
+			nraw += (size_t)n;
+		}
+		pump(1, NULL, 0);
+	}
+}
+
+/* Start a streaming v3 chat on a fresh connection; *fd, and got[0]. */
+static void
+v3_start(int *fd, const char *body)
+{
+	*fd = http_connect();
+	T_ASSERT(*fd != -1);
+	nraw = 0;
+	ngot = 0;
+	http_send(*fd, v3_req("POST", "/v3/chat?conversation_id=7777", "tok",
+	                      body));
+	pump(3000, &ngot, 1);
+	T_EQ_INT(ngot, 1);
+}
+
+static void
+t_v3_stream(void)
+{
+	const struct got *g;
+	char id[COZE_ID_LEN + 1], h[256];
+	int fd;
+
+	v3_start(&fd, v3body);
+	g = &got[0];
+	T_EQ_STR(g->route, "v3.chat");
+	T_EQ_STR(g->token, "tok");
+	T_EQ_STR(g->bot_id, "bot-1");
+	T_EQ_STR(g->user_id, "u_1");
+	T_EQ_STR(g->query, "weather");
+	T_EQ_STR(g->history_id, "7777");
+	T_EQ_INT(g->stream, 1);
+	coze_chat_id_of(MSTR(g->reqid), id);
+	T_EQ_STR(g->chat_id, id);
+	T_EQ_STR(
+	        g->messages,
+	        "[{\"role\":\"user\",\"type\":\"question\",\"content\":\"hi\","
+	        "\"content_type\":\"text\"},{\"role\":\"assistant\",\"type\":"
+	        "\"answer\",\"content\":\"yes?\",\"content_type\":\"text\"},"
+	        "{\"role\":\"user\",\"type\":\"question\",\"content\":"
+	        "\"weather\",\"content_type\":\"text\"}]");
+	T_EQ_INT(g->deadline_ms - g->received_ms, CHAT_TIMEOUT_MS);
+
+	/* The first event starts the answer; the others follow, in order;
+	 * the last ends it (chunked), and the connection stays usable. */
+	event(stor, g->reqid, ev_created, 0);
+	T_EQ_INT(read_until(fd, ev_created, 3000), 0);
+	T_ASSERT(strncmp(raw, "HTTP/1.1 200 OK\r\n", 17) == 0);
+	hdr(raw, "Content-Type", h, sizeof(h));
+	T_EQ_STR(h, "text/event-stream; charset=utf-8");
+	hdr(raw, "Cache-Control", h, sizeof(h));
+	T_EQ_STR(h, "no-cache");
+	hdr(raw, "Transfer-Encoding", h, sizeof(h));
+	T_EQ_STR(h, "chunked");
+	hdr(raw, "X-Tt-Logid", h, sizeof(h));
+	T_EQ_STR(h, g->reqid);
+	hdr(raw, "traceparent", h, sizeof(h));
+	T_EQ_INT(strlen(h), 55);
+	T_EQ_STR(h, g->traceparent);
+	hdr(raw, "Content-Length", h, sizeof(h));
+	T_EQ_STR(h, "");
+	event(disp, g->reqid, ev_delta, 0);
+	event(stor, g->reqid, ev_delta, 0);
+	event(stor, g->reqid, ev_end, 1);
+	T_EQ_INT(read_until(fd, "\r\n0\r\n\r\n", 3000), 0);
+	{
+		const char *a = strstr(raw, ev_created), *b, *c, *d;
+		T_ASSERT(a != NULL);
+		b = strstr(a + 1, ev_delta);
+		T_ASSERT(b != NULL);
+		c = strstr(b + 1, ev_delta);
+		T_ASSERT(c != NULL);
+		d = strstr(c + 1, ev_end);
+		T_ASSERT(d != NULL);
+		T_ASSERT(strcmp(d + strlen(ev_end), "\r\n0\r\n\r\n") == 0);
+	}
+	/* Nobody waits any more: a late event and a late reply are
+	 * dropped; no CLIENT_GONE for a stream that ended. */
+	event(stor, g->reqid, ev_delta, 0);
+	reply(stor, g->reqid, 500, 5000, "late", "", 0);
+	ncarry = 0;
+	http_send(fd, "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+	{
+		struct resp r;
+		T_EQ_INT(http_read(fd, &r, 3000), 0);
+		T_EQ_INT(r.status, 200);
+	}
+	http_close(fd);
+	pump(700, NULL, 0);
+	T_EQ_INT(ngone, 0);
+}
+
+/* The chat failed after the stream began: the edge says so in it. */
+static void
+t_v3_stream_error(void)
+{
+	char want[512], id[COZE_ID_LEN + 1];
+	int fd;
+
+	v3_start(&fd, v3body);
+	coze_chat_id_of(MSTR(got[0].reqid), id);
+	event(stor, got[0].reqid, ev_created, 0);
+	T_EQ_INT(read_until(fd, ev_created, 3000), 0);
+	reply(disp, got[0].reqid, 502, 5020, "upstream \"x\" failed", "", 0);
+	T_EQ_INT(read_until(fd, "\r\n0\r\n\r\n", 3000), 0);
+	snprintf(want, sizeof(want),
+	         "event:conversation.chat.failed\ndata:{\"id\":\"%s\","
+	         "\"conversation_id\":\"7777\",\"bot_id\":\"bot-1\","
+	         "\"created_at\":",
+	         id);
+	T_ASSERT(strstr(raw, want) != NULL);
+	T_ASSERT(strstr(raw, "\"last_error\":{\"code\":5020,\"msg\":"
+	                     "\"upstream \\\"x\\\" failed\"},\"status\":"
+	                     "\"failed\"") != NULL);
+	T_ASSERT(strstr(raw, "event:done\ndata:\"[DONE]\"\n\n\r\n0\r\n\r\n") !=
+	         NULL);
+	http_close(fd);
+	pump(200, NULL, 0);
+	T_EQ_INT(ngone, 0);
+
+	/* A new conversation: the id comes from the run's first event. */
+	fd = http_connect();
+	nraw = 0;
+	ngot = 0;
+	http_send(fd, v3_req("POST", "/v3/chat", "tok", v3body));
+	pump(3000, &ngot, 1);
+	T_EQ_STR(got[0].history_id, "");
+	event(stor, got[0].reqid,
+	      "event:conversation.chat.created\ndata:{\"id\":\"1\","
+	      "\"conversation_id\":\"4242\"}\n\n",
+	      0);
+	T_EQ_INT(read_until(fd, "4242", 3000), 0);
+	/* The deadline passes while streaming: failed (5040) and done. */
+	T_EQ_INT(read_until(fd, "\r\n0\r\n\r\n", CHAT_TIMEOUT_MS + 2000), 0);
+	T_ASSERT(strstr(raw, "\"conversation_id\":\"4242\",\"bot_id\":"
+	                     "\"bot-1\"") != NULL);
+	T_ASSERT(
+	        strstr(raw, "{\"code\":5040,\"msg\":\"deadline exceeded\"}") !=
+	        NULL);
+	T_ASSERT(strstr(raw, "event:done") != NULL);
+	http_close(fd);
+}
+
+/* Errors before any event are JSON, as for v1; a 200 reply is JSON. */
+static void
+t_v3_json(void)
+{
+	struct resp r;
+	int fd = http_connect();
+
+	ngot = 0;
+	http_send(fd, v3_req("POST", "/v3/chat", "tok", v3body));
+	pump(3000, &ngot, 1);
+	reply(stor, got[0].reqid, 409, 4016, "conversation busy", "", 0);
+	T_EQ_INT(http_read(fd, &r, 3000), 0);
+	expect_error(&r, 409, 4016, "conversation busy");
+	/* stream false: the chat object, in JSON. */
+	ngot = 0;
+	http_send(fd, v3_req("POST", "/v3/chat", "tok",
+	                     "{\"bot_id\":\"b\",\"user_id\":\"u\","
+	                     "\"additional_messages\":[{\"role\":\"user\","
+	                     "\"content\":\"q\"}]}"));
+	pump(3000, &ngot, 1);
+	T_EQ_INT(got[0].stream, 0);
+	reply(stor, got[0].reqid, 200, 0, "", "{\"status\":\"in_progress\"}",
+	      0);
+	T_EQ_INT(http_read(fd, &r, 3000), 0);
+	T_EQ_INT(r.status, 200);
+	T_EQ_STR(r.body, "{\"code\":0,\"msg\":\"\",\"data\":{\"status\":"
+	                 "\"in_progress\"}}");
+	http_close(fd);
+}
+
+static void
+t_v3_bad(void)
+{
+	static const struct {
+		const char *method, *path, *token, *body;
+		int status;
+		long code;
+		const char *msg;
+	} cases[] = {
+	        {"POST", "/v3/chat", NULL, v3body, 401, 4100, "missing token"},
+	        {"GET", "/v3/chat", "t", "", 405, 4000, "method not allowed"},
+	        {"POST", "/v3/chat", "t", "{not json", 400, 4000,
+	         "invalid JSON body"},
+	        {"POST", "/v3/chat", "t",
+	         "{\"bot_id\":\"b\",\"user_id\":\"u\",\"stream\":\"yes\"}",
+	         400, 4000, "stream must be a boolean"},
+	        {"POST", "/v3/chat", "t",
+	         "{\"bot_id\":\"b\",\"user_id\":\"u\",\"additional_messages\":"
+	         "[{\"role\":\"robot\",\"content\":\"x\"}]}",
+	         400, 4000,
+	         "additional_messages[0].role must be \\\"user\\\" or "
+	         "\\\"assistant\\\""},
+	        {"POST", "/v3/chat?conversation_id=abc", "t", v3body, 400,
+	         4000, "conversation_id must be 1 to 32 decimal digits"},
+	        {"GET", "/v3/chat/retrieve?conversation_id=1", "t", "", 400,
+	         4000, "missing chat_id"},
+	        {"POST", "/v3/chat/retrieve?conversation_id=x&chat_id=1", "t",
+	         "", 400, 4000,
+	         "conversation_id must be 1 to 32 decimal digits"},
+	        {"GET", "/v3/chat/message/list?chat_id=1", "t", "", 400, 4000,
+	         "missing conversation_id"},
+	        {"GET", "/v3/chat/message/list?chat_id=1&conversation_id=2",
+	         NULL, "", 401, 4100, "missing token"},
+	        {"PUT", "/v3/chat/message/list", "t", "", 405, 4000,
+	         "method not allowed"},
+	        {"GET", "/v3/chat/cancel?conversation_id=1&chat_id=2", "t", "",
+	         405, 4000, "method not allowed"},
+	        {"POST", "/v3/chat/cancel", "t", "{\"conversation_id\":\"1\"}",
+	         400, 4000, "missing chat_id"},
+	        {"POST", "/v3/chat/cancel", "t", "nope", 400, 4000,
+	         "invalid JSON body"},
+	};
+	struct resp r;
+	size_t i;
+	int fd = http_connect();
+
+	ngot = 0;
+	for (i = 0; i < nitems(cases); i++) {
+		http_send(fd, v3_req(cases[i].method, cases[i].path,
+		                     cases[i].token, cases[i].body));
+		if (http_read(fd, &r, 3000) == -1)
+			T_FAIL("case %zu: no answer", i);
+		expect_error(&r, cases[i].status, cases[i].code, cases[i].msg);
+	}
+	http_close(fd);
+	/* Nothing reached auth. */
+	pump(100, NULL, 0);
+	T_EQ_INT(ngot, 0);
+}
+
+static void
+t_v3_ids(void)
+{
+	static const struct {
+		const char *method, *path, *body, *route;
+	} cases[] = {
+	        {"POST", "/v3/chat/retrieve?conversation_id=11&chat_id=12", "",
+	         "v3.retrieve"},
+	        {"GET", "/v3/chat/retrieve?chat_id=12&conversation_id=11", "",
+	         "v3.retrieve"},
+	        {"GET", "/v3/chat/message/list?conversation_id=11&chat_id=12",
+	         "", "v3.list"},
+	        {"POST", "/v3/chat/message/list?conversation_id=11&chat_id=12",
+	         "", "v3.list"},
+	        {"POST", "/v3/chat/cancel",
+	         "{\"conversation_id\":\"11\",\"chat_id\":\"12\"}",
+	         "v3.cancel"},
+	        {"POST", "/v3/chat/cancel?conversation_id=11&chat_id=12", "",
+	         "v3.cancel"},
+	        /* A base URL with a trailing slash (coze-sdk.md 9.8). */
+	        {"POST", "//v3/chat/retrieve?conversation_id=11&chat_id=12",
+	         "", "v3.retrieve"},
+	};
+	struct resp r;
+	size_t i;
+	int fd = http_connect();
+
+	for (i = 0; i < nitems(cases); i++) {
+		ngot = 0;
+		http_send(fd, v3_req(cases[i].method, cases[i].path, "k",
+		                     cases[i].body));
+		pump(3000, &ngot, 1);
+		T_EQ_INT(ngot, 1);
+		T_EQ_STR(got[0].route, cases[i].route);
+		T_EQ_STR(got[0].history_id, "11");
+		T_EQ_STR(got[0].chat_id, "12");
+		T_EQ_STR(got[0].token, "k");
+		T_EQ_STR(got[0].reply_to, "edge");
+		reply(stor, got[0].reqid, 200, 0, "", "[{\"id\":\"1\"}]", 0);
+		T_EQ_INT(http_read(fd, &r, 3000), 0);
+		T_EQ_INT(r.status, 200);
+		T_EQ_STR(r.body, "{\"code\":0,\"msg\":\"\",\"data\":[{\"id\":"
+		                 "\"1\"}]}");
+	}
+	/* Not found, from storage. */
+	ngot = 0;
+	http_send(fd, v3_req("GET", cases[0].path, "k", ""));
+	pump(3000, &ngot, 1);
+	reply(stor, got[0].reqid, 404, 4201, "chat not found", "", 0);
+	T_EQ_INT(http_read(fd, &r, 3000), 0);
+	expect_error(&r, 404, 4201, "chat not found");
+	http_close(fd);
+	/* A client of a retrieve that leaves is no CLIENT_GONE. */
+	fd = http_connect();
+	ngot = 0;
+	http_send(fd, v3_req("GET", cases[0].path, "k", ""));
+	pump(3000, &ngot, 1);
+	http_close(fd);
+	pump(700, NULL, 0);
+	reply(stor, got[0].reqid, 200, 0, "", "{}", 0);
+	pump(100, NULL, 0);
+	T_EQ_INT(ngone, 0);
+}
+
+/* The client of a v3 chat leaves: the dispatcher hears of it, before
+ * the first event and while streaming. */
+static void
+t_v3_client_gone(void)
+{
+	char id[COZE_ID_LEN + 1];
+	int fd;
+
+	ngone = 0;
+	v3_start(&fd, v3body);
+	coze_chat_id_of(MSTR(got[0].reqid), id);
+	http_close(fd);
+	pump(2000, &ngone, 1);
+	T_EQ_INT(ngone, 1);
+	T_EQ_STR(gone[0].reqid, got[0].reqid);
+	T_EQ_STR(gone[0].route, "v3.chat");
+	T_EQ_STR(gone[0].chat_id, id);
+	T_EQ_STR(gone[0].history_id, "7777");
+	T_EQ_STR(gone[0].sender, "edge");
+	T_EQ_STR(gone[0].traceparent, got[0].traceparent);
+	/* Its late answer is dropped. */
+	event(stor, got[0].reqid, ev_created, 0);
+
+	ngone = 0;
+	v3_start(&fd, v3body);
+	event(stor, got[0].reqid, ev_created, 0);
+	T_EQ_INT(read_until(fd, ev_created, 3000), 0);
+	shutdown(fd, SHUT_RDWR);
+	http_close(fd);
+	pump(2000, &ngone, 1);
+	T_EQ_INT(ngone, 1);
+	T_EQ_STR(gone[0].reqid, got[0].reqid);
+	/* Once only, even as events keep coming. */
+	event(stor, got[0].reqid, ev_delta, 0);
+	event(stor, got[0].reqid, ev_end, 1);
+	pump(700, NULL, 0);
+	T_EQ_INT(ngone, 1);
+}
+
+/* A client that does not read: past 1 MiB owed, dropped (and reported
+ * gone); the edge goes on serving. */
+static void
+t_v3_slow_client(void)
+{
+	static char big[256 << 10];
+	struct resp r;
+	int fd, i, small = 4096;
+	struct sockaddr_in a = {0};
+
+	ngone = 0;
+	fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	T_ASSERT(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small,
+	                    sizeof(small)) == 0);
+	a.sin_family = AF_INET;
+	a.sin_port = htons((uint16_t)port);
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	T_ASSERT(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	ngot = 0;
+	http_send(fd, v3_req("POST", "/v3/chat", "tok", v3body));
+	pump(3000, &ngot, 1);
+	T_EQ_INT(ngot, 1);
+	memset(big, 'x', sizeof(big) - 1);
+	memcpy(big, "event:conversation.message.delta\ndata:", 38);
+	/* The edge's socket buffer takes up to tcp_wmem's maximum (4 MiB
+	 * here) before anything waits in its queue: up to 64 MiB. */
+	for (i = 0; i < 256 && ngone == 0; i++) {
+		event(stor, got[0].reqid, big, 0);
+		pump(20, NULL, 0);
+	}
+	pump(2000, &ngone, 1);
+	T_EQ_INT(ngone, 1);
+	T_EQ_STR(gone[0].reqid, got[0].reqid);
+	close(fd);
+	get("/healthz", &r);
+	T_EQ_INT(r.status, 200);
+}
+
 static void
 t_bad_messages(void)
 {
@@ -688,6 +1163,13 @@ t_all(void)
 	t_deadline_then_late();
 	t_client_gone();
 	t_pipelined();
+	t_v3_stream();
+	t_v3_stream_error();
+	t_v3_json();
+	t_v3_bad();
+	t_v3_ids();
+	t_v3_client_gone();
+	t_v3_slow_client();
 	t_bad_messages();
 	t_stop();
 }
