@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * troupe-auth: checks the bearer JWT of every chat the edge accepts and
- * sends the authenticated chat on to the dispatcher (docs/services/auth.md).
+ * troupe-auth: checks the bearer JWT or API key of every request the edge
+ * accepts and sends it on: chats and cancels to the dispatcher, retrieve
+ * and message list to storage (docs/services/auth.md).
  *
  * This file holds main(), the peer table and the configuration: it reads
- * [auth] at start and on reload, and hands every envelope to the dispatch
- * function of the peer that sent it (auth_dispatch.c).  The token work is
- * auth_token.c's.
+ * [auth] at start and on reload, runs the tick that gives up on silent key
+ * checks, and hands every envelope to the dispatch function of the peer
+ * that sent it (auth_dispatch.c).  The token work is auth_token.c's, the
+ * API key table auth_key.c's.
  *
  * DIAGNOSTICS: a missing, short or unusable secret, or an invalid [auth]
  * key, is fatal at start; on reload it is logged and the previous settings
@@ -37,7 +39,12 @@ struct auth_peer {
 /* Who talks to us; anyone else is unhandled. */
 static const struct auth_peer peers[] = {
         {"edge", PROC_EDGE, auth_dispatch_edge},
+        {"storage", PROC_STORAGE, auth_dispatch_storage},
 };
+
+/* How often overdue key checks and expired cache entries are looked
+ * for. */
+#define AUTH_TICK_MS 100
 
 static struct auth auth;
 
@@ -47,7 +54,8 @@ static void auth_metrics(struct svc *, struct buf *, void *);
 
 static const struct svc_def auth_def = {
         .kind = "auth",
-        .summary = "check bearer JWTs, forward authenticated chats",
+        .summary = "check bearer JWTs and API keys, forward "
+                   "authenticated requests",
         .help_extra =
                 "Config keys, section [auth] (env TROUPE_AUTH_<KEY>):\n"
                 "  jwt_secret  HMAC secret, at least 32 bytes (48 for HS384, "
@@ -58,7 +66,24 @@ static const struct svc_def auth_def = {
                 "  leeway_s    clock skew allowed on exp, nbf, iat (default "
                 "30)\n"
                 "  audience    if set, the token's aud must contain it\n"
-                "  issuer      if set, the token's iss must equal it\n",
+                "  issuer      if set, the token's iss must equal it\n"
+                "  key_cache_ms          a valid API key is reused this "
+                "long\n"
+                "                        without asking storage (default "
+                "10000)\n"
+                "  key_unknown_cache_ms  an unknown API key is refused "
+                "this\n"
+                "                        long without asking (default "
+                "2000)\n"
+                "  key_check_ms          storage silent this long on a "
+                "key: 503\n"
+                "                        (default 2000)\n"
+                "  key_park_max          requests waiting for key checks, "
+                "at most\n"
+                "                        (default 10000)\n"
+                "  key_cache_max         API keys remembered, at most "
+                "(default\n"
+                "                        100000)\n",
         .on_msg = auth_msg,
         .on_reload = auth_reload,
         .on_metrics = auth_metrics,
@@ -106,6 +131,41 @@ done:
 	return (c);
 }
 
+/* Read the [auth] key_* settings; -1 with err filled if one is bad. */
+static int
+auth_key_conf(struct auth_key_conf *kc, char *err, size_t errlen)
+{
+	int64_t valid, unknown, check, park, max;
+
+	if (conf_get_int("auth", "key_cache_ms", 10000, 0, 3600000, &valid,
+	                 err, errlen) == -1 ||
+	    conf_get_int("auth", "key_unknown_cache_ms", 2000, 0, 3600000,
+	                 &unknown, err, errlen) == -1 ||
+	    conf_get_int("auth", "key_check_ms", 2000, 100, 60000, &check, err,
+	                 errlen) == -1 ||
+	    conf_get_int("auth", "key_park_max", 10000, 0, 10000000, &park,
+	                 err, errlen) == -1 ||
+	    conf_get_int("auth", "key_cache_max", 100000, 1, 10000000, &max,
+	                 err, errlen) == -1)
+		return (-1);
+	kc->valid_ms = (uint64_t)valid;
+	kc->unknown_ms = (uint64_t)unknown;
+	kc->check_ms = (uint64_t)check;
+	kc->park_max = (size_t)park;
+	kc->entries_max = (size_t)max;
+	return (0);
+}
+
+static void
+auth_tick(struct loop *l, void *arg)
+{
+	struct auth *a = arg;
+
+	(void)l;
+	auth_dispatch_tick(a);
+	loop_timer_set(a->tick, AUTH_TICK_MS);
+}
+
 static void
 auth_conf_log(const char *what, const char *src)
 {
@@ -124,10 +184,16 @@ auth_reload(struct svc *svc, void *arg)
 {
 	struct auth *a = arg;
 	struct auth_token_conf *c;
+	struct auth_key_conf kc;
 	const char *src;
 	char err[256];
 
 	(void)svc;
+	if (auth_key_conf(&kc, err, sizeof(err)) == -1) {
+		log_warnx("%s: keeping the previous settings: %s", __func__,
+		          err);
+		return (-1);
+	}
 	if ((c = auth_conf(&src, err, sizeof(err))) == NULL) {
 		log_warnx("%s: keeping the previous token settings: %s",
 		          __func__, err);
@@ -135,6 +201,7 @@ auth_reload(struct svc *svc, void *arg)
 	}
 	auth_token_conf_free(a->tok);
 	a->tok = c;
+	a->keys.kt_conf = kc;
 	auth_conf_log("reloaded", src);
 	return (0);
 }
@@ -171,9 +238,42 @@ auth_stats_init(struct auth *a)
 		             metrics_counter(a->metrics, vf, vh, l)) == NULL)
 			return (-1);
 	}
-	st->forwarded = metrics_counter(
-	        a->metrics, "troupe_auth_forwarded_total",
-	        "Authenticated chats sent to the dispatcher.", "");
+	static const char ff[] = "troupe_auth_forwarded_total";
+	static const char fh[] = "Authenticated requests sent on, by "
+	                         "message.";
+	static const char kf[] = "troupe_auth_key_cache_total";
+	static const char kh[] = "API key lookups, by what the cache "
+	                         "gave.";
+	static const char cf[] = "troupe_auth_key_checks_total";
+	static const char ch[] = "KEY_CHECKs to storage, by outcome.";
+
+	st->fwd_run = metrics_counter(a->metrics, ff, fh, "msg=\"CHAT_RUN\"");
+	st->fwd_cancel =
+	        metrics_counter(a->metrics, ff, fh, "msg=\"CHAT_CANCEL\"");
+	st->fwd_query =
+	        metrics_counter(a->metrics, ff, fh, "msg=\"CHAT_QUERY\"");
+	st->key_unavailable = metrics_counter(a->metrics, rf, rh,
+	                                      "reason=\"key_unavailable\"");
+	st->park_full =
+	        metrics_counter(a->metrics, rf, rh, "reason=\"park_full\"");
+	st->scope = metrics_counter(a->metrics, rf, rh, "reason=\"scope\"");
+	st->bad_route =
+	        metrics_counter(a->metrics, rf, rh, "reason=\"bad_route\"");
+	st->key_hit = metrics_counter(a->metrics, kf, kh, "result=\"hit\"");
+	st->key_hit_unknown =
+	        metrics_counter(a->metrics, kf, kh, "result=\"hit_unknown\"");
+	st->key_miss = metrics_counter(a->metrics, kf, kh, "result=\"miss\"");
+	st->key_joined =
+	        metrics_counter(a->metrics, kf, kh, "result=\"joined\"");
+	st->key_ok = metrics_counter(a->metrics, cf, ch, "result=\"ok\"");
+	st->key_refused =
+	        metrics_counter(a->metrics, cf, ch, "result=\"unknown\"");
+	st->key_storage_503 =
+	        metrics_counter(a->metrics, cf, ch, "result=\"unavailable\"");
+	st->key_timeout =
+	        metrics_counter(a->metrics, cf, ch, "result=\"timeout\"");
+	st->key_stray =
+	        metrics_counter(a->metrics, cf, ch, "result=\"stray\"");
 	st->deadline =
 	        metrics_counter(a->metrics, rf, rh, "reason=\"deadline\"");
 	st->unavailable = metrics_counter(a->metrics, rf, rh,
@@ -186,10 +286,17 @@ auth_stats_init(struct auth *a)
 	        metrics_counter(a->metrics, df, dh, "reason=\"unhandled\"");
 	st->dropped_no_reply =
 	        metrics_counter(a->metrics, df, dh, "reason=\"no_reply_to\"");
-	if (st->forwarded == NULL || st->deadline == NULL ||
-	    st->unavailable == NULL || st->reply_lost == NULL ||
-	    st->dropped_bad == NULL || st->dropped_unhandled == NULL ||
-	    st->dropped_no_reply == NULL)
+	if (st->fwd_run == NULL || st->fwd_cancel == NULL ||
+	    st->fwd_query == NULL || st->key_unavailable == NULL ||
+	    st->park_full == NULL || st->scope == NULL ||
+	    st->bad_route == NULL || st->key_hit == NULL ||
+	    st->key_hit_unknown == NULL || st->key_miss == NULL ||
+	    st->key_joined == NULL || st->key_ok == NULL ||
+	    st->key_refused == NULL || st->key_storage_503 == NULL ||
+	    st->key_timeout == NULL || st->key_stray == NULL ||
+	    st->deadline == NULL || st->unavailable == NULL ||
+	    st->reply_lost == NULL || st->dropped_bad == NULL ||
+	    st->dropped_unhandled == NULL || st->dropped_no_reply == NULL)
 		return (-1);
 	return (0);
 }
@@ -245,6 +352,7 @@ auth_msg(void *arg, const struct msg *m)
 int
 main(int argc, char *argv[])
 {
+	struct auth_key_conf kc;
 	const char *src;
 	char err[256];
 	int rc;
@@ -254,10 +362,18 @@ main(int argc, char *argv[])
 		fatalx("%s: out of memory", __func__);
 	if ((auth.tok = auth_conf(&src, err, sizeof(err))) == NULL)
 		fatalx("cannot check tokens: %s", err);
+	if (auth_key_conf(&kc, err, sizeof(err)) == -1)
+		fatalx("cannot check API keys: %s", err);
+	if (auth_keys_init(&auth.keys, &kc) == -1 ||
+	    (auth.tick = loop_timer_new(auth.svc.loop, auth_tick, &auth)) ==
+	            NULL)
+		fatalx("%s: out of memory", __func__);
+	loop_timer_set(auth.tick, AUTH_TICK_MS);
 	auth_conf_log("checking", src);
 	svc_ready(&auth.svc, "checking tokens");
 	rc = svc_run(&auth.svc);
 	auth_token_conf_free(auth.tok);
+	auth_keys_free(&auth.keys); /* the tick went with the loop */
 	metrics_free(auth.metrics);
 	return (rc);
 }

@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 
+#include "auth_key.h"
 #include "auth_token.h"
 #include "proto.h"
 #include "svc.h"
@@ -26,9 +27,18 @@ enum auth_dispatch {
 /* Counters, created at start (never NULL afterwards). */
 struct auth_stats {
 	uint64_t *verdicts[AUTH_TOKEN_NVERDICTS];
-	uint64_t *forwarded;         /* CHAT_RUN queued for the dispatcher */
-	uint64_t *deadline;          /* refused: deadline already past */
-	uint64_t *unavailable;       /* refused: dispatcher backlog full */
+	uint64_t *fwd_run;         /* CHAT_RUN queued for the dispatcher */
+	uint64_t *fwd_cancel;      /* CHAT_CANCEL queued for it */
+	uint64_t *fwd_query;       /* CHAT_QUERY queued for storage */
+	uint64_t *deadline;        /* refused: deadline already past */
+	uint64_t *unavailable;     /* refused: next hop backlog full */
+	uint64_t *key_unavailable; /* refused: key check failed (503) */
+	uint64_t *park_full;       /* refused: too many parked (503) */
+	uint64_t *scope;           /* refused: scope missing (403) */
+	uint64_t *bad_route;       /* refused: unknown route (400) */
+	uint64_t *key_hit, *key_hit_unknown, *key_miss, *key_joined;
+	uint64_t *key_ok, *key_refused, *key_storage_503, *key_timeout;
+	uint64_t *key_stray;         /* KEY_REPLY for no check in flight */
 	uint64_t *reply_lost;        /* a CHAT_REPLY the edge link refused */
 	uint64_t *dropped_bad;       /* undecodable bodies */
 	uint64_t *dropped_unhandled; /* unknown or misrouted messages */
@@ -40,6 +50,9 @@ struct auth {
 	struct auth_token_conf *tok; /* replaced whole on reload */
 	struct metrics *metrics;     /* ours; rendered by on_metrics */
 	struct auth_stats st;
+	struct auth_keys keys;         /* API keys storage told us about */
+	struct loop_timer *tick;       /* overdue checks, expired entries */
+	uint64_t swept_ms;             /* last sweep, monotonic */
 	uint8_t warned_bad[65536 / 8]; /* per type: logged once */
 	uint8_t warned_unhandled[65536 / 8];
 	int warned_no_reply;
@@ -47,5 +60,10 @@ struct auth {
 
 /* Handle one envelope from an edge; an auth_dispatch value. */
 int auth_dispatch_edge(struct auth *, const struct msg *);
+/* Handle one envelope from storage (KEY_REPLY); an auth_dispatch value. */
+int auth_dispatch_storage(struct auth *, const struct msg *);
+/* Periodic: answer 503 for key checks storage left unanswered, drop
+ * expired cache entries. */
+void auth_dispatch_tick(struct auth *);
 
 #endif

@@ -3,19 +3,28 @@
  * auth_dispatch: what troupe-auth does with each message, one dispatch
  * function per peer (auth.c's peer table calls them on the loop thread).
  *
- * CHAT_REQUEST from an edge: past its deadline, CHAT_REPLY 504/5040; a
- * token auth_token.c refuses, CHAT_REPLY 401/4100 with its reason; else
- * CHAT_RUN to the dispatcher, same body with the token emptied and sub set,
- * reply_to still the edge; if the dispatcher's link refuses it, CHAT_REPLY
+ * CHAT_REQUEST from an edge: past its deadline, CHAT_REPLY 504/5040; an
+ * unknown route, 400/4000.  Route v1.chat takes a JWT only; v3.chat,
+ * v3.retrieve, v3.list and v3.cancel take a JWT or an API key (`pat_`).
+ * A token auth_token.c refuses gets 401/4100 with its reason.  An API key
+ * is looked up by its SHA-256 in auth_key.c's table: a fresh answer is
+ * used at once; otherwise the request is parked and one KEY_CHECK per
+ * hash goes to storage, whose KEY_REPLY (or its silence) settles every
+ * request parked on it.  A key lacking the route's scope gets 403/4101.
+ * Then the request is forwarded with the token emptied and sub and scopes
+ * set, head unchanged (reply_to still the edge): CHAT_RUN (v1.chat,
+ * v3.chat) or CHAT_CANCEL (v3.cancel) to the dispatcher, CHAT_QUERY
+ * (v3.retrieve, v3.list) to storage.  A next hop whose link refuses gives
  * 503/5030 with retry_after 1.  Every answer goes to the request's
- * reply_to.  Stateless, so a request sent again after an edge restart is
- * simply checked again.
+ * reply_to.
  *
  * DIAGNOSTICS: per-request outcomes are logged at debug level only (a
  * flood of bad tokens must not flood the journal) and counted; a reply the
  * edge link refuses is counted and logged at debug (the edge answers 504
  * by itself).  Never exits.
  */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "auth.h"
@@ -23,37 +32,235 @@
 #include "proto.h"
 #include "util.h"
 
+enum auth_route {
+	ROUTE_UNKNOWN,
+	ROUTE_V1_CHAT,
+	ROUTE_V3_CHAT,
+	ROUTE_V3_RETRIEVE,
+	ROUTE_V3_LIST,
+	ROUTE_V3_CANCEL,
+};
+
+static enum auth_route
+auth_route_of(struct mstr r)
+{
+	if (mstr_eq(r, "v1.chat"))
+		return (ROUTE_V1_CHAT);
+	if (mstr_eq(r, "v3.chat"))
+		return (ROUTE_V3_CHAT);
+	if (mstr_eq(r, "v3.retrieve"))
+		return (ROUTE_V3_RETRIEVE);
+	if (mstr_eq(r, "v3.list"))
+		return (ROUTE_V3_LIST);
+	if (mstr_eq(r, "v3.cancel"))
+		return (ROUTE_V3_CANCEL);
+	return (ROUTE_UNKNOWN);
+}
+
+/* The scope an API key needs for a route. */
+static const char *
+auth_route_scope(enum auth_route r)
+{
+	return (r == ROUTE_V3_RETRIEVE || r == ROUTE_V3_LIST ? "read"
+	                                                     : "chat");
+}
+
 static void
-auth_reply(struct auth *a, const struct msg *m, const char *to,
+auth_reply(struct auth *a, const struct msg_head *in, const char *to,
            uint64_t status, int64_t code, const char *text,
            uint64_t retry_after)
 {
-	struct chat_reply r;
-	struct msg_head h;
+	struct chat_reply r = {0};
+	struct msg_head h = *in;
 
 	r.status = status;
 	r.code = code;
 	r.msg = MSTR(text);
 	r.data = MSTR_NULL;
 	r.retry_after = retry_after;
-	h = msg_head_reply(m, NULL);
+	h.reply_to = MSTR_NULL;
 	if (msg_send_chat_reply(a->svc.ipc, to, &h, &r) == -1) {
 		(*a->st.reply_lost)++;
-		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
+		log_req(LOG_L_DEBUG, h.reqid, h.traceparent, MSTR_NULL,
 		        "%s: link to %s refused the %llu reply", __func__, to,
 		        (unsigned long long)status);
 	}
+}
+
+/*
+ * The request is authenticated as sub with scopes: check the route's
+ * scope, then send it on.  in is the request's head; to its edge.
+ */
+static void
+auth_forward(struct auth *a, const struct msg_head *in, const char *to,
+             const struct chat_request *req, struct mstr sub,
+             struct mstr scopes)
+{
+	enum auth_route route = auth_route_of(req->route);
+	const char *need = auth_route_scope(route), *peer;
+	struct chat_request fwd;
+	struct msg_head h = *in;
+	uint64_t *ctr;
+	char why[64];
+	int rc;
+
+	if (!auth_key_scope_ok(scopes, need)) {
+		(*a->st.scope)++;
+		snprintf(why, sizeof(why), "API key lacks the %s scope", need);
+		log_req(LOG_L_DEBUG, in->reqid, in->traceparent, req->bot_id,
+		        "sub %.*s: %s", (int)sub.n, sub.p, why);
+		auth_reply(a, in, to, 403, 4101, why, 0);
+		return;
+	}
+	fwd = *req;
+	fwd.token = MSTR_NULL;
+	fwd.sub = sub;
+	fwd.scopes = scopes;
+	/* The next hop answers the edge, not us. */
+	h.reply_to = MSTR(to);
+	switch (route) {
+	case ROUTE_V3_CANCEL:
+		peer = "dispatcher";
+		ctr = a->st.fwd_cancel;
+		rc = msg_send_chat_cancel(a->svc.ipc, peer, &h, &fwd);
+		break;
+	case ROUTE_V3_RETRIEVE:
+	case ROUTE_V3_LIST:
+		peer = "storage";
+		ctr = a->st.fwd_query;
+		rc = msg_send_chat_query(a->svc.ipc, peer, &h, &fwd);
+		break;
+	default:
+		peer = "dispatcher";
+		ctr = a->st.fwd_run;
+		rc = msg_send_chat_run(a->svc.ipc, peer, &h, &fwd);
+		break;
+	}
+	if (rc == -1) {
+		(*a->st.unavailable)++;
+		log_req(LOG_L_DEBUG, in->reqid, in->traceparent, req->bot_id,
+		        "%s link full: 503", peer);
+		auth_reply(a, in, to, 503, 5030, "service unavailable", 1);
+		return;
+	}
+	(*ctr)++;
+	log_req(LOG_L_DEBUG, in->reqid, in->traceparent, req->bot_id,
+	        "sub %.*s: %.*s sent to %s", (int)sub.n, sub.p,
+	        (int)req->route.n, req->route.p, peer);
+}
+
+/* Answer every request in l (parked on a key check) with an error. */
+static void
+auth_fail_parked(struct auth *a, struct auth_park_list *l, uint64_t status,
+                 int64_t code, const char *text, uint64_t retry_after)
+{
+	struct auth_park *p;
+
+	while ((p = TAILQ_FIRST(l)) != NULL) {
+		TAILQ_REMOVE(l, p, p_link);
+		auth_reply(a, &p->p_head, p->p_to, status, code, text,
+		           retry_after);
+		free(p);
+	}
+}
+
+/* The key check for k failed (storage refused, silent, or our send
+ * failed): 503 for everything parked on it, and forget it. */
+static void
+auth_key_give_up(struct auth *a, struct auth_key *k)
+{
+	struct auth_park_list l = TAILQ_HEAD_INITIALIZER(l);
+
+	*a->st.key_unavailable += k->k_nparked;
+	auth_keys_take(&a->keys, k, &l);
+	auth_keys_remove(&a->keys, k);
+	auth_fail_parked(a, &l, 503, 5030, "service unavailable", 1);
+}
+
+/* A request carrying an API key: use the cached answer, or park it on
+ * the (maybe new) check of its hash. */
+static void
+auth_key_request(struct auth *a, const struct msg *m,
+                 const struct chat_request *req, const char *to)
+{
+	struct msg_head in = msg_head_reply(m, NULL);
+	char hash[AUTH_KEY_HASH_LEN + 1];
+	struct key_check kc = {0};
+	struct msg_head h;
+	struct auth_key *k;
+	uint64_t now = loop_now(a->svc.loop);
+	int fresh = 0;
+
+	if (req->token.n > AUTH_KEY_TEXT_MAX) {
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "API key too long");
+		auth_reply(a, &in, to, 401, 4100, "invalid API key", 0);
+		return;
+	}
+	if (auth_key_hash(req->token.p, req->token.n, hash) == -1) {
+		log_req(LOG_L_WARN, m->reqid, m->traceparent, req->bot_id,
+		        "%s: SHA-256 failed", __func__);
+		auth_reply(a, &in, to, 500, 5000, "internal error", 0);
+		return;
+	}
+	k = auth_keys_find(&a->keys, hash);
+	if (k != NULL && k->k_state != AUTH_KEY_PENDING && now < k->k_until) {
+		if (k->k_state == AUTH_KEY_UNKNOWN) {
+			(*a->st.key_hit_unknown)++;
+			auth_reply(a, &in, to, 401, 4100, "invalid API key",
+			           0);
+			return;
+		}
+		(*a->st.key_hit)++;
+		auth_forward(a, &in, to, req, MSTR(k->k_sub),
+		             MSTR(k->k_scopes));
+		return;
+	}
+	if (k == NULL || k->k_state != AUTH_KEY_PENDING) {
+		if ((k = auth_keys_pending(&a->keys, hash, now)) == NULL) {
+			(*a->st.park_full)++;
+			auth_reply(a, &in, to, 503, 5030,
+			           "service unavailable", 1);
+			return;
+		}
+		fresh = 1;
+		(*a->st.key_miss)++;
+	} else
+		(*a->st.key_joined)++;
+	if (auth_keys_park(&a->keys, k, m, to) == -1) {
+		(*a->st.park_full)++;
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "%zu requests parked: 503", a->keys.kt_parked);
+		auth_reply(a, &in, to, 503, 5030, "service unavailable", 1);
+		if (fresh && k->k_nparked == 0)
+			auth_keys_remove(&a->keys, k);
+		return;
+	}
+	if (!fresh)
+		return;
+	kc.hash = MSTR(k->k_hash);
+	h = in;
+	h.deadline_ms = now_wall_ms() + a->keys.kt_conf.check_ms;
+	h.reply_to = MSTR(a->svc.name);
+	if (msg_send_key_check(a->svc.ipc, "storage", &h, &kc) == -1) {
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "storage link full: 503");
+		auth_key_give_up(a, k);
+		return;
+	}
+	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+	        "API key %.12s...: asked storage", k->k_hash);
 }
 
 static void
 auth_chat_request(struct auth *a, const struct msg *m,
                   const struct chat_request *req)
 {
+	struct msg_head in = msg_head_reply(m, NULL);
 	char to[AUTH_NAME_MAX];
-	struct chat_request run = {0};
 	struct auth_claims cl;
-	struct msg_head h;
 	enum auth_token_verdict v;
+	enum auth_route route;
 	const char *why;
 	uint64_t now;
 
@@ -78,7 +285,19 @@ auth_chat_request(struct auth *a, const struct msg *m,
 		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
 		        "deadline passed %llu ms ago",
 		        (unsigned long long)(now - m->deadline_ms));
-		auth_reply(a, m, to, 504, 5040, "deadline exceeded", 0);
+		auth_reply(a, &in, to, 504, 5040, "deadline exceeded", 0);
+		return;
+	}
+	if ((route = auth_route_of(req->route)) == ROUTE_UNKNOWN) {
+		(*a->st.bad_route)++;
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "unknown route %.*s", (int)req->route.n, req->route.p);
+		auth_reply(a, &in, to, 400, 4000, "unknown route", 0);
+		return;
+	}
+	if (route != ROUTE_V1_CHAT &&
+	    auth_key_is_key(req->token.p, req->token.n)) {
+		auth_key_request(a, m, req, to);
 		return;
 	}
 
@@ -88,32 +307,119 @@ auth_chat_request(struct auth *a, const struct msg *m,
 	if (v == AUTH_TOKEN_INTERNAL) {
 		log_req(LOG_L_WARN, m->reqid, m->traceparent, req->bot_id,
 		        "%s: token check failed: %s", __func__, why);
-		auth_reply(a, m, to, 500, 5000, "internal error", 0);
+		auth_reply(a, &in, to, 500, 5000, "internal error", 0);
 		return;
 	}
 	if (v != AUTH_TOKEN_OK) {
 		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
 		        "token refused: %s", why);
-		auth_reply(a, m, to, 401, 4100, why, 0);
+		auth_reply(a, &in, to, 401, 4100, why, 0);
 		return;
 	}
+	/* A JWT grants every scope. */
+	auth_forward(a, &in, to, req,
+	             (struct mstr){cl.sub, (uint32_t)cl.sub_len},
+	             MSTR_LIT("*"));
+}
 
-	run = *req;
-	run.token = MSTR_NULL;
-	run.sub = (struct mstr){cl.sub, (uint32_t)cl.sub_len};
-	/* The dispatcher and the worker answer the edge, not us. */
-	h = msg_head_reply(m, NULL);
-	h.reply_to = m->reply_to;
-	if (msg_send_chat_run(a->svc.ipc, "dispatcher", &h, &run) == -1) {
-		(*a->st.unavailable)++;
-		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
-		        "dispatcher link full: 503");
-		auth_reply(a, m, to, 503, 5030, "service unavailable", 1);
+/* Storage answered the check of a hash: settle every request parked on
+ * it. */
+static void
+auth_key_reply(struct auth *a, const struct msg *m, const struct key_reply *r)
+{
+	struct auth_park_list l = TAILQ_HEAD_INITIALIZER(l);
+	char hash[AUTH_KEY_HASH_LEN + 1];
+	struct chat_request req;
+	struct auth_key *k = NULL;
+	struct auth_park *p;
+	uint64_t now = loop_now(a->svc.loop), wall;
+
+	if (r->hash.n == AUTH_KEY_HASH_LEN) {
+		memcpy(hash, r->hash.p, AUTH_KEY_HASH_LEN);
+		hash[AUTH_KEY_HASH_LEN] = '\0';
+		k = auth_keys_find(&a->keys, hash);
+	}
+	if (k == NULL || k->k_state != AUTH_KEY_PENDING) {
+		/* Answered already (a resend), or given up on. */
+		(*a->st.key_stray)++;
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
+		        "KEY_REPLY %llu for no check in flight",
+		        (unsigned long long)r->status);
 		return;
 	}
-	(*a->st.forwarded)++;
-	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
-	        "sub %s: sent to the dispatcher", cl.sub);
+	if (r->status != 200 && r->status != 401) {
+		(*a->st.key_storage_503)++;
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
+		        "key check: storage said %llu: 503",
+		        (unsigned long long)r->status);
+		auth_key_give_up(a, k);
+		return;
+	}
+	auth_keys_take(&a->keys, k, &l);
+	if (r->status == 401) {
+		(*a->st.key_refused)++;
+		(void)auth_keys_settle(&a->keys, k, 0, MSTR_NULL, MSTR_NULL,
+		                       now);
+		auth_fail_parked(a, &l, 401, 4100, "invalid API key", 0);
+		return;
+	}
+	if (r->sub.n == 0 || r->sub.n > AUTH_SUB_MAX ||
+	    memchr(r->sub.p, '\0', r->sub.n) != NULL ||
+	    memchr(r->scopes.p, '\0', r->scopes.n) != NULL ||
+	    auth_keys_settle(&a->keys, k, 1, r->sub, r->scopes, now) == -1) {
+		if (auth_keys_find(&a->keys, hash) == k)
+			auth_keys_remove(&a->keys, k);
+		(*a->st.key_storage_503)++;
+		log_warnx("%s: unusable KEY_REPLY (sub of %u bytes) or out "
+		          "of memory: 503",
+		          __func__, r->sub.n);
+		auth_fail_parked(a, &l, 503, 5030, "service unavailable", 1);
+		return;
+	}
+	(*a->st.key_ok)++;
+	wall = now_wall_ms();
+	while ((p = TAILQ_FIRST(&l)) != NULL) {
+		TAILQ_REMOVE(&l, p, p_link);
+		if (p->p_head.deadline_ms != 0 &&
+		    wall >= p->p_head.deadline_ms) {
+			(*a->st.deadline)++;
+			auth_reply(a, &p->p_head, p->p_to, 504, 5040,
+			           "deadline exceeded", 0);
+		} else if (chat_request_decode(p->p_body, p->p_body_len,
+		                               &req) == -1) {
+			/* It decoded once: our bug, but answer anyway. */
+			log_req(LOG_L_ERR, p->p_head.reqid,
+			        p->p_head.traceparent, MSTR_NULL,
+			        "%s: parked request does not decode",
+			        __func__);
+			auth_reply(a, &p->p_head, p->p_to, 500, 5000,
+			           "internal error", 0);
+		} else
+			auth_forward(a, &p->p_head, p->p_to, &req,
+			             MSTR(k->k_sub), MSTR(k->k_scopes));
+		free(p);
+	}
+}
+
+void
+auth_dispatch_tick(struct auth *a)
+{
+	uint64_t now = loop_now(a->svc.loop);
+	struct auth_key *k;
+
+	while ((k = auth_keys_overdue(&a->keys, now)) != NULL) {
+		(*a->st.key_timeout)++;
+		log_debug("%s: no KEY_REPLY for %.12s... within %llu ms: 503 "
+		          "for %zu requests",
+		          __func__, k->k_hash,
+		          (unsigned long long)a->keys.kt_conf.check_ms,
+		          k->k_nparked);
+		auth_key_give_up(a, k);
+	}
+	if (now - a->swept_ms >= 1000) {
+		a->swept_ms = now;
+		(void)auth_keys_sweep(&a->keys, now);
+	}
 }
 
 int
@@ -126,6 +432,23 @@ auth_dispatch_edge(struct auth *a, const struct msg *m)
 		if (chat_request_unpack(m, &req) == -1)
 			return (DISPATCH_BAD);
 		auth_chat_request(a, m, &req);
+		break;
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
+	return (DISPATCH_OK);
+}
+
+int
+auth_dispatch_storage(struct auth *a, const struct msg *m)
+{
+	struct key_reply r;
+
+	switch (m->type) {
+	case MSG_KEY_REPLY:
+		if (key_reply_unpack(m, &r) == -1)
+			return (DISPATCH_BAD);
+		auth_key_reply(a, m, &r);
 		break;
 	default:
 		return (DISPATCH_UNHANDLED);

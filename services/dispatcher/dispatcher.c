@@ -34,6 +34,7 @@ struct dispatcher_peer {
 static const struct dispatcher_peer peers[] = {
         {PROC_AUTH, dispatcher_dispatch_auth},
         {PROC_WORKER, dispatcher_dispatch_worker},
+        {PROC_EDGE, dispatcher_dispatch_edge},
 };
 
 static const char help_extra[] =
@@ -203,6 +204,13 @@ dispatcher_metrics(struct dispatcher *d)
 	static const char drop[] = "troupe_dispatcher_dropped_messages_total";
 	static const char drop_h[] = "Messages the dispatcher dropped, by "
 	                             "reason";
+	static const char can[] = "troupe_dispatch_cancels_total";
+	static const char can_h[] =
+	        "Chat cancels, by where they went: worker (RUN_CANCEL), "
+	        "storage (no worker runs the chat), refused (503)";
+	static const char gone[] = "troupe_dispatch_client_gone_total";
+	static const char gone_h[] =
+	        "Clients gone before their answer ended, by what was done";
 	static const char sc[] = "troupe_worker_scale_changes_total";
 	static const char sc_h[] =
 	        "Changes of the worker target, by direction";
@@ -245,6 +253,12 @@ dispatcher_metrics(struct dispatcher *d)
 	d->m_done =
 	        dispatcher_counter(d, "troupe_runs_done_total",
 	                           "Runs a worker child reported done", NULL);
+	d->m_cancel_worker = dispatcher_counter(d, can, can_h, "worker");
+	d->m_cancel_storage = dispatcher_counter(d, can, can_h, "storage");
+	d->m_cancel_refused = dispatcher_counter(d, can, can_h, "refused");
+	d->m_gone_cancel = dispatcher_counter(d, gone, gone_h, "canceled");
+	d->m_gone_dropped = dispatcher_counter(d, gone, gone_h, "dropped");
+	d->m_gone_unknown = dispatcher_counter(d, gone, gone_h, "unknown");
 	d->m_grow = dispatcher_counter(d, sc, sc_h, "grow");
 	d->m_shrink = dispatcher_counter(d, sc, sc_h, "shrink");
 }

@@ -6,8 +6,9 @@
  * answers the edge at once when a child dies under its runs.
  *
  *   dispatcher.c           main(), the peer table, config, the tick
- *   dispatcher_dispatch.c  one switch per peer (auth, worker)
- *   dispatcher_run.c       the run table, the queue, assigning runs
+ *   dispatcher_dispatch.c  one switch per peer (auth, worker, edge)
+ *   dispatcher_run.c       the run table, the queue, assigning runs,
+ *                          cancels and gone clients
  *   dispatcher_spawn.c     fork/exec, reaping, back-off, hello, retire
  *   dispatcher_scale.c     the child count (mechanism and default policy)
  *
@@ -83,12 +84,14 @@ struct child {
 /* One chat run: assigned to a child (r_slot >= 0) or queued (-1). */
 struct run {
 	TAILQ_ENTRY(run) r_link; /* a child's list, or the queue */
-	struct run *r_hnext;     /* hash chain */
-	uint32_t r_hash;
+	struct run *r_hnext;     /* hash chain by request id */
+	struct run *r_cnext;     /* hash chain by chat id (v3.chat) */
+	uint32_t r_hash, r_chash;
 	int r_slot;
+	int r_gone;             /* CLIENT_GONE seen: RUN_CANCEL sent */
 	uint64_t r_deadline_ms; /* wall clock, 0: none */
 	uint64_t r_since_ms;    /* monotonic: queued or assigned at */
-	struct mstr r_reqid, r_trace, r_body;
+	struct mstr r_reqid, r_trace, r_chat_id, r_body;
 	char *r_edge; /* reply_to, NUL-terminated */
 	char r_buf[]; /* the bytes the fields above point to */
 };
@@ -97,6 +100,9 @@ struct runtab {
 	struct run **rt_bucket;
 	size_t rt_mask; /* buckets - 1 */
 	size_t rt_count;
+	struct run **rt_cbucket; /* by chat id: runs with one only */
+	size_t rt_cmask;
+	size_t rt_ccount;
 	struct run_list rt_queue;
 	size_t rt_qlen;
 };
@@ -149,6 +155,8 @@ struct dispatcher {
 	        *m_rej_exited;
 	uint64_t *m_drop_bad, *m_drop_unhandled, *m_drop_route, *m_drop_stale;
 	uint64_t *m_assigned, *m_done, *m_grow, *m_shrink;
+	uint64_t *m_cancel_worker, *m_cancel_storage, *m_cancel_refused;
+	uint64_t *m_gone_cancel, *m_gone_dropped, *m_gone_unknown;
 };
 
 /* dispatcher_dispatch.c */
@@ -157,6 +165,8 @@ struct dispatcher {
 int dispatcher_dispatch_auth(struct dispatcher *, const struct msg *);
 /* Handle an envelope from a worker child (WORKER_HELLO, RUN_DONE). */
 int dispatcher_dispatch_worker(struct dispatcher *, const struct msg *);
+/* Handle an envelope from an edge (CLIENT_GONE). */
+int dispatcher_dispatch_edge(struct dispatcher *, const struct msg *);
 
 /* dispatcher_run.c */
 
@@ -164,12 +174,14 @@ int dispatcher_dispatch_worker(struct dispatcher *, const struct msg *);
 int dispatcher_run_init(struct runtab *);
 /* Free the table and every run in it. */
 void dispatcher_run_free(struct runtab *);
-/* A run with copies of the head strings and (when queued) the body;
- * NULL on ENOMEM.  r_slot is -1. */
+/* A run with copies of the head strings, its chat id (v3.chat; empty:
+ * none) and (when queued) the body; NULL on ENOMEM.  r_slot is -1. */
 struct run *dispatcher_run_new(struct mstr reqid, struct mstr trace,
-                               struct mstr edge, uint64_t deadline_ms,
-                               const void *body, size_t body_len);
-/* Add r to the table (not to any list); -1 on ENOMEM. */
+                               struct mstr edge, struct mstr chat_id,
+                               uint64_t deadline_ms, const void *body,
+                               size_t body_len);
+/* Add r to the table (not to any list), and to the chat index if it has
+ * a chat id; -1 on ENOMEM. */
 int dispatcher_run_insert(struct runtab *, struct run *);
 /* The run with this request id and reply mailbox, or NULL. */
 struct run *dispatcher_run_find(const struct runtab *, struct mstr reqid,
@@ -177,7 +189,10 @@ struct run *dispatcher_run_find(const struct runtab *, struct mstr reqid,
 /* The run with this request id assigned to slot, or NULL. */
 struct run *dispatcher_run_find_slot(const struct runtab *, struct mstr reqid,
                                      int slot);
-/* Take r out of the table (not out of its list). */
+/* The run of chat chat_id (the oldest if several), or NULL. */
+struct run *dispatcher_run_find_chat(const struct runtab *,
+                                     struct mstr chat_id);
+/* Take r out of the table and the chat index (not out of its list). */
 void dispatcher_run_remove(struct runtab *, struct run *);
 /* Append r to the queue / take the oldest / take r out of it. */
 void dispatcher_run_enqueue(struct runtab *, struct run *);
@@ -189,6 +204,15 @@ int dispatcher_run_pick(const struct child *, int n, uint32_t limit,
                         uint64_t now);
 /* CHAT_RUN: assign, queue, or answer the edge 503/504. */
 void dispatcher_run_chat(struct dispatcher *, const struct msg *,
+                         const struct chat_request *);
+/* CHAT_CANCEL: RUN_CANCEL to the child running the chat (head of the
+ * cancel request, so the worker answers the canceler), else CHAT_QUERY
+ * route "v3.cancel" to storage. */
+void dispatcher_run_cancel(struct dispatcher *, const struct msg *,
+                           const struct chat_request *);
+/* CLIENT_GONE from an edge: RUN_CANCEL (no reply_to) to the child of
+ * the run with that request id, or drop it from the queue unanswered. */
+void dispatcher_run_gone(struct dispatcher *, const struct msg *,
                          const struct chat_request *);
 /* RUN_DONE from slot: forget the run, then assign queued runs. */
 void dispatcher_run_done(struct dispatcher *, int slot, const struct msg *,

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * dispatcher_dispatch: one switch per peer of troupe-dispatcher (relayd's
- * pfe_dispatch_*).  A case decodes the body and calls one function named
- * after the message; the work lives in dispatcher_run.c and
+ * pfe_dispatch_*): auth (CHAT_RUN, CHAT_CANCEL), workers (WORKER_HELLO,
+ * RUN_DONE), edges (CLIENT_GONE).  A case decodes the body and calls one
+ * function named after the message; the work lives in dispatcher_run.c and
  * dispatcher_spawn.c.  Returns DISPATCH_BAD for a body that does not
  * decode and DISPATCH_UNHANDLED for a type not expected from the peer;
  * dispatcher.c counts and logs both.  Never logs, never exits.
@@ -19,6 +20,11 @@ dispatcher_dispatch_auth(struct dispatcher *d, const struct msg *m)
 		if (chat_request_unpack(m, &req) == -1)
 			return (DISPATCH_BAD);
 		dispatcher_run_chat(d, m, &req);
+		break;
+	case MSG_CHAT_CANCEL:
+		if (chat_request_unpack(m, &req) == -1)
+			return (DISPATCH_BAD);
+		dispatcher_run_cancel(d, m, &req);
 		break;
 	default:
 		return (DISPATCH_UNHANDLED);
@@ -47,6 +53,23 @@ dispatcher_dispatch_worker(struct dispatcher *d, const struct msg *m)
 		if (run_done_unpack(m, &done) == -1)
 			return (DISPATCH_BAD);
 		dispatcher_run_done(d, slot, m, &done);
+		break;
+	default:
+		return (DISPATCH_UNHANDLED);
+	}
+	return (DISPATCH_OK);
+}
+
+int
+dispatcher_dispatch_edge(struct dispatcher *d, const struct msg *m)
+{
+	struct chat_request req;
+
+	switch (m->type) {
+	case MSG_CLIENT_GONE:
+		if (chat_request_unpack(m, &req) == -1)
+			return (DISPATCH_BAD);
+		dispatcher_run_gone(d, m, &req);
 		break;
 	default:
 		return (DISPATCH_UNHANDLED);

@@ -4,15 +4,19 @@
  * yet seen finish.  A run is either assigned to a worker child (on that
  * child's list) or waiting in one bounded FIFO queue for room; every run
  * is also in a hash table by request id, so RUN_DONE and duplicates find
- * it at once.  The queue keeps a copy of the body bytes, re-decoded when
- * the run is assigned; an assigned run keeps only what an error answer
- * needs (request id, traceparent, deadline, the edge's mailbox).
+ * it at once, and a v3 chat in a second one by its chat id, so a cancel
+ * (POST /v3/chat/cancel) finds the child that runs it.  The queue keeps a copy
+ * of the body bytes, re-decoded when the run is assigned; an assigned run
+ * keeps only what an error answer needs (request id, traceparent, deadline,
+ * the edge's mailbox).
  *
- * Callers: dispatcher_dispatch.c (CHAT_RUN, RUN_DONE), dispatcher_spawn.c
+ * Callers: dispatcher_dispatch.c (CHAT_RUN, CHAT_CANCEL, CLIENT_GONE,
+ * RUN_DONE), dispatcher_spawn.c
  * (a child died), the tick in dispatcher.c (deadlines).  Every run ends
  * in exactly one of: RUN_DONE from its child, an error CHAT_REPLY sent
  * from here (503 queue full or stopping, 504 deadline, 502 child died),
- * or a stale sweep long after its deadline (the edge has answered 504).
+ * CLIENT_GONE while queued (nobody to answer), or a stale sweep long
+ * after its deadline (the edge has answered 504).
  *
  * DIAGNOSTICS: a refused send to a child (ipc backlog full) blocks that
  * child for DISPATCHER_BLOCK_MS and is logged; overload answers are
@@ -68,7 +72,14 @@ dispatcher_run_init(struct runtab *rt)
 	if ((rt->rt_bucket =
 	             calloc(RUN_BUCKETS_MIN, sizeof(*rt->rt_bucket))) == NULL)
 		return (-1);
+	if ((rt->rt_cbucket = calloc(RUN_BUCKETS_MIN,
+	                             sizeof(*rt->rt_cbucket))) == NULL) {
+		free(rt->rt_bucket);
+		rt->rt_bucket = NULL;
+		return (-1);
+	}
 	rt->rt_mask = RUN_BUCKETS_MIN - 1;
+	rt->rt_cmask = RUN_BUCKETS_MIN - 1;
 	return (0);
 }
 
@@ -86,13 +97,15 @@ dispatcher_run_free(struct runtab *rt)
 		}
 	}
 	free(rt->rt_bucket);
+	free(rt->rt_cbucket);
 	memset(rt, 0, sizeof(*rt));
 	TAILQ_INIT(&rt->rt_queue);
 }
 
 struct run *
 dispatcher_run_new(struct mstr reqid, struct mstr trace, struct mstr edge,
-                   uint64_t deadline_ms, const void *body, size_t body_len)
+                   struct mstr chat_id, uint64_t deadline_ms, const void *body,
+                   size_t body_len)
 {
 	struct run *r;
 	char *p;
@@ -100,7 +113,7 @@ dispatcher_run_new(struct mstr reqid, struct mstr trace, struct mstr edge,
 
 	if (body_len > UINT32_MAX)
 		return (NULL);
-	n = sizeof(*r) + reqid.n + trace.n + edge.n + 1 + body_len;
+	n = sizeof(*r) + reqid.n + trace.n + chat_id.n + edge.n + 1 + body_len;
 	if ((r = malloc(n)) == NULL)
 		return (NULL);
 	memset(r, 0, sizeof(*r));
@@ -114,6 +127,10 @@ dispatcher_run_new(struct mstr reqid, struct mstr trace, struct mstr edge,
 	memcpy(p, trace.p, trace.n);
 	r->r_trace = (struct mstr){p, trace.n};
 	p += trace.n;
+	memcpy(p, chat_id.p, chat_id.n);
+	r->r_chat_id = (struct mstr){p, chat_id.n};
+	r->r_chash = run_hash(chat_id);
+	p += chat_id.n;
 	memcpy(p, edge.p, edge.n);
 	p[edge.n] = '\0';
 	r->r_edge = p;
@@ -146,6 +163,27 @@ run_grow(struct runtab *rt)
 	rt->rt_mask = n - 1;
 }
 
+/* The same for the chat index. */
+static void
+run_cgrow(struct runtab *rt)
+{
+	size_t n = (rt->rt_cmask + 1) * 2;
+	struct run **b, *r, *next;
+
+	if ((b = calloc(n, sizeof(*b))) == NULL)
+		return;
+	for (size_t i = 0; i <= rt->rt_cmask; i++) {
+		for (r = rt->rt_cbucket[i]; r != NULL; r = next) {
+			next = r->r_cnext;
+			r->r_cnext = b[r->r_chash & (n - 1)];
+			b[r->r_chash & (n - 1)] = r;
+		}
+	}
+	free(rt->rt_cbucket);
+	rt->rt_cbucket = b;
+	rt->rt_cmask = n - 1;
+}
+
 int
 dispatcher_run_insert(struct runtab *rt, struct run *r)
 {
@@ -159,7 +197,32 @@ dispatcher_run_insert(struct runtab *rt, struct run *r)
 	r->r_hnext = *b;
 	*b = r;
 	rt->rt_count++;
+	if (r->r_chat_id.n > 0) {
+		if (rt->rt_ccount >= rt->rt_cmask + 1)
+			run_cgrow(rt);
+		/* At the tail: the oldest run of a chat is found first. */
+		for (b = &rt->rt_cbucket[r->r_chash & rt->rt_cmask];
+		     *b != NULL; b = &(*b)->r_cnext)
+			;
+		r->r_cnext = NULL;
+		*b = r;
+		rt->rt_ccount++;
+	}
 	return (0);
+}
+
+struct run *
+dispatcher_run_find_chat(const struct runtab *rt, struct mstr chat_id)
+{
+	uint32_t h = run_hash(chat_id);
+	struct run *r;
+
+	if (chat_id.n == 0)
+		return (NULL);
+	for (r = rt->rt_cbucket[h & rt->rt_cmask]; r != NULL; r = r->r_cnext)
+		if (r->r_chash == h && run_mstr_eq(r->r_chat_id, chat_id))
+			return (r);
+	return (NULL);
 }
 
 struct run *
@@ -201,6 +264,17 @@ dispatcher_run_remove(struct runtab *rt, struct run *r)
 			*pp = r->r_hnext;
 			r->r_hnext = NULL;
 			rt->rt_count--;
+			break;
+		}
+	}
+	if (r->r_chat_id.n == 0)
+		return;
+	for (pp = &rt->rt_cbucket[r->r_chash & rt->rt_cmask]; *pp != NULL;
+	     pp = &(*pp)->r_cnext) {
+		if (*pp == r) {
+			*pp = r->r_cnext;
+			r->r_cnext = NULL;
+			rt->rt_ccount--;
 			return;
 		}
 	}
@@ -360,6 +434,7 @@ dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
                     const struct chat_request *req)
 {
 	struct msg_head rh = msg_head_reply(m, NULL);
+	struct mstr chat_id = MSTR_NULL;
 	struct run *r = NULL;
 	char edge[64];
 
@@ -393,10 +468,14 @@ dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
 		return;
 	}
 
+	/* A v3 chat can be canceled by its chat id. */
+	if (mstr_eq(req->route, "v3.chat"))
+		chat_id = req->chat_id;
+
 	/* Runs wait in order: a new one overtakes no queued one. */
 	if (d->d_runs.rt_qlen == 0) {
 		r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to,
-		                       m->deadline_ms, NULL, 0);
+		                       chat_id, m->deadline_ms, NULL, 0);
 		if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
 			free(r);
 			goto nomem;
@@ -423,7 +502,7 @@ dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
 		dispatcher_run_reply(d, edge, &rh, 503, 5030, "overloaded", 1);
 		return;
 	}
-	r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to,
+	r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to, chat_id,
 	                       m->deadline_ms, m->body, m->body_len);
 	if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
 		free(r);
@@ -437,6 +516,101 @@ nomem:
 	log_warn("%s: run table", __func__);
 	run_count(d->m_rej_overload);
 	dispatcher_run_reply(d, edge, &rh, 503, 5030, "overloaded", 1);
+}
+
+void
+dispatcher_run_cancel(struct dispatcher *d, const struct msg *m,
+                      const struct chat_request *req)
+{
+	struct msg_head h = msg_head_reply(m, NULL);
+	struct chat_request q = *req;
+	char edge[64];
+	struct run *r;
+
+	if (m->reply_to.n == 0 || m->reply_to.n >= sizeof(edge) ||
+	    memchr(m->reply_to.p, '\0', m->reply_to.n) != NULL) {
+		run_count(d->m_drop_bad);
+		log_req(LOG_L_WARN, m->reqid, m->traceparent, req->bot_id,
+		        "%s: CHAT_CANCEL without a usable reply_to: dropped",
+		        __func__);
+		return;
+	}
+	memcpy(edge, m->reply_to.p, m->reply_to.n);
+	edge[m->reply_to.n] = '\0';
+	/* The worker or storage answers the canceler's edge. */
+	h.reply_to = m->reply_to;
+	q.route = MSTR_LIT("v3.cancel");
+	r = dispatcher_run_find_chat(&d->d_runs, req->chat_id);
+	if (r != NULL && r->r_slot >= 0) {
+		struct child *c = &d->d_child[r->r_slot];
+
+		if (msg_send_run_cancel(d->d_svc->ipc, c->c_name, &h, &q) ==
+		    0) {
+			run_count(d->m_cancel_worker);
+			log_req(LOG_L_DEBUG, m->reqid, m->traceparent,
+			        req->bot_id, "cancel of chat %.*s sent to %s",
+			        (int)req->chat_id.n, req->chat_id.p,
+			        c->c_name);
+			return;
+		}
+	} else if (msg_send_chat_query(d->d_svc->ipc, "storage", &h, &q) ==
+	           0) {
+		/* Not running (finished, unknown, or still queued): storage
+		 * knows how it ended. */
+		run_count(d->m_cancel_storage);
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "cancel of chat %.*s: no worker runs it, asked "
+		        "storage",
+		        (int)req->chat_id.n, req->chat_id.p);
+		return;
+	}
+	run_count(d->m_cancel_refused);
+	h.reply_to = MSTR_NULL;
+	dispatcher_run_reply(d, edge, &h, 503, 5030, "service unavailable", 1);
+}
+
+void
+dispatcher_run_gone(struct dispatcher *d, const struct msg *m,
+                    const struct chat_request *req)
+{
+	struct msg_head h;
+	struct run *r;
+
+	if ((r = dispatcher_run_find(&d->d_runs, m->reqid, m->sender)) ==
+	    NULL) {
+		/* Ended already, or never got here. */
+		run_count(d->m_gone_unknown);
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "%s: client gone, no such run", __func__);
+		return;
+	}
+	if (r->r_slot < 0) {
+		/* Nobody waits for it any more: it never starts. */
+		run_count(d->m_gone_dropped);
+		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+		        "%s: client gone, queued run dropped", __func__);
+		dispatcher_run_unqueue(&d->d_runs, r);
+		dispatcher_run_remove(&d->d_runs, r);
+		free(r);
+		dispatcher_scale_refresh(d, 0);
+		return;
+	}
+	if (r->r_gone)
+		return; /* RUN_CANCEL sent already */
+	h = run_head(r);
+	h.reply_to = MSTR_NULL; /* the worker answers nobody */
+	if (msg_send_run_cancel(d->d_svc->ipc, d->d_child[r->r_slot].c_name,
+	                        &h, req) == -1) {
+		/* The run ends at its deadline anyway. */
+		log_req(LOG_L_WARN, m->reqid, m->traceparent, req->bot_id,
+		        "%s: %s refused the RUN_CANCEL (backlog full)",
+		        __func__, d->d_child[r->r_slot].c_name);
+		return;
+	}
+	r->r_gone = 1;
+	run_count(d->m_gone_cancel);
+	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
+	        "client gone: RUN_CANCEL to %s", d->d_child[r->r_slot].c_name);
 }
 
 void

@@ -1,11 +1,16 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * troupectl: the operator's command line.  Bots are added, listed and
- * removed through troupe-storage, the only process that may open Redis
- * and PostgreSQL: troupectl opens its own short-lived mailbox
- * (troupectl-<pid>), sends one ADMIN_REQUEST{op, args JSON} to "storage"
- * with reply_to set to that mailbox, waits for the ADMIN_REPLY{status,
- * text} carrying its request id, prints it and leaves.
+ * removed, and API keys (`pat_...`) created, listed and revoked, through
+ * troupe-storage, the only process that may open Redis and PostgreSQL:
+ * troupectl opens its own short-lived mailbox (troupectl-<pid>), sends one
+ * ADMIN_REQUEST{op, args JSON} to "storage" with reply_to set to that mailbox,
+ * waits for the ADMIN_REPLY{status, text} carrying its request id, prints it
+ * and leaves.
+ *
+ * An API key is made here from getrandom(2) and shown once; storage only
+ * ever gets its SHA-256.  troupectl must never send or keep the key's
+ * text anywhere else.
  *
  * It must never open a database connection, and never wait forever:
  * --timeout (5 s) bounds the wait, and the deadline travels with the
@@ -22,9 +27,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
+#include <openssl/evp.h>
 
 #include "conf.h"
 #include "ipc.h"
@@ -37,6 +44,11 @@
 #define CTL_EXIT_FAIL 1
 #define CTL_EXIT_USAGE 2
 #define CTL_EXIT_TIMEOUT 3
+#define CTL_KEY_PREFIX "pat_"
+#define CTL_KEY_CHARS 48   /* base62 after the prefix: ~285 bits */
+#define CTL_KEY_ID_BYTES 8 /* 16 hex */
+#define CTL_KEY_NAME_MAX 128
+#define CTL_KEY_SUB_MAX 256
 
 /* The one request in flight and what came back. */
 struct ctl {
@@ -59,6 +71,9 @@ static const char usage_main[] =
         "              [--context-turns N] [--ttfe-ms N] [--total-ms N]\n"
         "  bot list [--json]\n"
         "  bot rm <id>\n"
+        "  key add [--name N] [--sub S] [--scopes chat,read]\n"
+        "  key list [--json]\n"
+        "  key revoke <id>\n"
         "\n"
         "Options:\n"
         "  -c, --config PATH  config file (default " CTL_DEFAULT_CONFIG ",\n"
@@ -107,6 +122,41 @@ static const char usage_bot_rm[] =
         "\n"
         "Remove the bot <id>.  Its stored conversations stay.\n";
 
+static const char usage_key[] =
+        "usage: troupectl key add [--name N] [--sub S] [--scopes chat,read]\n"
+        "       troupectl key list [--json]\n"
+        "       troupectl key revoke <id>\n"
+        "\n"
+        "API keys (Authorization: Bearer pat_...) for the v3 chat API.\n"
+        "troupe-storage keeps their SHA-256 only.\n";
+
+static const char usage_key_add[] =
+        "usage: troupectl key add [--name N] [--sub S] [--scopes chat,read]\n"
+        "\n"
+        "Make a new API key (pat_ and 48 random letters and digits), store\n"
+        "its SHA-256 and print it with its id.  The key is shown this once\n"
+        "and cannot be shown again.\n"
+        "\n"
+        "  --name N      a label for people (default: none)\n"
+        "  --sub S       the subject requests with this key run as\n"
+        "                (default: the key's id)\n"
+        "  --scopes L    comma list of chat (POST /v3/chat, cancel), read\n"
+        "                (retrieve, message list) and * (all); default\n"
+        "                chat,read\n";
+
+static const char usage_key_list[] =
+        "usage: troupectl key list [--json]\n"
+        "\n"
+        "List the API keys (id, name, sub, scopes, created, revoked), or\n"
+        "with --json as storage's JSON array.  Keys themselves are never\n"
+        "shown: they are not stored.\n";
+
+static const char usage_key_revoke[] =
+        "usage: troupectl key revoke <id>\n"
+        "\n"
+        "Revoke the API key <id>.  troupe-auth may still accept it for up\n"
+        "to [auth] key_cache_ms (10 s by default).\n";
+
 enum {
 	OPT_UPSTREAM = 256,
 	OPT_MODEL,
@@ -115,6 +165,15 @@ enum {
 	OPT_TTFE,
 	OPT_TOTAL,
 	OPT_JSON,
+	OPT_NAME,
+	OPT_SUB,
+	OPT_SCOPES,
+};
+
+/* Options of key add. */
+struct key_opts {
+	const char *name, *sub, *scopes;
+	int seen;
 };
 
 /* Options of bot add, each kept as given. */
@@ -420,6 +479,311 @@ bot_id_args(const char *id)
 	return (s);
 }
 
+/* Whether scopes is a comma list of chat, read and *, without
+ * spaces or empty names. */
+static int
+key_scopes_ok(const char *scopes)
+{
+	const char *p = scopes, *e;
+	size_t n;
+
+	if (*p == '\0')
+		return (0);
+	for (;;) {
+		e = strchr(p, ',');
+		n = e ? (size_t)(e - p) : strlen(p);
+		if (!((n == 4 && strncmp(p, "chat", 4) == 0) ||
+		      (n == 4 && strncmp(p, "read", 4) == 0) ||
+		      (n == 1 && *p == '*')))
+			return (0);
+		if (e == NULL)
+			return (1);
+		p = e + 1;
+	}
+}
+
+/* Fill key (room for the prefix, CTL_KEY_CHARS and a NUL) with a fresh
+ * API key: base62 from getrandom, unbiased (bytes >= 248 are drawn
+ * again); -1 if getrandom fails. */
+static int
+key_make(char *key)
+{
+	static const char a[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+	                        "abcdefghijklmnopqrstuvwxyz";
+	unsigned char rnd[64];
+	size_t o = sizeof(CTL_KEY_PREFIX) - 1;
+
+	memcpy(key, CTL_KEY_PREFIX, o);
+	while (o < sizeof(CTL_KEY_PREFIX) - 1 + CTL_KEY_CHARS) {
+		if (random_bytes(rnd, sizeof(rnd)) == -1)
+			return (-1);
+		for (size_t i = 0;
+		     i < sizeof(rnd) &&
+		     o < sizeof(CTL_KEY_PREFIX) - 1 + CTL_KEY_CHARS;
+		     i++)
+			if (rnd[i] < 248)
+				key[o++] = a[rnd[i] % 62];
+	}
+	key[o] = '\0';
+	explicit_bzero(rnd, sizeof(rnd));
+	return (0);
+}
+
+/* out (65 bytes) = lowercase hex SHA-256 of s; -1 if OpenSSL fails. */
+static int
+key_sha256(const char *s, char *out)
+{
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int n = 0;
+
+	if (EVP_Digest(s, strlen(s), md, &n, EVP_sha256(), NULL) != 1 ||
+	    n != 32)
+		return (-1);
+	hex_encode(out, md, n);
+	out[64] = '\0';
+	return (0);
+}
+
+/* The JSON args of key.add; NULL on ENOMEM. */
+static char *
+key_add_args(const char *id, const char *name, const char *sub,
+             const char *scopes, const char *hash)
+{
+	cJSON *a;
+	char *s = NULL;
+
+	if ((a = cJSON_CreateObject()) == NULL)
+		return (NULL);
+	if (cJSON_AddStringToObject(a, "id", id) != NULL &&
+	    cJSON_AddStringToObject(a, "name", name) != NULL &&
+	    cJSON_AddStringToObject(a, "sub", sub) != NULL &&
+	    cJSON_AddStringToObject(a, "scopes", scopes) != NULL &&
+	    cJSON_AddStringToObject(a, "hash", hash) != NULL)
+		s = cJSON_PrintUnformatted(a);
+	cJSON_Delete(a);
+	return (s);
+}
+
+/* A time field of a key for the table: unix seconds (a number, or a
+ * string of digits) as UTC, another string as it is, else "-". */
+static void
+key_time(const cJSON *o, const char *k, char *out, size_t n)
+{
+	const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, k);
+	struct tm tm;
+	time_t t;
+
+	if (cJSON_IsNumber(it) && it->valuedouble > 0)
+		t = (time_t)it->valuedouble;
+	else if (cJSON_IsString(it) && it->valuestring != NULL &&
+	         it->valuestring[0] != '\0') {
+		if (strspn(it->valuestring, "0123456789") !=
+		    strlen(it->valuestring)) {
+			snprintf(out, n, "%s", it->valuestring);
+			return;
+		}
+		t = (time_t)strtoll(it->valuestring, NULL, 10);
+	} else {
+		snprintf(out, n, "-");
+		return;
+	}
+	if (t > 100000000000LL)
+		t /= 1000; /* milliseconds */
+	if (gmtime_r(&t, &tm) == NULL ||
+	    strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+		snprintf(out, n, "-");
+}
+
+/* Print storage's key.list answer as a table; -1 if it is not one. */
+static int
+print_key_table(const char *text, FILE *f)
+{
+	static const char *const head[] = {"ID",     "NAME",    "SUB",
+	                                   "SCOPES", "CREATED", "REVOKED"};
+	static const char *const field[] = {"id", "name", "sub", "scopes"};
+	cJSON *root, *it;
+	size_t w[6], i;
+	char cr[64], rv[64];
+
+	if ((root = cJSON_Parse(text)) == NULL || !cJSON_IsArray(root)) {
+		cJSON_Delete(root);
+		return (-1);
+	}
+	for (i = 0; i < nitems(w); i++)
+		w[i] = strlen(head[i]);
+	cJSON_ArrayForEach(it, root)
+	{
+		if (!cJSON_IsObject(it)) {
+			cJSON_Delete(root);
+			return (-1);
+		}
+		for (i = 0; i < nitems(field); i++)
+			if (strlen(json_str(it, field[i])) > w[i])
+				w[i] = strlen(json_str(it, field[i]));
+		key_time(it, "created_at", cr, sizeof(cr));
+		if (strlen(cr) > w[4])
+			w[4] = strlen(cr);
+	}
+	fprintf(f, "%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", (int)w[0], head[0],
+	        (int)w[1], head[1], (int)w[2], head[2], (int)w[3], head[3],
+	        (int)w[4], head[4], head[5]);
+	cJSON_ArrayForEach(it, root)
+	{
+		key_time(it, "created_at", cr, sizeof(cr));
+		key_time(it, "revoked_at", rv, sizeof(rv));
+		fprintf(f, "%-*s  %-*s  %-*s  %-*s  %-*s  %s\n", (int)w[0],
+		        json_str(it, "id"), (int)w[1], json_str(it, "name"),
+		        (int)w[2], json_str(it, "sub"), (int)w[3],
+		        json_str(it, "scopes"), (int)w[4], cr, rv);
+	}
+	cJSON_Delete(root);
+	return (0);
+}
+
+/*
+ * troupectl key ...: sub is add, list or revoke; id the operand of
+ * revoke.  Checks the command line, makes the key (add), asks storage and
+ * prints.  An exit status.
+ */
+static int
+key_main(const char *cfg, int explicit_cfg, double timeout, int help,
+         const char *sub, int nops, char **ops, const struct key_opts *k,
+         int json)
+{
+	const char *op, *usage;
+	char key[sizeof(CTL_KEY_PREFIX) + CTL_KEY_CHARS];
+	char hash[65], id[2 * CTL_KEY_ID_BYTES + 1], defsub[32];
+	unsigned char rnd[CTL_KEY_ID_BYTES];
+	const char *ksub = "", *scopes;
+	char err[512], *args = NULL;
+	struct ctl c;
+	int rc;
+
+	memset(&c, 0, sizeof(c));
+	memset(key, 0, sizeof(key));
+	if (sub == NULL) {
+		if (help) {
+			fputs(usage_key, stdout);
+			return (CTL_EXIT_OK);
+		}
+		return (usage_error(usage_key, "%s",
+		                    "key: want add, list or revoke"));
+	}
+	if (strcmp(sub, "add") == 0) {
+		op = "key.add";
+		usage = usage_key_add;
+	} else if (strcmp(sub, "list") == 0 || strcmp(sub, "ls") == 0) {
+		op = "key.list";
+		usage = usage_key_list;
+	} else if (strcmp(sub, "revoke") == 0) {
+		op = "key.revoke";
+		usage = usage_key_revoke;
+	} else
+		return (usage_error(usage_key, "key: unknown command \"%s\"",
+		                    sub));
+	if (help) {
+		fputs(usage, stdout);
+		return (CTL_EXIT_OK);
+	}
+	if (k->seen && strcmp(op, "key.add") != 0)
+		return (usage_error(usage, "%s",
+		                    "--name, --sub and --scopes belong to key "
+		                    "add"));
+	if (json && strcmp(op, "key.list") != 0)
+		return (usage_error(usage, "%s",
+		                    "--json belongs to key list (and bot "
+		                    "list)"));
+	if (strcmp(op, "key.revoke") == 0) {
+		if (nops < 3 || ops[2][0] == '\0')
+			return (usage_error(usage, "%s", "which key? (<id>)"));
+		if (nops > 3)
+			return (usage_error(usage, "unexpected \"%s\"",
+			                    ops[3]));
+	} else if (nops > 2)
+		return (usage_error(usage, "unexpected \"%s\"", ops[2]));
+	scopes = k->scopes != NULL ? k->scopes : "chat,read";
+	if (!key_scopes_ok(scopes))
+		return (usage_error(usage,
+		                    "--scopes: want a comma list of chat, "
+		                    "read and *, got \"%s\"",
+		                    scopes));
+	if (k->name != NULL && strlen(k->name) > CTL_KEY_NAME_MAX)
+		return (usage_error(usage, "%s", "--name: at most 128 bytes"));
+	if (k->sub != NULL &&
+	    (k->sub[0] == '\0' || strlen(k->sub) > CTL_KEY_SUB_MAX))
+		return (usage_error(usage, "%s", "--sub: 1 to 256 bytes"));
+
+	if (conf_load(cfg ? cfg : CTL_DEFAULT_CONFIG, !explicit_cfg, err,
+	              sizeof(err)) == -1) {
+		fprintf(stderr, "troupectl: config: %s\n", err);
+		return (CTL_EXIT_FAIL);
+	}
+	if (strcmp(op, "key.add") == 0) {
+		if (random_bytes(rnd, sizeof(rnd)) == -1 ||
+		    key_make(key) == -1) {
+			fprintf(stderr, "troupectl: getrandom: %s\n",
+			        strerror(errno));
+			rc = CTL_EXIT_FAIL;
+			goto out;
+		}
+		hex_encode(id, rnd, sizeof(rnd));
+		id[sizeof(id) - 1] = '\0';
+		if (key_sha256(key, hash) == -1) {
+			fprintf(stderr, "troupectl: SHA-256 failed\n");
+			rc = CTL_EXIT_FAIL;
+			goto out;
+		}
+		/* As storage would: the key stands for itself. */
+		snprintf(defsub, sizeof(defsub), "%s", id);
+		ksub = k->sub != NULL ? k->sub : defsub;
+		args = key_add_args(id, k->name != NULL ? k->name : "", ksub,
+		                    scopes, hash);
+	} else if (strcmp(op, "key.revoke") == 0)
+		args = bot_id_args(ops[2]);
+	else
+		args = strdup("{}");
+	if (args == NULL) {
+		fprintf(stderr, "troupectl: out of memory\n");
+		rc = CTL_EXIT_FAIL;
+		goto out;
+	}
+	rc = ctl_call(&c, op, args, timeout);
+	if (rc != CTL_EXIT_OK)
+		goto out;
+	if (c.status != 0) {
+		fprintf(stderr, "troupectl: %s: %s (status %" PRIu64 ")\n", op,
+		        c.text != NULL && c.textlen > 0 ? c.text : "failed",
+		        c.status);
+		rc = CTL_EXIT_FAIL;
+	} else if (strcmp(op, "key.add") == 0) {
+		printf("id:     %s\n"
+		       "key:    %s\n"
+		       "name:   %s\n"
+		       "sub:    %s\n"
+		       "scopes: %s\n",
+		       id, key, k->name != NULL ? k->name : "", ksub, scopes);
+		fprintf(stderr,
+		        "troupectl: store this key now: it is shown once and "
+		        "cannot be shown again (only its SHA-256 is kept)\n");
+	} else if (strcmp(op, "key.list") == 0 && !json) {
+		if (print_key_table(c.text, stdout) == -1) {
+			fprintf(stderr,
+			        "troupectl: key.list: unexpected answer: %s\n",
+			        c.text);
+			rc = CTL_EXIT_FAIL;
+		}
+	} else
+		printf("%s\n", c.text);
+out:
+	explicit_bzero(key, sizeof(key));
+	free(args);
+	free(c.text);
+	conf_free();
+	if (fflush(stdout) == EOF && rc == CTL_EXIT_OK)
+		rc = CTL_EXIT_FAIL;
+	return (rc);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -435,9 +799,13 @@ main(int argc, char **argv)
 	        {"ttfe-ms", required_argument, NULL, OPT_TTFE},
 	        {"total-ms", required_argument, NULL, OPT_TOTAL},
 	        {"json", no_argument, NULL, OPT_JSON},
+	        {"name", required_argument, NULL, OPT_NAME},
+	        {"sub", required_argument, NULL, OPT_SUB},
+	        {"scopes", required_argument, NULL, OPT_SCOPES},
 	        {NULL, 0, NULL, 0},
 	};
 	struct bot_opts o = {NULL, NULL, NULL, -1, -1, -1, 0, 0, 0};
+	struct key_opts ko = {NULL, NULL, NULL, 0};
 	struct ctl c;
 	const char *cfg = getenv("TROUPE_CONFIG"), *op = NULL, *usage;
 	const char *cmd, *sub;
@@ -506,6 +874,18 @@ main(int argc, char **argv)
 			o.json = 1;
 			o.seen_list = 1;
 			break;
+		case OPT_NAME:
+			ko.name = optarg;
+			ko.seen = 1;
+			break;
+		case OPT_SUB:
+			ko.sub = optarg;
+			ko.seen = 1;
+			break;
+		case OPT_SCOPES:
+			ko.scopes = optarg;
+			ko.seen = 1;
+			break;
 		case ':':
 			return (usage_error(usage_main,
 			                    "option %s needs a value",
@@ -530,6 +910,17 @@ main(int argc, char **argv)
 	if (strcmp(cmd, "help") == 0) {
 		fputs(usage_main, stdout);
 		return (CTL_EXIT_OK);
+	}
+	if (strcmp(cmd, "key") == 0) {
+		if (o.seen_add)
+			return (usage_error(
+			        usage_key, "%s",
+			        "--upstream, --model, "
+			        "--system-prompt, --context-turns, "
+			        "--ttfe-ms and --total-ms belong to "
+			        "bot add"));
+		return (key_main(cfg, explicit_cfg, timeout, help, sub, nops,
+		                 argv + optind, &ko, o.json));
 	}
 	if (strcmp(cmd, "bot") != 0)
 		return (usage_error(usage_main, "unknown command \"%s\"",
@@ -558,6 +949,10 @@ main(int argc, char **argv)
 		fputs(usage, stdout);
 		return (CTL_EXIT_OK);
 	}
+	if (ko.seen)
+		return (usage_error(usage, "%s",
+		                    "--name, --sub and --scopes belong to key "
+		                    "add"));
 	if (o.seen_add && strcmp(op, "bot.add") != 0)
 		return (usage_error(
 		        usage, "%s",

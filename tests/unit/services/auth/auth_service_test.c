@@ -7,7 +7,12 @@
  * CHAT_REPLY 401/4100 with the reason, 504/5040 past the deadline, 503/5030
  * when the dispatcher's backlog is full, reload keeping or replacing the
  * secret, the credential taking precedence, and refusing to start without
- * a usable secret.  Python's harness cannot speak nng, hence C here.
+ * a usable secret.  Then the v3 routes and API keys, with this binary
+ * playing storage too: one KEY_CHECK per key hash for all the requests
+ * parked on it, the cache (valid, unknown, expiry), scopes (403/4101),
+ * storage refusing or silent (503/5030), the park bound, and where each
+ * route goes (CHAT_RUN, CHAT_CANCEL, CHAT_QUERY).  Python's harness
+ * cannot speak nng, hence C here.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -39,7 +44,7 @@
 static char dir[256]; /* the temporary rundir and config */
 static char cfgpath[300];
 static pid_t child = -1;
-static struct ipc *edge, *disp;
+static struct ipc *edge, *disp, *stor;
 
 /* What came back, copied out of the handlers. */
 #define NGOT 64
@@ -58,10 +63,15 @@ struct got {
 	char sub[64];
 	char bot_id[64];
 	char query[64];
+	char route[32];
+	char scopes[64];
+	char chat_id[32];
+	char hash[80]; /* KEY_CHECK */
 	uint64_t received_ms;
 };
-static struct got replies[NGOT], runs[NGOT];
+static struct got replies[NGOT], runs[NGOT], checks[NGOT], queries[NGOT];
 static int nreplies, nruns, nany; /* nany: either kind */
+static int nchecks, nqueries;     /* what storage got */
 
 static void
 cp(char *d, size_t n, struct mstr s)
@@ -107,7 +117,8 @@ on_disp(void *arg, const struct msg *m)
 	struct got *g;
 
 	(void)arg;
-	if (nruns == NGOT || m->type != MSG_CHAT_RUN ||
+	if (nruns == NGOT ||
+	    (m->type != MSG_CHAT_RUN && m->type != MSG_CHAT_CANCEL) ||
 	    chat_request_unpack(m, &q) == -1)
 		return;
 	nany++;
@@ -117,7 +128,37 @@ on_disp(void *arg, const struct msg *m)
 	cp(g->sub, sizeof(g->sub), q.sub);
 	cp(g->bot_id, sizeof(g->bot_id), q.bot_id);
 	cp(g->query, sizeof(g->query), q.query);
+	cp(g->route, sizeof(g->route), q.route);
+	cp(g->scopes, sizeof(g->scopes), q.scopes);
+	cp(g->chat_id, sizeof(g->chat_id), q.chat_id);
 	g->received_ms = q.received_ms;
+}
+
+/* Storage: KEY_CHECK and CHAT_QUERY, recorded. */
+static void
+on_stor(void *arg, const struct msg *m)
+{
+	struct chat_request q;
+	struct key_check kc;
+	struct got *g;
+
+	(void)arg;
+	if (m->type == MSG_KEY_CHECK && nchecks < NGOT &&
+	    key_check_unpack(m, &kc) == 0) {
+		g = &checks[nchecks++];
+		head(g, m);
+		cp(g->hash, sizeof(g->hash), kc.hash);
+	} else if (m->type == MSG_CHAT_QUERY && nqueries < NGOT &&
+	           chat_request_unpack(m, &q) == 0) {
+		nany++;
+		g = &queries[nqueries++];
+		head(g, m);
+		cp(g->token, sizeof(g->token), q.token);
+		cp(g->sub, sizeof(g->sub), q.sub);
+		cp(g->route, sizeof(g->route), q.route);
+		cp(g->scopes, sizeof(g->scopes), q.scopes);
+		cp(g->chat_id, sizeof(g->chat_id), q.chat_id);
+	}
 }
 
 /* Run both mailboxes for up to ms, or until *done >= want. */
@@ -127,20 +168,26 @@ pump(int ms, const int *done, int want)
 	uint64_t end = now_mono_ms() + (uint64_t)ms, tick = 0;
 
 	while (now_mono_ms() < end && (done == NULL || *done < want)) {
-		struct pollfd p[2];
+		struct pollfd p[3];
 		int n = 0;
 
 		p[n++] = (struct pollfd){ipc_fd(edge), POLLIN, 0};
 		if (disp)
 			p[n++] = (struct pollfd){ipc_fd(disp), POLLIN, 0};
+		if (stor)
+			p[n++] = (struct pollfd){ipc_fd(stor), POLLIN, 0};
 		(void)poll(p, n, 10);
 		ipc_process(edge);
 		if (disp)
 			ipc_process(disp);
+		if (stor)
+			ipc_process(stor);
 		if (now_mono_ms() >= tick) {
 			ipc_tick(edge);
 			if (disp)
 				ipc_tick(disp);
+			if (stor)
+				ipc_tick(stor);
 			tick = now_mono_ms() + IPC_TICK_MS;
 		}
 	}
@@ -194,6 +241,36 @@ token(const char *key, const char *sub, long ttl)
 	t[o++] = '.';
 	b64url(t + o, mac, ml);
 	return (t);
+}
+
+/* CHAT_REQUEST for route from "edge" to "auth". */
+static void
+send_route(const char *reqid, const char *route, const char *tok,
+           uint64_t deadline_ms)
+{
+	struct chat_request q = {
+	        .route = MSTR(route),
+	        .token = MSTR(tok),
+	        .sub = MSTR_LIT("forged"),
+	        .bot_id = MSTR_LIT("bot-1"),
+	        .user_id = MSTR_LIT("user-1"),
+	        .query = MSTR_LIT("hello"),
+	        .history_id = MSTR_LIT("7300000000000000001"),
+	        .received_ms = 1234,
+	        .chat_id = MSTR_LIT("7300000000000000002"),
+	        .stream = 1,
+	        .messages = MSTR_LIT("[]"),
+	        .scopes = MSTR_LIT("*"),
+	};
+	struct msg_head h = {
+	        .reqid = MSTR(reqid),
+	        .traceparent = MSTR_LIT("00-0af7651916cd43dd8448eb211c80319c-"
+	                                "b7ad6b7169203331-01"),
+	        .deadline_ms = deadline_ms,
+	        .reply_to = MSTR_LIT("edge"),
+	};
+
+	T_EQ_INT(msg_send_chat_request(edge, "auth", &h, &q), 0);
 }
 
 /* CHAT_REQUEST from "edge" to "auth". */
@@ -434,6 +511,242 @@ t_flow(void)
 	T_EQ_STR(runs[0].sub, "dave");
 }
 
+/* KEY_REPLY from "storage" to "auth" for the hash of key. */
+static void
+send_key_reply(const char *hash, uint64_t status, const char *sub,
+               const char *scopes)
+{
+	struct key_reply r = {
+	        .hash = MSTR(hash),
+	        .status = status,
+	        .sub = MSTR(sub),
+	        .scopes = MSTR(scopes),
+	};
+	struct msg_head h = {MSTR_LIT("check"), MSTR_NULL, 0, MSTR_NULL};
+
+	T_EQ_INT(msg_send_key_reply(stor, "auth", &h, &r), 0);
+}
+
+static const char *
+sha256_hex(const char *s)
+{
+	static char out[65];
+	unsigned char md[32];
+	unsigned int n = 0;
+
+	T_ASSERT(EVP_Digest(s, strlen(s), md, &n, EVP_sha256(), NULL) == 1);
+	T_EQ_INT(n, 32);
+	for (unsigned i = 0; i < n; i++)
+		snprintf(out + 2 * i, 3, "%02x", md[i]);
+	return (out);
+}
+
+#define K1 "pat_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL"
+#define K2 "pat_K2xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+#define K3 "pat_K3xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+#define K4 "pat_K4xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+#define TP "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+static void
+reset_counts(void)
+{
+	nreplies = nruns = nany = nchecks = nqueries = 0;
+}
+
+static void
+t_keys(void)
+{
+	const struct got *g;
+	char err[256], id[32];
+	uint64_t t0;
+	int i;
+
+	write_conf(SECRET2, "key_cache_ms = 1000\n"
+	                    "key_unknown_cache_ms = 600\n"
+	                    "key_check_ms = 700\n"
+	                    "key_park_max = 4\n");
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+	if ((stor = ipc_open("storage", on_stor, NULL, err, sizeof(err))) ==
+	    NULL)
+		T_FAIL("ipc_open storage: %s", err);
+
+	/* Three requests with one unknown key: one KEY_CHECK, all parked. */
+	reset_counts();
+	send_route("k1-a", "v3.chat", K1, now_wall_ms() + 30000);
+	send_route("k1-b", "v3.chat", K1, now_wall_ms() + 30000);
+	send_route("k1-c", "v3.chat", K1, now_wall_ms() + 30000);
+	pump(3000, &nchecks, 1);
+	pump(300, NULL, 0);
+	T_EQ_INT(nchecks, 1);
+	T_EQ_INT(nruns, 0);
+	T_EQ_INT(nreplies, 0);
+	T_EQ_STR(checks[0].hash, sha256_hex(K1));
+	T_EQ_STR(checks[0].reply_to, "auth");
+	T_EQ_STR(checks[0].reqid, "k1-a");
+	T_ASSERT(checks[0].deadline_ms > now_wall_ms());
+	/* Storage says valid: all three go on as the key's sub. */
+	send_key_reply(sha256_hex(K1), 200, "key-owner", "chat");
+	pump(3000, &nruns, 3);
+	T_EQ_INT(nruns, 3);
+	T_EQ_INT(nreplies, 0);
+	for (i = 0; i < 3; i++) {
+		g = &runs[i];
+		T_EQ_INT(g->type, MSG_CHAT_RUN);
+		T_EQ_STR(g->route, "v3.chat");
+		T_EQ_STR(g->token, "");
+		T_EQ_STR(g->sub, "key-owner");
+		T_EQ_STR(g->scopes, "chat");
+		T_EQ_STR(g->reply_to, "edge");
+		T_EQ_STR(g->traceparent, TP);
+		T_EQ_STR(g->chat_id, "7300000000000000002");
+		T_ASSERT(g->deadline_ms > now_wall_ms());
+	}
+	T_ASSERT(find(runs, nruns, "k1-a") && find(runs, nruns, "k1-b") &&
+	         find(runs, nruns, "k1-c"));
+
+	/* Cached: no new check.  Cancel goes to the dispatcher as
+	 * CHAT_CANCEL; retrieve needs the read scope this key lacks. */
+	reset_counts();
+	send_route("k1-d", "v3.chat", K1, 0);
+	send_route("k1-e", "v3.cancel", K1, 0);
+	send_route("k1-r", "v3.retrieve", K1, 0);
+	pump(3000, &nany, 3);
+	T_EQ_INT(nchecks, 0);
+	T_EQ_INT(nruns, 2);
+	T_ASSERT((g = find(runs, nruns, "k1-d")) != NULL);
+	T_EQ_INT(g->type, MSG_CHAT_RUN);
+	T_ASSERT((g = find(runs, nruns, "k1-e")) != NULL);
+	T_EQ_INT(g->type, MSG_CHAT_CANCEL);
+	T_EQ_STR(g->route, "v3.cancel");
+	T_EQ_STR(g->sub, "key-owner");
+	T_EQ_INT(nreplies, 1);
+	T_EQ_STR(replies[0].reqid, "k1-r");
+	T_EQ_INT(replies[0].status, 403);
+	T_EQ_INT(replies[0].code, 4101);
+	T_EQ_STR(replies[0].msg, "API key lacks the read scope");
+	T_EQ_INT(nqueries, 0);
+
+	/* After key_cache_ms the key is checked again; now revoked: 401,
+	 * and the unknown answer is used without asking for a while. */
+	pump(1100, NULL, 0);
+	reset_counts();
+	send_route("k1-f", "v3.chat", K1, 0);
+	pump(3000, &nchecks, 1);
+	T_EQ_INT(nchecks, 1);
+	T_EQ_INT(nruns, 0);
+	send_key_reply(sha256_hex(K1), 401, "", "");
+	pump(3000, &nreplies, 1);
+	T_EQ_INT(nreplies, 1);
+	T_EQ_STR(replies[0].reqid, "k1-f");
+	T_EQ_INT(replies[0].status, 401);
+	T_EQ_INT(replies[0].code, 4100);
+	T_EQ_STR(replies[0].msg, "invalid API key");
+	send_route("k1-g", "v3.list", K1, 0);
+	pump(3000, &nreplies, 2);
+	T_EQ_INT(nreplies, 2);
+	T_EQ_STR(replies[1].reqid, "k1-g");
+	T_EQ_INT(replies[1].status, 401);
+	T_EQ_INT(nchecks, 1);
+	/* A duplicate KEY_REPLY is ignored. */
+	send_key_reply(sha256_hex(K1), 200, "late", "*");
+	pump(200, NULL, 0);
+	T_EQ_INT(nruns, 0);
+	/* Past key_unknown_cache_ms: asked again. */
+	pump(700, NULL, 0);
+	send_route("k1-h", "v3.chat", K1, 0);
+	pump(3000, &nchecks, 2);
+	T_EQ_INT(nchecks, 2);
+	send_key_reply(sha256_hex(K1), 200, "back", "*");
+	pump(3000, &nruns, 1);
+	T_EQ_INT(nruns, 1);
+	T_EQ_STR(runs[0].sub, "back");
+	T_EQ_STR(runs[0].scopes, "*");
+
+	/* Storage refusing (PG down): 503, nothing cached. */
+	reset_counts();
+	send_route("k2-a", "v3.chat", K2, 0);
+	pump(3000, &nchecks, 1);
+	T_EQ_INT(nchecks, 1);
+	send_key_reply(sha256_hex(K2), 503, "", "");
+	pump(3000, &nreplies, 1);
+	T_EQ_INT(nreplies, 1);
+	T_EQ_INT(replies[0].status, 503);
+	T_EQ_INT(replies[0].code, 5030);
+	T_EQ_INT(replies[0].retry_after, 1);
+	send_route("k2-b", "v3.chat", K2, 0);
+	pump(3000, &nchecks, 2);
+	T_EQ_INT(nchecks, 2);
+	send_key_reply(sha256_hex(K2), 200, "k2", "chat,read");
+	pump(3000, &nruns, 1);
+	T_EQ_INT(nruns, 1);
+	T_EQ_STR(runs[0].reqid, "k2-b");
+
+	/* Storage silent: 503 after key_check_ms (700), not before. */
+	reset_counts();
+	t0 = now_mono_ms();
+	send_route("k3-a", "v3.retrieve", K3, 0);
+	send_route("k3-b", "v3.retrieve", K3, 0);
+	pump(3000, &nreplies, 2);
+	T_EQ_INT(nreplies, 2);
+	T_ASSERT(now_mono_ms() - t0 >= 600);
+	T_EQ_INT(nchecks, 1);
+	for (i = 0; i < 2; i++) {
+		T_EQ_INT(replies[i].status, 503);
+		T_EQ_INT(replies[i].code, 5030);
+		T_EQ_INT(replies[i].retry_after, 1);
+	}
+	/* Its late answer settles nothing. */
+	send_key_reply(sha256_hex(K3), 200, "late", "*");
+	pump(300, NULL, 0);
+	T_EQ_INT(nqueries, 0);
+	T_EQ_INT(nruns, 0);
+
+	/* At most key_park_max (4) requests wait: the rest get 503. */
+	reset_counts();
+	for (i = 0; i < 6; i++) {
+		snprintf(id, sizeof(id), "k4-%d", i);
+		send_route(id, "v3.list", K4, 0);
+	}
+	pump(3000, &nreplies, 2);
+	pump(3000, &nchecks, 1); /* another link: may come later */
+	T_EQ_INT(nreplies, 2);
+	T_EQ_INT(replies[0].status, 503);
+	T_EQ_INT(replies[1].status, 503);
+	T_EQ_INT(nchecks, 1);
+	send_key_reply(sha256_hex(K4), 200, "k4", "read");
+	pump(3000, &nqueries, 4);
+	T_EQ_INT(nqueries, 4);
+	for (i = 0; i < 4; i++) {
+		T_EQ_STR(queries[i].route, "v3.list");
+		T_EQ_STR(queries[i].sub, "k4");
+		T_EQ_STR(queries[i].scopes, "read");
+		T_EQ_STR(queries[i].token, "");
+		T_EQ_STR(queries[i].reply_to, "edge");
+	}
+
+	/* A JWT has every scope: retrieve goes to storage.  v1.chat takes
+	 * no API key.  An unknown route is refused. */
+	reset_counts();
+	send_route("jwt-r", "v3.retrieve", token(SECRET2, "gina", 600), 0);
+	send_route("v1-key", "v1.chat", K1, 0);
+	send_route("what", "v9.chat", token(SECRET2, "gina", 600), 0);
+	pump(3000, &nany, 3);
+	T_EQ_INT(nqueries, 1);
+	T_EQ_STR(queries[0].reqid, "jwt-r");
+	T_EQ_STR(queries[0].sub, "gina");
+	T_EQ_STR(queries[0].scopes, "*");
+	T_EQ_STR(queries[0].chat_id, "7300000000000000002");
+	T_EQ_INT(nreplies, 2);
+	T_ASSERT((g = find(replies, nreplies, "v1-key")) != NULL);
+	T_EQ_INT(g->status, 401);
+	T_EQ_STR(g->msg, "malformed token");
+	T_ASSERT((g = find(replies, nreplies, "what")) != NULL);
+	T_EQ_INT(g->status, 400);
+	T_EQ_INT(g->code, 4000);
+	T_EQ_INT(nchecks, 0);
+}
+
 static void
 t_credential(void)
 {
@@ -441,9 +754,17 @@ t_credential(void)
 	FILE *f;
 	pid_t pid;
 
+	/* A stop is clean (status 0, no crash freeing the key table). */
+	{
+		int st;
+
+		kill(child, SIGTERM);
+		T_EQ_INT(waitpid(child, &st, 0), child);
+		child = -1;
+		T_ASSERT(WIFEXITED(st));
+		T_EQ_INT(WEXITSTATUS(st), 0);
+	}
 	/* The credential wins over [auth] jwt_secret. */
-	stop(child);
-	child = -1;
 	snprintf(cdir, sizeof(cdir), "%s/creds", dir);
 	T_ASSERT(mkdir(cdir, 0700) == 0 || errno == EEXIST);
 	snprintf(p, sizeof(p), "%s/jwt-secret", cdir);
@@ -541,6 +862,7 @@ t_all(void)
 {
 	setup();
 	t_flow();
+	t_keys();
 	t_credential();
 	t_refuse_start();
 }

@@ -3,7 +3,8 @@
  * dispatcher_run_test: the run table of services/dispatcher/
  * dispatcher_run.c (runs own copies of what they keep, are found by
  * request id and edge or by request id and slot, survive the table's
- * growth, leave it cleanly), the FIFO queue, and the choice of a child:
+ * growth, leave it cleanly), the index by chat id (v3 runs only, oldest
+ * first, growth), the FIFO queue, and the choice of a child:
  * the ready one with the fewest runs below the limit, lowest slot on a
  * tie, never a starting, stopping or blocked one.
  */
@@ -16,8 +17,9 @@
 static struct run *
 mkrun(const char *reqid, const char *edge)
 {
-	struct run *r = dispatcher_run_new(MSTR(reqid), MSTR_LIT("00-t-s-01"),
-	                                   MSTR(edge), 1234, NULL, 0);
+	struct run *r =
+	        dispatcher_run_new(MSTR(reqid), MSTR_LIT("00-t-s-01"),
+	                           MSTR(edge), MSTR_NULL, 1234, NULL, 0);
 
 	T_ASSERT(r != NULL);
 	return (r);
@@ -30,8 +32,8 @@ t_new_copies(void)
 	     body[] = "\x93\x01\x02\x03";
 	struct run *r;
 
-	r = dispatcher_run_new(MSTR(reqid), MSTR(trace), MSTR(edge), 99, body,
-	                       4);
+	r = dispatcher_run_new(MSTR(reqid), MSTR(trace), MSTR(edge),
+	                       MSTR_LIT("7312345678901234567"), 99, body, 4);
 	T_ASSERT(r != NULL);
 	memset(reqid, 'x', 5);
 	memset(trace, 'x', 5);
@@ -39,6 +41,7 @@ t_new_copies(void)
 	memset(body, 0, 4);
 	T_EQ_MEM(r->r_reqid.p, r->r_reqid.n, "req-1");
 	T_EQ_MEM(r->r_trace.p, r->r_trace.n, "00-abc-def-01");
+	T_EQ_MEM(r->r_chat_id.p, r->r_chat_id.n, "7312345678901234567");
 	T_EQ_STR(r->r_edge, "edge");
 	T_EQ_INT(r->r_body.n, 4);
 	T_ASSERT(memcmp(r->r_body.p, "\x93\x01\x02\x03", 4) == 0);
@@ -47,8 +50,8 @@ t_new_copies(void)
 	free(r);
 
 	/* An assigned run keeps no body. */
-	r = dispatcher_run_new(MSTR_LIT("r"), MSTR_NULL, MSTR_LIT("edge"), 0,
-	                       NULL, 0);
+	r = dispatcher_run_new(MSTR_LIT("r"), MSTR_NULL, MSTR_LIT("edge"),
+	                       MSTR_NULL, 0, NULL, 0);
 	T_ASSERT(r != NULL);
 	T_EQ_INT(r->r_body.n, 0);
 	T_EQ_INT(r->r_trace.n, 0);
@@ -132,6 +135,64 @@ t_many_runs_grow(void)
 }
 
 static void
+t_chat_index(void)
+{
+	enum { N = 3000 };
+	struct runtab rt;
+	struct run *a, *b, *v1, *r;
+	char id[32], chat[32];
+
+	T_EQ_INT(dispatcher_run_init(&rt), 0);
+	a = dispatcher_run_new(MSTR_LIT("ra"), MSTR_NULL, MSTR_LIT("edge"),
+	                       MSTR_LIT("7300000000000000001"), 0, NULL, 0);
+	b = dispatcher_run_new(MSTR_LIT("rb"), MSTR_NULL, MSTR_LIT("edge"),
+	                       MSTR_LIT("7300000000000000001"), 0, NULL, 0);
+	v1 = mkrun("rv1", "edge");
+	T_ASSERT(a != NULL && b != NULL);
+	T_EQ_INT(dispatcher_run_insert(&rt, a), 0);
+	T_EQ_INT(dispatcher_run_insert(&rt, b), 0);
+	T_EQ_INT(dispatcher_run_insert(&rt, v1), 0);
+	/* A run without a chat id is not in the index. */
+	T_EQ_INT(rt.rt_count, 3);
+	T_EQ_INT(rt.rt_ccount, 2);
+	T_ASSERT(dispatcher_run_find_chat(&rt, MSTR_NULL) == NULL);
+	/* The oldest run of a chat first; the next once it is gone. */
+	T_ASSERT(dispatcher_run_find_chat(
+	                 &rt, MSTR_LIT("7300000000000000001")) == a);
+	T_ASSERT(dispatcher_run_find_chat(
+	                 &rt, MSTR_LIT("730000000000000000")) == NULL);
+	dispatcher_run_remove(&rt, a);
+	free(a);
+	T_ASSERT(dispatcher_run_find_chat(
+	                 &rt, MSTR_LIT("7300000000000000001")) == b);
+	dispatcher_run_remove(&rt, b);
+	free(b);
+	T_ASSERT(dispatcher_run_find_chat(
+	                 &rt, MSTR_LIT("7300000000000000001")) == NULL);
+	T_EQ_INT(rt.rt_ccount, 0);
+	T_EQ_INT(rt.rt_count, 1);
+	/* The index grows past its first size and loses nothing. */
+	for (int i = 0; i < N; i++) {
+		snprintf(id, sizeof(id), "req-%d", i);
+		snprintf(chat, sizeof(chat), "74%017d", i);
+		r = dispatcher_run_new(MSTR(id), MSTR_NULL, MSTR_LIT("edge"),
+		                       MSTR(chat), 0, NULL, 0);
+		T_ASSERT(r != NULL);
+		T_EQ_INT(dispatcher_run_insert(&rt, r), 0);
+	}
+	T_ASSERT(rt.rt_cmask + 1 >= N);
+	for (int i = 0; i < N; i++) {
+		snprintf(id, sizeof(id), "req-%d", i);
+		snprintf(chat, sizeof(chat), "74%017d", i);
+		r = dispatcher_run_find_chat(&rt, MSTR(chat));
+		if (r == NULL)
+			T_FAIL("chat %s lost after growth", chat);
+		T_EQ_MEM(r->r_reqid.p, r->r_reqid.n, id);
+	}
+	dispatcher_run_free(&rt);
+}
+
+static void
 t_queue_fifo(void)
 {
 	struct runtab rt;
@@ -208,6 +269,7 @@ T_TESTS = {
         {"new_copies", t_new_copies},
         {"find_by_edge_and_slot", t_find_by_edge_and_slot},
         {"many_runs_grow", t_many_runs_grow},
+        {"chat_index", t_chat_index},
         {"queue_fifo", t_queue_fifo},
         {"pick", t_pick},
         {NULL, NULL},
