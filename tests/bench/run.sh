@@ -3,11 +3,17 @@
 #
 # The benchmark (`./troupe bench`): nginx reference, Troupe under wrk, the
 # open-loop client and locust, all in one invocation on 127.0.0.1; see
-# bench.py for the steps.  Needs a built tree (TROUPE_BUILD, default
+# bench.py for the steps; `./troupe bench streams` runs the streaming
+# scale benchmark (streams.py) instead.  Needs a built tree (TROUPE_BUILD, default
 # ./build) and, for the full run, root (PostgreSQL runs as postgres).
 # Bounded: about 3 minutes with the defaults.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export TROUPE_BUILD=${TROUPE_BUILD:-$here/../../build}
 export PYTHONDONTWRITEBYTECODE=1
+if [ "${1:-}" = streams ]; then # streaming scale (streams.py)
+	shift
+	exec timeout --signal=TERM --kill-after=30 900 \
+		python3 "$here/streams.py" "$@"
+fi
 exec timeout --signal=TERM --kill-after=30 900 python3 "$here/bench.py" "$@"

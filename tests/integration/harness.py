@@ -446,7 +446,10 @@ def check_error_shape(r, status, code=None, what="error"):
           (what, r))
     check(isinstance(j.get("code"), int) and j.get("code") != 0,
           "%s: code missing or 0: %r" % (what, r))
-    if code is not None:
+    if isinstance(code, (tuple, list, set)):
+        check(j.get("code") in code, "%s: code %s, want one of %s; %r" %
+              (what, j.get("code"), sorted(code), r))
+    elif code is not None:
         eq(j.get("code"), code, "%s: code (%r)" % (what, r))
     check(isinstance(j.get("msg"), str), "%s: msg missing: %r" % (what, r))
     d = j.get("detail")
