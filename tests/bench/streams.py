@@ -127,8 +127,9 @@ def main():
               resource.getrlimit(resource.RLIMIT_NOFILE)[0]), flush=True)
     t = h.Troupe(conf={"log": {"level": "warn"},
                        "edge": {"chat_timeout_ms": 60000},
-                       "dispatcher": {"runs_per_worker": 2000,
-                                      "queue_max": 100000}},
+                       "dispatcher": {"runs_per_worker": 4000,
+                                      "queue_max": 100000},
+                       "worker": {"upstream_connections": 4000}},
                  workers_min=2, workers_max=WMAX,
                  sim_args=["--latency-ms", LAT, "--token-rate", RATE])
     best = 0
