@@ -5,7 +5,8 @@
  * (conversation contexts) and PostgreSQL (bots, chats): workers ask it for
  * a bot and its context (CTX_GET), hand it finished turns (CHAT_PERSIST,
  * written by group commit, acknowledged to the edge only after COMMIT),
- * and troupectl manages bots through it (ADMIN_REQUEST).  For the v3 chat
+ * and troupectl manages bots, their plugins and API keys through it
+ * (ADMIN_REQUEST).  For the v3 chat
  * API it also holds each conversation's lock and the chats in progress
  * (Redis), answers retrieve, message list and the cancel of a chat no
  * worker runs (CHAT_QUERY), and checks API keys (KEY_CHECK).
@@ -14,7 +15,8 @@
  * storage_dispatch.c (one switch per peer), storage_ctx.c (CTX_GET, the
  * Redis context), storage_commit.c (CHAT_PERSIST, group commit),
  * storage_bots.c (bot cache, admin ops), storage_chat.c (v3 lock, chat
- * hash, CHAT_QUERY), storage_keys.c (API keys), storage_schema.c
+ * hash, CHAT_QUERY), storage_keys.c (API keys), storage_plugins.c (a
+ * bot's plugins), storage_schema.c
  * (migrations), storage_pg.c (a non-blocking libpq connection on the
  * loop), storage_redis.c (hiredis 0.14 async on the loop), storage_text.c
  * (pure text helpers).  Everything runs on the loop thread, and nothing
@@ -175,6 +177,11 @@ struct storage_bot {
 	uint64_t context_turns;
 	uint64_t ttfe_ms, total_ms; /* the bot's deadlines */
 	char *id, *upstream, *model, *system_prompt;
+	/* Its plugins for CTX_REPLY, secrets included: a JSON array
+	 * [{name, url, description, parameters, auth, header, secret,
+	 * timeout_ms}], "[]" if none. */
+	char *plugins;
+	size_t plugins_len;
 };
 
 enum storage_bot_status {
@@ -360,6 +367,13 @@ void storage_bots_invalidate(struct storage *, const char *id);
 size_t storage_bots_count(const struct storage *);
 void storage_bot_ref(struct storage_bot *);
 void storage_bot_unref(struct storage_bot *);
+
+/* storage_plugins.c: a bot's plugins (the plugins table). */
+/* Run an ADMIN_REQUEST plugin.* op (plugin.add, plugin.list,
+ * plugin.rm) and answer ADMIN_REPLY; add and rm forget the bot's cached
+ * copy, which carries its plugins. */
+void storage_plugins_admin(struct storage *, const struct msg *,
+                           const struct admin_request *);
 
 /* storage_schema.c */
 /* The on_setup hook of both connections: apply missing migrations under

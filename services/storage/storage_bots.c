@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * storage_bots: the bot cache in front of PostgreSQL's bots table, and
- * the bot administration ops troupectl sends (bot.add, bot.list, bot.rm).
+ * storage_bots: the bot cache in front of PostgreSQL's bots table (each
+ * entry holds the bot and its plugins, read in one statement), and the
+ * bot administration ops troupectl sends (bot.add, bot.list, bot.rm).
  *
  * Callers: storage_ctx.c asks for the bot of every CTX_GET;
- * storage_dispatch.c hands over ADMIN_REQUESTs.
+ * storage_dispatch.c hands over ADMIN_REQUESTs; storage_plugins.c
+ * invalidates a bot whose plugins changed.
  *
  * Cache: a hash table of entries by bot id, each holding an immutable,
  * reference-counted snapshot (or "absent"), fresh for [storage]
@@ -49,9 +51,17 @@ struct bot_load {
 	unsigned gen;
 };
 
+/* The bot and its plugins (secrets included: CTX_REPLY needs them) in
+ * one statement, so both come from one snapshot. */
 static const char bot_load_sql[] =
         "SELECT upstream, model, system_prompt, context_turns, ttfe_ms,"
-        " total_ms FROM bots WHERE id = $1";
+        " total_ms, (SELECT coalesce(json_agg(json_build_object("
+        "'name', p.name, 'url', p.url, 'description', p.description,"
+        " 'parameters', p.parameters, 'auth', p.auth_kind,"
+        " 'header', p.auth_header, 'secret', coalesce(p.auth_secret, ''),"
+        " 'timeout_ms', p.timeout_ms) ORDER BY p.name), '[]'::json)::text"
+        " FROM plugins p WHERE p.bot_id = bots.id)"
+        " FROM bots WHERE id = $1";
 
 static uint64_t
 bots_hash(const char *p, size_t n)
@@ -78,18 +88,19 @@ storage_bot_unref(struct storage_bot *b)
 		free(b);
 }
 
-/* One allocation: the struct, then the four strings. */
+/* One allocation: the struct, then the five strings. */
 static struct storage_bot *
 bot_new(const char *id, const char *upstream, const char *model,
         const char *prompt, uint64_t turns, uint64_t ttfe_ms,
-        uint64_t total_ms)
+        uint64_t total_ms, const char *plugins)
 {
 	size_t li = strlen(id) + 1, lu = strlen(upstream) + 1,
-	       lm = strlen(model) + 1, lp = strlen(prompt) + 1;
+	       lm = strlen(model) + 1, lp = strlen(prompt) + 1,
+	       lg = strlen(plugins) + 1;
 	struct storage_bot *b;
 	char *p;
 
-	if ((b = malloc(sizeof(*b) + li + lu + lm + lp)) == NULL)
+	if ((b = malloc(sizeof(*b) + li + lu + lm + lp + lg)) == NULL)
 		return (NULL);
 	b->refs = 1;
 	b->context_turns = turns;
@@ -99,7 +110,9 @@ bot_new(const char *id, const char *upstream, const char *model,
 	b->id = memcpy(p, id, li);
 	b->upstream = memcpy(p += li, upstream, lu);
 	b->model = memcpy(p += lu, model, lm);
-	b->system_prompt = memcpy(p + lm, prompt, lp);
+	b->system_prompt = memcpy(p += lm, prompt, lp);
+	b->plugins = memcpy(p + lp, plugins, lg);
+	b->plugins_len = lg - 1;
 	return (b);
 }
 
@@ -227,8 +240,10 @@ bots_loaded(void *arg, const PGresult *res)
 			             PQgetvalue(res, 0, 1),
 			             PQgetvalue(res, 0, 2), turns,
 			             strtoull(PQgetvalue(res, 0, 4), NULL, 10),
-			             strtoull(PQgetvalue(res, 0, 5), NULL,
-			                      10))) == NULL)
+			             strtoull(PQgetvalue(res, 0, 5), NULL, 10),
+			             PQgetisnull(res, 0, 6)
+			                     ? "[]"
+			                     : PQgetvalue(res, 0, 6))) == NULL)
 				ok = 0;
 		}
 	} else if (res != NULL) {
@@ -526,8 +541,9 @@ storage_bots_admin(struct storage *st, const struct msg *m,
 		sql = admin_list_sql;
 	} else {
 		snprintf(err, sizeof(err),
-		         "unknown op \"%.*s\" (want "
-		         "bot.add, bot.list or bot.rm)",
+		         "unknown op \"%.*s\" (want bot.add, bot.list, "
+		         "bot.rm, plugin.add, plugin.list, plugin.rm, "
+		         "key.add, key.list or key.revoke)",
 		         (int)(b->op.n > 64 ? 64 : b->op.n), b->op.p);
 		goto fail400;
 	}

@@ -101,7 +101,8 @@ ctx_reply(struct storage_ctx_req *req, uint64_t status, int64_t code,
 	r.upstream = r.model = r.system_prompt = r.context = MSTR_NULL;
 	r.plugins = MSTR_NULL;
 	if (status == 200 && req->bot != NULL) {
-		r.plugins = MSTR("[]"); /* plugins: slice 2 */
+		r.plugins = (struct mstr){req->bot->plugins,
+		                          (uint32_t)req->bot->plugins_len};
 		r.created_at = req->created_at;
 		r.first_event_ms = req->bot->ttfe_ms;
 		r.total_ms = req->bot->total_ms;

@@ -3,10 +3,10 @@
  * storage_dispatch: one switch per peer kind (STYLE.md §3).  Each case
  * decodes the body and calls the one function named after the message;
  * the work lives in storage_ctx.c, storage_commit.c, storage_bots.c,
- * storage_chat.c and storage_keys.c.  Peers: workers (CTX_GET,
- * CHAT_PERSIST), troupectl (ADMIN_REQUEST; key.* ops go to
- * storage_keys.c), auth (CHAT_QUERY, KEY_CHECK), the dispatcher
- * (CHAT_QUERY).
+ * storage_chat.c, storage_keys.c and storage_plugins.c.  Peers: workers
+ * (CTX_GET, CHAT_PERSIST), troupectl (ADMIN_REQUEST; key.* ops go to
+ * storage_keys.c, plugin.* ops to storage_plugins.c), auth (CHAT_QUERY,
+ * KEY_CHECK), the dispatcher (CHAT_QUERY).
  * Callers: storage.c's peer table, on the loop thread.  An undecodable
  * body is answered with an error where the message says where to, and
  * reported as DISPATCH_BAD; a type this peer may not send here is
@@ -56,6 +56,8 @@ storage_dispatch_tool(struct storage *st, const struct msg *m)
 		}
 		if (ar.op.n > 4 && memcmp(ar.op.p, "key.", 4) == 0)
 			storage_keys_admin(st, m, &ar);
+		else if (ar.op.n > 7 && memcmp(ar.op.p, "plugin.", 7) == 0)
+			storage_plugins_admin(st, m, &ar);
 		else
 			storage_bots_admin(st, m, &ar);
 		break;

@@ -91,6 +91,27 @@ static const struct migration migrations[] = {
          " scopes text NOT NULL,"
          " created_at timestamptz NOT NULL DEFAULT now(),"
          " revoked_at timestamptz)"},
+        {3, "plugins",
+         /* A bot's plugins go with it.  auth_secret is NULL exactly
+          * for auth none. */
+         "CREATE TABLE plugins ("
+         " bot_id text NOT NULL REFERENCES bots (id) ON DELETE CASCADE,"
+         " name text NOT NULL,"
+         " url text NOT NULL,"
+         " description text NOT NULL DEFAULT '',"
+         " parameters jsonb NOT NULL"
+         "  DEFAULT '{\"type\":\"object\",\"properties\":{}}'"
+         "  CHECK (jsonb_typeof(parameters) = 'object'),"
+         " auth_kind text NOT NULL DEFAULT 'none'"
+         "  CHECK (auth_kind IN ('none', 'token', 'hmac')),"
+         " auth_header text NOT NULL DEFAULT 'Authorization',"
+         " auth_secret text,"
+         " timeout_ms int NOT NULL DEFAULT 5000"
+         "  CHECK (timeout_ms BETWEEN 1 AND 600000),"
+         " created_at timestamptz NOT NULL DEFAULT now(),"
+         " updated_at timestamptz NOT NULL DEFAULT now(),"
+         " PRIMARY KEY (bot_id, name),"
+         " CHECK ((auth_kind = 'none') = (auth_secret IS NULL)))"},
 };
 
 /* Step 1: take the lock, make sure the ledger exists, read it. */

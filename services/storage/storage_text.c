@@ -3,7 +3,8 @@
  * storage_text: pure text helpers of troupe-storage (see storage_text.h).
  * Callers: storage_commit.c (array literals), storage_ctx.c (message JSON,
  * keys, joining), storage_redis.c (addresses), storage_bots.c (bot.add
- * arguments).  It must never do I/O or keep state: the unit tests in
+ * arguments), storage_plugins.c (plugin.* arguments and the plugin's
+ * JSON Schema).  It must never do I/O or keep state: the unit tests in
  * tests/unit/services/storage/ run it alone.
  */
 #include <arpa/inet.h>
@@ -407,6 +408,343 @@ storage_text_bot_args_free(struct storage_bot_args *a)
 	free(a->upstream);
 	free(a->model);
 	free(a->system_prompt);
+	memset(a, 0, sizeof(*a));
+}
+
+/* Plugins. */
+
+int
+storage_text_plugin_name_ok(const char *p, size_t n)
+{
+	size_t i;
+
+	if (n == 0 || n > STORAGE_PLUGIN_NAME_MAX)
+		return (0);
+	for (i = 0; i < n; i++)
+		if (!((p[i] >= '0' && p[i] <= '9') ||
+		      (p[i] >= 'a' && p[i] <= 'z') ||
+		      (p[i] >= 'A' && p[i] <= 'Z') || p[i] == '_' ||
+		      p[i] == '-'))
+			return (0);
+	return (1);
+}
+
+/* Line and column (from 1) of byte off of s. */
+static void
+text_line_col(const char *s, size_t off, size_t *line, size_t *col)
+{
+	size_t i;
+
+	*line = *col = 1;
+	for (i = 0; i < off && s[i] != '\0'; i++) {
+		if (s[i] == '\n') {
+			(*line)++;
+			*col = 1;
+		} else
+			(*col)++;
+	}
+}
+
+int
+storage_text_plugin_schema(const char *s, char *err, size_t errlen)
+{
+	const cJSON *it;
+	const char *end = NULL;
+	cJSON *root;
+	size_t n = strlen(s), line, col;
+	int rc = -1;
+
+	if (n > STORAGE_PLUGIN_PARAMS_MAX) {
+		snprintf(err, errlen,
+		         "parameters: the schema is %zu bytes, more than %d",
+		         n, STORAGE_PLUGIN_PARAMS_MAX);
+		return (-1);
+	}
+	if ((root = cJSON_ParseWithOpts(s, &end, 1)) == NULL) {
+		if (end == NULL || end < s || end > s + n)
+			end = s + n;
+		text_line_col(s, (size_t)(end - s), &line, &col);
+		snprintf(
+		        err, errlen,
+		        "parameters: not valid JSON (at line %zu, column %zu)",
+		        line, col);
+		return (-1);
+	}
+	if (!cJSON_IsObject(root)) {
+		snprintf(err, errlen,
+		         "parameters: the schema must be a JSON object, such "
+		         "as {\"type\":\"object\",\"properties\":{...}}");
+		goto out;
+	}
+	it = cJSON_GetObjectItemCaseSensitive(root, "type");
+	if (it != NULL &&
+	    (!cJSON_IsString(it) || strcmp(it->valuestring, "object") != 0)) {
+		snprintf(err, errlen,
+		         "parameters: \"type\" must be \"object\" (function "
+		         "arguments are an object)");
+		goto out;
+	}
+	it = cJSON_GetObjectItemCaseSensitive(root, "properties");
+	if (it != NULL && !cJSON_IsObject(it)) {
+		snprintf(err, errlen,
+		         "parameters: \"properties\" must be an object");
+		goto out;
+	}
+	it = cJSON_GetObjectItemCaseSensitive(root, "required");
+	if (it != NULL) {
+		const cJSON *e;
+
+		if (!cJSON_IsArray(it)) {
+			snprintf(err, errlen,
+			         "parameters: \"required\" must be an array "
+			         "of property names");
+			goto out;
+		}
+		cJSON_ArrayForEach(e, it)
+		{
+			if (!cJSON_IsString(e)) {
+				snprintf(err, errlen,
+				         "parameters: \"required\" must be "
+				         "an array of property names");
+				goto out;
+			}
+		}
+	}
+	rc = 0;
+out:
+	cJSON_Delete(root);
+	return (rc);
+}
+
+/* Whether s (NUL-terminated) holds only bytes in [lo, 0x7e]. */
+static int
+text_ascii(const char *s, unsigned char lo)
+{
+	for (; *s != '\0'; s++)
+		if ((unsigned char)*s < lo || (unsigned char)*s > 0x7e)
+			return (0);
+	return (1);
+}
+
+/* An RFC 9110 token (a header name). */
+static int
+text_token(const char *s)
+{
+	if (*s == '\0')
+		return (0);
+	for (; *s != '\0'; s++)
+		if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'z') ||
+		      (*s >= 'A' && *s <= 'Z') ||
+		      strchr("!#$%&'*+-.^_`|~", *s) != NULL))
+			return (0);
+	return (1);
+}
+
+int
+storage_text_plugin_args(const char *json, size_t n, enum storage_plugin_op op,
+                         struct storage_plugin_args *a, char *err,
+                         size_t errlen)
+{
+	cJSON *root, *it;
+	const char *end = NULL;
+	int rc = -1;
+
+	memset(a, 0, sizeof(*a));
+	a->timeout_ms = -1;
+	if (errlen > 0)
+		err[0] = '\0';
+	root = strlen(json) == n ? cJSON_ParseWithOpts(json, &end, 1) : NULL;
+	if (root == NULL || !cJSON_IsObject(root)) {
+		snprintf(err, errlen, "args must be a JSON object");
+		goto done;
+	}
+	cJSON_ArrayForEach(it, root)
+	{
+		const char *k = it->string ? it->string : "";
+		char **dst = NULL;
+		size_t max = 0;
+
+		if (strcmp(k, "bot_id") == 0) {
+			dst = &a->bot_id;
+			max = STORAGE_BOT_ID_MAX;
+		} else if (strcmp(k, "name") == 0 &&
+		           op != STORAGE_PLUGIN_LIST) {
+			dst = &a->name;
+			max = STORAGE_PLUGIN_NAME_MAX;
+		} else if (op != STORAGE_PLUGIN_ADD) {
+			snprintf(err, errlen, "unknown field \"%.64s\"", k);
+			goto done;
+		} else if (strcmp(k, "url") == 0) {
+			dst = &a->url;
+			max = STORAGE_PLUGIN_URL_MAX;
+		} else if (strcmp(k, "description") == 0) {
+			dst = &a->description;
+			max = STORAGE_PLUGIN_DESC_MAX;
+		} else if (strcmp(k, "auth") == 0) {
+			dst = &a->auth;
+			max = 16;
+		} else if (strcmp(k, "header") == 0) {
+			dst = &a->header;
+			max = STORAGE_PLUGIN_HEADER_MAX;
+		} else if (strcmp(k, "secret") == 0) {
+			dst = &a->secret;
+			max = STORAGE_PLUGIN_SECRET_MAX;
+		} else if (strcmp(k, "parameters") == 0) {
+			if (a->parameters != NULL)
+				goto dup;
+			/* JSON text (as troupectl sends it), or the
+			 * object itself. */
+			if (cJSON_IsString(it)) {
+				if (args_str(it, k, STORAGE_PLUGIN_PARAMS_MAX,
+				             &a->parameters, err,
+				             errlen) == -1)
+					goto done;
+			} else if (cJSON_IsObject(it)) {
+				char *t = cJSON_PrintUnformatted(it);
+
+				if (t != NULL)
+					a->parameters = strdup(t);
+				cJSON_free(t);
+				if (a->parameters == NULL) {
+					snprintf(err, errlen, "out of memory");
+					goto done;
+				}
+			} else {
+				snprintf(err, errlen,
+				         "parameters must be a JSON Schema "
+				         "object (or a string holding one)");
+				goto done;
+			}
+			continue;
+		} else if (strcmp(k, "timeout_ms") == 0) {
+			if (a->timeout_ms != -1)
+				goto dup;
+			if (args_int(it, k, 1, STORAGE_PLUGIN_TIMEOUT_MAX,
+			             &a->timeout_ms, err, errlen) == -1)
+				goto done;
+			continue;
+		} else {
+			snprintf(err, errlen, "unknown field \"%.64s\"", k);
+			goto done;
+		}
+		if (*dst != NULL)
+			goto dup;
+		if (args_str(it, k, max, dst, err, errlen) == -1)
+			goto done;
+		continue;
+	dup:
+		snprintf(err, errlen, "field \"%.64s\" given twice", k);
+		goto done;
+	}
+	if (a->bot_id == NULL || a->bot_id[0] == '\0') {
+		snprintf(err, errlen, "bot_id is required");
+		goto done;
+	}
+	if (!storage_text_bot_id_ok(a->bot_id, strlen(a->bot_id))) {
+		snprintf(err, errlen,
+		         "bot_id must be 1..%d printable ASCII characters "
+		         "without ':' or spaces",
+		         STORAGE_BOT_ID_MAX);
+		goto done;
+	}
+	if (op == STORAGE_PLUGIN_LIST) {
+		rc = 0;
+		goto done;
+	}
+	if (a->name == NULL) {
+		snprintf(err, errlen, "name is required");
+		goto done;
+	}
+	if (!storage_text_plugin_name_ok(a->name, strlen(a->name))) {
+		snprintf(err, errlen,
+		         "name must be 1..%d letters, digits, _ or - (an "
+		         "OpenAI function name), got \"%.64s\"",
+		         STORAGE_PLUGIN_NAME_MAX, a->name);
+		goto done;
+	}
+	if (op == STORAGE_PLUGIN_RM) {
+		rc = 0;
+		goto done;
+	}
+	if (a->url == NULL) {
+		snprintf(err, errlen, "url is required");
+		goto done;
+	}
+	if (((strncmp(a->url, "http://", 7) != 0 || a->url[7] == '\0') &&
+	     (strncmp(a->url, "https://", 8) != 0 || a->url[8] == '\0')) ||
+	    !text_ascii(a->url, 0x21)) {
+		snprintf(err, errlen,
+		         "url must be an http:// or https:// URL without "
+		         "spaces");
+		goto done;
+	}
+	if (a->description == NULL && (a->description = strdup("")) == NULL)
+		goto oom;
+	if (a->parameters == NULL &&
+	    (a->parameters = strdup(STORAGE_PLUGIN_PARAMS_DEFAULT)) == NULL)
+		goto oom;
+	if (storage_text_plugin_schema(a->parameters, err, errlen) == -1)
+		goto done;
+	if (a->auth == NULL && (a->auth = strdup("none")) == NULL)
+		goto oom;
+	if (strcmp(a->auth, "none") != 0 && strcmp(a->auth, "token") != 0 &&
+	    strcmp(a->auth, "hmac") != 0) {
+		snprintf(err, errlen,
+		         "auth must be none, token or hmac, got \"%.16s\"",
+		         a->auth);
+		goto done;
+	}
+	if (strcmp(a->auth, "none") == 0) {
+		if (a->secret != NULL) {
+			snprintf(err, errlen,
+			         "secret is only for auth token or hmac");
+			goto done;
+		}
+	} else if (a->secret == NULL || a->secret[0] == '\0') {
+		snprintf(err, errlen, "auth %s needs a secret", a->auth);
+		goto done;
+	} else if (!text_ascii(a->secret, 0x20)) {
+		snprintf(err, errlen,
+		         "secret must be printable ASCII (no control "
+		         "characters)");
+		goto done;
+	}
+	if (a->header != NULL) {
+		if (strcmp(a->auth, "token") != 0) {
+			snprintf(err, errlen,
+			         "header is only for auth token (hmac uses "
+			         "X-Troupe-Timestamp and X-Troupe-Signature)");
+			goto done;
+		}
+		if (!text_token(a->header)) {
+			snprintf(err, errlen,
+			         "header must be an HTTP header name");
+			goto done;
+		}
+	} else if ((a->header = strdup(STORAGE_PLUGIN_HEADER_DEFAULT)) == NULL)
+		goto oom;
+	if (a->timeout_ms == -1)
+		a->timeout_ms = STORAGE_PLUGIN_TIMEOUT_DEFAULT;
+	rc = 0;
+	goto done;
+oom:
+	snprintf(err, errlen, "out of memory");
+done:
+	cJSON_Delete(root);
+	return (rc);
+}
+
+void
+storage_text_plugin_args_free(struct storage_plugin_args *a)
+{
+	free(a->bot_id);
+	free(a->name);
+	free(a->url);
+	free(a->description);
+	free(a->parameters);
+	free(a->auth);
+	free(a->header);
+	free(a->secret);
 	memset(a, 0, sizeof(*a));
 }
 

@@ -4,7 +4,8 @@
  * of I/O so they can be unit-tested: PostgreSQL array literals for the
  * group commit, OpenAI message JSON and the comma-joined context, Redis
  * keys, the [storage] redis address, UTF-8 and bot id checks, the
- * arguments of bot.add/bot.rm, SQLSTATE classes.  Callers: the other
+ * arguments of bot.add/bot.rm and plugin.add/list/rm (with the plugin's
+ * JSON Schema), SQLSTATE classes.  Callers: the other
  * storage_*.c files.  Never logs, never exits, never does I/O.
  */
 #ifndef TROUPE_STORAGE_TEXT_H
@@ -79,6 +80,52 @@ struct storage_bot_args {
 int storage_text_bot_args(const char *json, size_t n, int full,
                           struct storage_bot_args *, char *err, size_t errlen);
 void storage_text_bot_args_free(struct storage_bot_args *);
+
+/* Plugins (plugin.add / plugin.list / plugin.rm). */
+#define STORAGE_PLUGIN_NAME_MAX 64 /* OpenAI function names */
+#define STORAGE_PLUGIN_URL_MAX 2048
+#define STORAGE_PLUGIN_DESC_MAX 4096
+#define STORAGE_PLUGIN_PARAMS_MAX 32768 /* bytes of JSON text */
+#define STORAGE_PLUGIN_HEADER_MAX 128
+#define STORAGE_PLUGIN_SECRET_MAX 1024
+#define STORAGE_PLUGIN_TIMEOUT_MAX 600000
+#define STORAGE_PLUGIN_TIMEOUT_DEFAULT 5000
+#define STORAGE_PLUGINS_PER_BOT 128 /* OpenAI's limit on tools */
+#define STORAGE_PLUGIN_PARAMS_DEFAULT "{\"type\":\"object\",\"properties\":{}}"
+#define STORAGE_PLUGIN_HEADER_DEFAULT "Authorization"
+
+enum storage_plugin_op {
+	STORAGE_PLUGIN_ADD,  /* every field */
+	STORAGE_PLUGIN_LIST, /* bot_id */
+	STORAGE_PLUGIN_RM,   /* bot_id, name */
+};
+
+/* The arguments of a plugin.* op, checked, with the defaults of add
+ * filled in (secret stays NULL for auth none). */
+struct storage_plugin_args {
+	char *bot_id, *name, *url, *description;
+	char *parameters; /* JSON object text */
+	char *auth;       /* none, token, hmac */
+	char *header, *secret;
+	int64_t timeout_ms;
+};
+
+/* Whether p[0..n) is a plugin name: 1..64 of [A-Za-z0-9_-]. */
+int storage_text_plugin_name_ok(const char *p, size_t n);
+/* Whether the NUL-terminated s is a JSON Schema OpenAI accepts as
+ * function parameters: a JSON object of at most
+ * STORAGE_PLUGIN_PARAMS_MAX bytes whose "type", if any, is "object",
+ * "properties", if any, an object and "required", if any, an array of
+ * strings.  0, or -1 with what is wrong (and where) in err. */
+int storage_text_plugin_schema(const char *s, char *err, size_t errlen);
+/* Parse and check the JSON args (NUL-terminated at n) of op.  0, or -1
+ * with a message for the operator in err; free with
+ * storage_text_plugin_args_free in both cases. */
+int storage_text_plugin_args(const char *json, size_t n,
+                             enum storage_plugin_op op,
+                             struct storage_plugin_args *, char *err,
+                             size_t errlen);
+void storage_text_plugin_args_free(struct storage_plugin_args *);
 
 /* Turn a multi-line message (libpq's) into one line in place: every run
  * of whitespace holding a newline becomes one space, trailing space goes.

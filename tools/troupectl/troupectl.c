@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * troupectl: the operator's command line.  Bots are added, listed and
- * removed, and API keys (`pat_...`) created, listed and revoked, through
- * troupe-storage, the only process that may open Redis and PostgreSQL:
+ * troupectl: the operator's command line.  Bots and their plugins are
+ * added, listed and removed, and API keys (`pat_...`) created, listed and
+ * revoked, through troupe-storage, the only process that may open Redis
+ * and PostgreSQL:
  * troupectl opens its own short-lived mailbox (troupectl-<pid>), sends one
  * ADMIN_REQUEST{op, args JSON} to "storage" with reply_to set to that mailbox,
  * waits for the ADMIN_REPLY{status, text} carrying its request id, prints it
@@ -16,12 +17,22 @@
  * --timeout (5 s) bounds the wait, and the deadline travels with the
  * request so storage can drop it once nobody waits.
  *
+ * Run as root, it becomes the owner of the runtime directory (user
+ * troupe under systemd) before it opens its mailbox: the services accept
+ * pipes only from their own user or root, and so does troupectl's own
+ * mailbox, so a root-owned mailbox could never take storage's answer.  A
+ * plugin's secret goes to storage only, and is never printed.
+ *
  * Exit status: 0 done; 1 storage answered with an error (its text on
  * stderr) or the mailbox could not be opened; 2 bad command line; 3 no
  * answer in time.
  */
+#include <sys/stat.h>
+#include <sys/types.h>
+
 #include <errno.h>
 #include <getopt.h>
+#include <grp.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -49,6 +60,10 @@
 #define CTL_KEY_ID_BYTES 8 /* 16 hex */
 #define CTL_KEY_NAME_MAX 128
 #define CTL_KEY_SUB_MAX 256
+#define CTL_FILE_MAX (1 << 20) /* --schema @file, --secret-file */
+#define CTL_SECRET_MAX 1024    /* as storage allows */
+#define CTL_PLUGIN_TIMEOUT_MAX 600000
+#define CTL_DESC_SHOWN 48 /* bytes of a description in the table */
 
 /* The one request in flight and what came back. */
 struct ctl {
@@ -74,6 +89,12 @@ static const char usage_main[] =
         "  key add [--name N] [--sub S] [--scopes chat,read]\n"
         "  key list [--json]\n"
         "  key revoke <id>\n"
+        "  plugin add <bot> <name> --url U [--description D]\n"
+        "             [--schema JSON|@file] [--auth none|token|hmac]\n"
+        "             [--header H] [--secret S|--secret-file F]\n"
+        "             [--timeout-ms N]\n"
+        "  plugin list <bot> [--json]\n"
+        "  plugin rm <bot> <name>\n"
         "\n"
         "Options:\n"
         "  -c, --config PATH  config file (default " CTL_DEFAULT_CONFIG ",\n"
@@ -157,6 +178,55 @@ static const char usage_key_revoke[] =
         "Revoke the API key <id>.  troupe-auth may still accept it for up\n"
         "to [auth] key_cache_ms (10 s by default).\n";
 
+static const char usage_plugin[] =
+        "usage: troupectl plugin add <bot> <name> --url U [options]\n"
+        "       troupectl plugin list <bot> [--json]\n"
+        "       troupectl plugin rm <bot> <name>\n"
+        "\n"
+        "A bot's plugins are HTTP webhooks the model may call as tools\n"
+        "(OpenAI function calling) during a v3 chat.\n";
+
+static const char usage_plugin_add[] =
+        "usage: troupectl plugin add <bot> <name> --url U [--description D]\n"
+        "           [--schema JSON|@file] [--auth none|token|hmac]\n"
+        "           [--header H] [--secret S|--secret-file F]\n"
+        "           [--timeout-ms N]\n"
+        "\n"
+        "Add the plugin <name> (1-64 letters, digits, _ or -: the function\n"
+        "name the model sees) to the bot <bot>, or replace it entirely if\n"
+        "it exists (options left out take their defaults again).\n"
+        "\n"
+        "  --url U            where the worker POSTs the call's arguments\n"
+        "                     (http:// or https://)\n"
+        "  --description D    what the plugin does, for the model\n"
+        "  --schema JSON      JSON Schema of the arguments, an object such\n"
+        "                     as {\"type\":\"object\",\"properties\":{...}};\n"
+        "                     @file reads it from a file (@- from stdin);\n"
+        "                     default: no arguments\n"
+        "  --auth KIND        none (default); token: sends\n"
+        "                     \"<header>: Bearer <secret>\"; hmac: signs\n"
+        "                     each call with HMAC-SHA256 of the secret\n"
+        "  --header H         the token's header (default Authorization)\n"
+        "  --secret S         the token or HMAC key (visible in ps: prefer\n"
+        "  --secret-file F    the first line of F, or of stdin for -)\n"
+        "  --timeout-ms N     time allowed to one call, 1..600000\n"
+        "                     (default 5000)\n"
+        "\n"
+        "Prints the stored plugin as JSON; the secret shows as \"set\".\n";
+
+static const char usage_plugin_list[] =
+        "usage: troupectl plugin list <bot> [--json]\n"
+        "\n"
+        "List the bot's plugins (name, auth, timeout, url, description),\n"
+        "or with --json as storage's JSON array.  Secrets are never\n"
+        "shown.\n";
+
+static const char usage_plugin_rm[] =
+        "usage: troupectl plugin rm <bot> <name>\n"
+        "\n"
+        "Remove the plugin <name> from the bot <bot>.  Removing a bot\n"
+        "removes its plugins too.\n";
+
 enum {
 	OPT_UPSTREAM = 256,
 	OPT_MODEL,
@@ -168,7 +238,27 @@ enum {
 	OPT_NAME,
 	OPT_SUB,
 	OPT_SCOPES,
+	OPT_URL,
+	OPT_DESC,
+	OPT_SCHEMA,
+	OPT_AUTH,
+	OPT_HEADER,
+	OPT_SECRET,
+	OPT_SECRET_FILE,
+	OPT_TIMEOUT_MS,
 };
+
+/* Options of plugin add. */
+struct plugin_opts {
+	const char *url, *description, *schema, *auth, *header, *secret,
+	        *secret_file;
+	long long timeout_ms; /* -1: not given */
+	int seen;
+};
+
+static const char plugin_opts_owner[] =
+        "--url, --description, --schema, --auth, --header, --secret, "
+        "--secret-file and --timeout-ms belong to plugin add";
 
 /* Options of key add. */
 struct key_opts {
@@ -253,6 +343,54 @@ ctl_unlink(const char *name)
 }
 
 /*
+ * Run as root, become the owner of the directory that will hold our
+ * mailbox (ipc://<rundir>/troupectl-<pid>.ipc) when that is another
+ * user: under systemd the services run as troupe and accept pipes only
+ * from troupe or root, and troupectl's mailbox (common/ipc.c) likewise
+ * takes pipes only from its own user or root, so storage could never
+ * deliver its answer to a mailbox root owns, even one it may open.  As
+ * the directory's owner, both sides see their own user.  Returns 0 (done,
+ * or nothing to do) or -1 (the change failed: said on stderr).
+ */
+static int
+ctl_become_owner(const char *name)
+{
+	char url[600], *dir, *slash;
+	struct stat sb;
+	gid_t gid;
+
+	if (geteuid() != 0)
+		return (0);
+	if (ipc_url(name, url, sizeof(url)) == -1 ||
+	    strncmp(url, "ipc://", 6) != 0)
+		return (0); /* tcp://: the peers' user is not checked */
+	dir = url + 6;
+	if ((slash = strrchr(dir, '/')) == NULL)
+		return (0);
+	if (slash == dir)
+		slash[1] = '\0';
+	else
+		*slash = '\0';
+	if (stat(dir, &sb) == -1 || sb.st_uid == 0)
+		return (0); /* ipc_open() says what is wrong, if anything */
+	gid = sb.st_gid;
+	if (setgroups(1, &gid) == -1 || setgid(gid) == -1 ||
+	    setuid(sb.st_uid) == -1) {
+		fprintf(stderr,
+		        "troupectl: cannot become uid %lu, the owner of %s: "
+		        "%s\n",
+		        (unsigned long)sb.st_uid, dir, strerror(errno));
+		return (-1);
+	}
+	/* Not a way back to root. */
+	if (setuid(0) != -1) {
+		fprintf(stderr, "troupectl: could not drop root\n");
+		return (-1);
+	}
+	return (0);
+}
+
+/*
  * Send op(args) to storage and wait for the answer.  Returns an exit
  * status; on success c->status and c->text hold the answer.
  */
@@ -280,6 +418,8 @@ ctl_call(struct ctl *c, const char *op, const char *args, double timeout)
 	sid[16] = '\0';
 	snprintf(trace, sizeof(trace), "00-%s-%s-01", tid, sid);
 
+	if (ctl_become_owner(name) == -1)
+		return (CTL_EXIT_FAIL);
 	if ((c->loop = loop_new()) == NULL) {
 		fprintf(stderr, "troupectl: epoll: %s\n", strerror(errno));
 		return (CTL_EXIT_FAIL);
@@ -784,6 +924,410 @@ out:
 	return (rc);
 }
 
+/*
+ * Read path ("-": stdin) into a NUL-terminated buffer of at most
+ * CTL_FILE_MAX bytes.  NULL with the reason in err.
+ */
+static char *
+read_text(const char *path, size_t *lenp, char *err, size_t errlen)
+{
+	FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "re");
+	char *b;
+	size_t n;
+
+	if (f == NULL) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		return (NULL);
+	}
+	if ((b = malloc(CTL_FILE_MAX + 1)) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		goto out;
+	}
+	n = fread(b, 1, CTL_FILE_MAX + 1, f);
+	if (ferror(f)) {
+		snprintf(err, errlen, "%s: %s", path, strerror(errno));
+		goto fail;
+	}
+	if (n > CTL_FILE_MAX) {
+		snprintf(err, errlen, "%s: larger than %d bytes", path,
+		         CTL_FILE_MAX);
+		goto fail;
+	}
+	if (memchr(b, '\0', n) != NULL) {
+		snprintf(err, errlen, "%s: holds a NUL byte", path);
+		goto fail;
+	}
+	b[n] = '\0';
+	*lenp = n;
+	goto out;
+fail:
+	free(b);
+	b = NULL;
+out:
+	if (f != stdin)
+		fclose(f);
+	return (b);
+}
+
+/*
+ * Check a --schema text as storage will, so a typo is named here with
+ * its place: valid JSON, and an object.  0, or -1 with the reason in err
+ * (storage checks the rest: "type", "properties", "required", size).
+ */
+static int
+schema_check(const char *text, char *err, size_t errlen)
+{
+	const char *end = NULL, *p;
+	size_t line = 1, col = 1, i;
+	char near[24];
+	cJSON *root;
+	int rc = 0;
+
+	if ((root = cJSON_ParseWithOpts(text, &end, 1)) == NULL) {
+		if (end == NULL || end < text || end > text + strlen(text))
+			end = text + strlen(text);
+		for (p = text; p < end; p++) {
+			if (*p == '\n') {
+				line++;
+				col = 1;
+			} else
+				col++;
+		}
+		for (i = 0; i + 1 < sizeof(near) && end[i] != '\0' &&
+		            end[i] != '\n' && end[i] != '\r';
+		     i++)
+			near[i] =
+			        end[i] >= 0x20 && end[i] < 0x7f ? end[i] : '?';
+		near[i] = '\0';
+		if (i == 0)
+			snprintf(
+			        err, errlen,
+			        "not valid JSON: it ends too early (line %zu, "
+			        "column %zu)",
+			        line, col);
+		else
+			snprintf(
+			        err, errlen,
+			        "not valid JSON at line %zu, column %zu, near "
+			        "\"%s\"",
+			        line, col, near);
+		return (-1);
+	}
+	if (!cJSON_IsObject(root)) {
+		snprintf(err, errlen,
+		         "want a JSON object (a JSON Schema such as "
+		         "{\"type\":\"object\",\"properties\":{...}}), got %s",
+		         cJSON_IsArray(root)    ? "an array"
+		         : cJSON_IsString(root) ? "a string"
+		         : cJSON_IsNumber(root) ? "a number"
+		                                : "a literal");
+		rc = -1;
+	}
+	cJSON_Delete(root);
+	return (rc);
+}
+
+/* The JSON args of plugin.add; NULL on ENOMEM. */
+static char *
+plugin_add_args(const char *bot, const char *name, const struct plugin_opts *o,
+                const char *schema, const char *secret)
+{
+	cJSON *a;
+	char *s = NULL;
+
+	if ((a = cJSON_CreateObject()) == NULL)
+		return (NULL);
+	if (cJSON_AddStringToObject(a, "bot_id", bot) == NULL ||
+	    cJSON_AddStringToObject(a, "name", name) == NULL ||
+	    cJSON_AddStringToObject(a, "url", o->url) == NULL ||
+	    (o->description &&
+	     cJSON_AddStringToObject(a, "description", o->description) ==
+	             NULL) ||
+	    (schema &&
+	     cJSON_AddStringToObject(a, "parameters", schema) == NULL) ||
+	    (o->auth && cJSON_AddStringToObject(a, "auth", o->auth) == NULL) ||
+	    (o->header &&
+	     cJSON_AddStringToObject(a, "header", o->header) == NULL) ||
+	    (secret && cJSON_AddStringToObject(a, "secret", secret) == NULL) ||
+	    (o->timeout_ms >= 0 &&
+	     cJSON_AddNumberToObject(a, "timeout_ms", (double)o->timeout_ms) ==
+	             NULL))
+		goto out;
+	s = cJSON_PrintUnformatted(a);
+out:
+	cJSON_Delete(a);
+	return (s);
+}
+
+/* The JSON args of plugin.list ({bot_id}) or plugin.rm ({bot_id,
+ * name}: name not NULL); NULL on ENOMEM. */
+static char *
+plugin_ids_args(const char *bot, const char *name)
+{
+	cJSON *a;
+	char *s = NULL;
+
+	if ((a = cJSON_CreateObject()) == NULL)
+		return (NULL);
+	if (cJSON_AddStringToObject(a, "bot_id", bot) != NULL &&
+	    (name == NULL || cJSON_AddStringToObject(a, "name", name) != NULL))
+		s = cJSON_PrintUnformatted(a);
+	cJSON_Delete(a);
+	return (s);
+}
+
+/* A description for one table cell: control characters become spaces,
+ * and it is cut (on a UTF-8 boundary) after CTL_DESC_SHOWN bytes. */
+static void
+plugin_desc(const char *d, char *out, size_t n)
+{
+	size_t i, k = 0;
+
+	for (i = 0; d[i] != '\0' && k + 4 < n; i++) {
+		if (i >= CTL_DESC_SHOWN &&
+		    ((unsigned char)d[i] & 0xc0) != 0x80) {
+			memcpy(out + k, "...", 3);
+			k += 3;
+			break;
+		}
+		out[k++] = (unsigned char)d[i] < 0x20 || d[i] == 0x7f ? ' '
+		                                                      : d[i];
+	}
+	out[k] = '\0';
+	if (k == 0)
+		snprintf(out, n, "-");
+}
+
+/* Print storage's plugin.list answer as a table; -1 if it is not one. */
+static int
+print_plugin_table(const char *text, FILE *f)
+{
+	static const char *const head[] = {"NAME", "AUTH", "TIMEOUT_MS", "URL",
+	                                   "DESCRIPTION"};
+	cJSON *root, *it;
+	size_t w[4], i;
+	char auth[160], tmo[32], desc[CTL_DESC_SHOWN + 8];
+
+	if ((root = cJSON_Parse(text)) == NULL || !cJSON_IsArray(root)) {
+		cJSON_Delete(root);
+		return (-1);
+	}
+	for (i = 0; i < nitems(w); i++)
+		w[i] = strlen(head[i]);
+	cJSON_ArrayForEach(it, root)
+	{
+		if (!cJSON_IsObject(it)) {
+			cJSON_Delete(root);
+			return (-1);
+		}
+	}
+	/* Two passes over the same cells: widths, then lines. */
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 1)
+			fprintf(f, "%-*s  %-*s  %-*s  %-*s  %s\n", (int)w[0],
+			        head[0], (int)w[1], head[1], (int)w[2],
+			        head[2], (int)w[3], head[3], head[4]);
+		cJSON_ArrayForEach(it, root)
+		{
+			const char *kind = json_str(it, "auth"),
+			           *hdr = json_str(it, "header");
+			const cJSON *t = cJSON_GetObjectItemCaseSensitive(
+			        it, "timeout_ms");
+			const char *cell[4];
+
+			if (strcmp(kind, "token") == 0 && hdr[0] != '\0' &&
+			    strcmp(hdr, "Authorization") != 0)
+				snprintf(auth, sizeof(auth), "token:%.128s",
+				         hdr);
+			else
+				snprintf(auth, sizeof(auth), "%s",
+				         kind[0] ? kind : "-");
+			if (cJSON_IsNumber(t))
+				snprintf(tmo, sizeof(tmo), "%.0f",
+				         t->valuedouble);
+			else
+				snprintf(tmo, sizeof(tmo), "-");
+			cell[0] = json_str(it, "name");
+			cell[1] = auth;
+			cell[2] = tmo;
+			cell[3] = json_str(it, "url");
+			if (pass == 0) {
+				for (i = 0; i < nitems(w); i++)
+					if (strlen(cell[i]) > w[i])
+						w[i] = strlen(cell[i]);
+				continue;
+			}
+			plugin_desc(json_str(it, "description"), desc,
+			            sizeof(desc));
+			fprintf(f, "%-*s  %-*s  %-*s  %-*s  %s\n", (int)w[0],
+			        cell[0], (int)w[1], cell[1], (int)w[2],
+			        cell[2], (int)w[3], cell[3], desc);
+		}
+	}
+	cJSON_Delete(root);
+	return (0);
+}
+
+/*
+ * troupectl plugin ...: sub is add, list or rm; ops[2] the bot, ops[3]
+ * the plugin's name.  Checks the command line (the schema and the
+ * secret's file included), asks storage and prints.  An exit status.
+ */
+static int
+plugin_main(const char *cfg, int explicit_cfg, double timeout, int help,
+            const char *sub, int nops, char **ops, const struct plugin_opts *o,
+            int json)
+{
+	const char *op, *usage, *schema = NULL, *secret = NULL;
+	char err[512], *args = NULL, *schema_buf = NULL, *secret_buf = NULL;
+	size_t n = 0, secret_n = 0;
+	struct ctl c;
+	int rc, want;
+
+	memset(&c, 0, sizeof(c));
+	if (sub == NULL) {
+		if (help) {
+			fputs(usage_plugin, stdout);
+			return (CTL_EXIT_OK);
+		}
+		return (usage_error(usage_plugin, "%s",
+		                    "plugin: want add, list or rm"));
+	}
+	if (strcmp(sub, "add") == 0) {
+		op = "plugin.add";
+		usage = usage_plugin_add;
+		want = 4;
+	} else if (strcmp(sub, "list") == 0 || strcmp(sub, "ls") == 0) {
+		op = "plugin.list";
+		usage = usage_plugin_list;
+		want = 3;
+	} else if (strcmp(sub, "rm") == 0 || strcmp(sub, "remove") == 0) {
+		op = "plugin.rm";
+		usage = usage_plugin_rm;
+		want = 4;
+	} else
+		return (usage_error(usage_plugin,
+		                    "plugin: unknown command \"%s\"", sub));
+	if (help) {
+		fputs(usage, stdout);
+		return (CTL_EXIT_OK);
+	}
+	if (o->seen && strcmp(op, "plugin.add") != 0)
+		return (usage_error(usage, "%s", plugin_opts_owner));
+	if (json && strcmp(op, "plugin.list") != 0)
+		return (usage_error(usage, "%s",
+		                    "--json belongs to plugin list (and bot "
+		                    "list, key list)"));
+	if (nops < 3 || ops[2][0] == '\0')
+		return (usage_error(usage, "%s", "which bot? (<bot>)"));
+	if (want == 4 && (nops < 4 || ops[3][0] == '\0'))
+		return (usage_error(usage, "%s", "which plugin? (<name>)"));
+	if (nops > want)
+		return (usage_error(usage, "unexpected \"%s\"", ops[want]));
+	if (strcmp(op, "plugin.add") == 0) {
+		if (o->url == NULL || o->url[0] == '\0')
+			return (usage_error(usage, "%s",
+			                    "plugin add needs --url URL"));
+		if (o->auth != NULL && strcmp(o->auth, "none") != 0 &&
+		    strcmp(o->auth, "token") != 0 &&
+		    strcmp(o->auth, "hmac") != 0)
+			return (usage_error(
+			        usage,
+			        "--auth: want none, token or hmac, "
+			        "got \"%s\"",
+			        o->auth));
+		if (o->secret != NULL && o->secret_file != NULL)
+			return (usage_error(usage, "%s",
+			                    "give --secret or --secret-file, "
+			                    "not both"));
+		if (o->schema != NULL) {
+			schema = o->schema;
+			if (schema[0] == '@') {
+				if ((schema_buf =
+				             read_text(schema + 1, &n, err,
+				                       sizeof(err))) == NULL) {
+					rc = usage_error(usage, "--schema: %s",
+					                 err);
+					goto out;
+				}
+				schema = schema_buf;
+			}
+			if (schema_check(schema, err, sizeof(err)) == -1) {
+				rc = usage_error(usage, "--schema: %s", err);
+				goto out;
+			}
+		}
+		secret = o->secret;
+		if (o->secret_file != NULL) {
+			if ((secret_buf = read_text(o->secret_file, &secret_n,
+			                            err, sizeof(err))) ==
+			    NULL) {
+				rc = usage_error(usage, "--secret-file: %s",
+				                 err);
+				goto out;
+			}
+			/* Its first line. */
+			secret_buf[strcspn(secret_buf, "\r\n")] = '\0';
+			secret = secret_buf;
+		}
+		if (secret != NULL &&
+		    (secret[0] == '\0' || strlen(secret) > CTL_SECRET_MAX)) {
+			rc = usage_error(usage, "%s",
+			                 "the secret must be 1 to 1024 bytes");
+			goto out;
+		}
+	}
+
+	if (conf_load(cfg ? cfg : CTL_DEFAULT_CONFIG, !explicit_cfg, err,
+	              sizeof(err)) == -1) {
+		fprintf(stderr, "troupectl: config: %s\n", err);
+		rc = CTL_EXIT_FAIL;
+		goto out;
+	}
+	if (strcmp(op, "plugin.add") == 0)
+		args = plugin_add_args(ops[2], ops[3], o, schema, secret);
+	else
+		args = plugin_ids_args(ops[2], want == 4 ? ops[3] : NULL);
+	if (args == NULL) {
+		fprintf(stderr, "troupectl: out of memory\n");
+		rc = CTL_EXIT_FAIL;
+		goto out;
+	}
+	rc = ctl_call(&c, op, args, timeout);
+	if (rc != CTL_EXIT_OK)
+		goto out;
+	if (c.status != 0) {
+		fprintf(stderr, "troupectl: %s: %s (status %" PRIu64 ")\n", op,
+		        c.text != NULL && c.textlen > 0 ? c.text : "failed",
+		        c.status);
+		rc = CTL_EXIT_FAIL;
+	} else if (strcmp(op, "plugin.list") == 0 && !json) {
+		if (print_plugin_table(c.text, stdout) == -1) {
+			fprintf(stderr,
+			        "troupectl: plugin.list: unexpected answer: "
+			        "%s\n",
+			        c.text);
+			rc = CTL_EXIT_FAIL;
+		}
+	} else
+		printf("%s\n", c.text);
+out:
+	if (args != NULL) {
+		explicit_bzero(args, strlen(args)); /* it holds the secret */
+		free(args);
+	}
+	if (secret_buf != NULL) {
+		explicit_bzero(secret_buf, secret_n);
+		free(secret_buf);
+	}
+	free(schema_buf);
+	free(c.text);
+	conf_free();
+	if (fflush(stdout) == EOF && rc == CTL_EXIT_OK)
+		rc = CTL_EXIT_FAIL;
+	return (rc);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -802,10 +1346,20 @@ main(int argc, char **argv)
 	        {"name", required_argument, NULL, OPT_NAME},
 	        {"sub", required_argument, NULL, OPT_SUB},
 	        {"scopes", required_argument, NULL, OPT_SCOPES},
+	        {"url", required_argument, NULL, OPT_URL},
+	        {"description", required_argument, NULL, OPT_DESC},
+	        {"schema", required_argument, NULL, OPT_SCHEMA},
+	        {"auth", required_argument, NULL, OPT_AUTH},
+	        {"header", required_argument, NULL, OPT_HEADER},
+	        {"secret", required_argument, NULL, OPT_SECRET},
+	        {"secret-file", required_argument, NULL, OPT_SECRET_FILE},
+	        {"timeout-ms", required_argument, NULL, OPT_TIMEOUT_MS},
 	        {NULL, 0, NULL, 0},
 	};
 	struct bot_opts o = {NULL, NULL, NULL, -1, -1, -1, 0, 0, 0};
 	struct key_opts ko = {NULL, NULL, NULL, 0};
+	struct plugin_opts po = {NULL, NULL, NULL, NULL, NULL,
+	                         NULL, NULL, -1,   0};
 	struct ctl c;
 	const char *cfg = getenv("TROUPE_CONFIG"), *op = NULL, *usage;
 	const char *cmd, *sub;
@@ -886,6 +1440,44 @@ main(int argc, char **argv)
 			ko.scopes = optarg;
 			ko.seen = 1;
 			break;
+		case OPT_URL:
+			po.url = optarg;
+			po.seen = 1;
+			break;
+		case OPT_DESC:
+			po.description = optarg;
+			po.seen = 1;
+			break;
+		case OPT_SCHEMA:
+			po.schema = optarg;
+			po.seen = 1;
+			break;
+		case OPT_AUTH:
+			po.auth = optarg;
+			po.seen = 1;
+			break;
+		case OPT_HEADER:
+			po.header = optarg;
+			po.seen = 1;
+			break;
+		case OPT_SECRET:
+			po.secret = optarg;
+			po.seen = 1;
+			break;
+		case OPT_SECRET_FILE:
+			po.secret_file = optarg;
+			po.seen = 1;
+			break;
+		case OPT_TIMEOUT_MS:
+			po.timeout_ms =
+			        parse_count(optarg, CTL_PLUGIN_TIMEOUT_MAX);
+			if (po.timeout_ms < 1)
+				return (usage_error(usage_plugin_add,
+				                    "--timeout-ms: want 1 to "
+				                    "600000, got \"%s\"",
+				                    optarg));
+			po.seen = 1;
+			break;
 		case ':':
 			return (usage_error(usage_main,
 			                    "option %s needs a value",
@@ -911,6 +1503,24 @@ main(int argc, char **argv)
 		fputs(usage_main, stdout);
 		return (CTL_EXIT_OK);
 	}
+	if (strcmp(cmd, "plugin") == 0) {
+		if (o.seen_add)
+			return (usage_error(
+			        usage_plugin, "%s",
+			        "--upstream, --model, "
+			        "--system-prompt, --context-turns, "
+			        "--ttfe-ms and --total-ms belong to "
+			        "bot add"));
+		if (ko.seen)
+			return (usage_error(
+			        usage_plugin, "%s",
+			        "--name, --sub and --scopes belong "
+			        "to key add"));
+		return (plugin_main(cfg, explicit_cfg, timeout, help, sub,
+		                    nops, argv + optind, &po, o.json));
+	}
+	if (strcmp(cmd, "key") == 0 && po.seen)
+		return (usage_error(usage_key, "%s", plugin_opts_owner));
 	if (strcmp(cmd, "key") == 0) {
 		if (o.seen_add)
 			return (usage_error(
@@ -953,6 +1563,8 @@ main(int argc, char **argv)
 		return (usage_error(usage, "%s",
 		                    "--name, --sub and --scopes belong to key "
 		                    "add"));
+	if (po.seen)
+		return (usage_error(usage, "%s", plugin_opts_owner));
 	if (o.seen_add && strcmp(op, "bot.add") != 0)
 		return (usage_error(
 		        usage, "%s",

@@ -3,7 +3,8 @@
  * Tests of services/storage/storage_text.c: the [storage] redis address,
  * PostgreSQL array literals of the group commit, message JSON and the
  * comma-joined context (with the "known" marker skipped), context keys,
- * UTF-8 and bot id checks, bot.add/bot.rm arguments, SQLSTATE classes.
+ * UTF-8 and bot id checks, bot.add/bot.rm arguments, plugin.* arguments
+ * and the plugin's JSON Schema checks, SQLSTATE classes.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -313,6 +314,194 @@ t_bot_args_bad(void)
 	}
 }
 
+static int
+pargs(const char *json, enum storage_plugin_op op,
+      struct storage_plugin_args *a, char *err, size_t errlen)
+{
+	return (storage_text_plugin_args(json, strlen(json), op, a, err,
+	                                 errlen));
+}
+
+static void
+t_plugin_name(void)
+{
+	T_EQ_INT(storage_text_plugin_name_ok("get_weather-2", 13), 1);
+	T_EQ_INT(storage_text_plugin_name_ok("", 0), 0);
+	T_EQ_INT(storage_text_plugin_name_ok("a.b", 3), 0);
+	T_EQ_INT(storage_text_plugin_name_ok("a b", 3), 0);
+	T_EQ_INT(storage_text_plugin_name_ok("\xc3\xa9t\xc3\xa9", 6), 0);
+	T_EQ_INT(storage_text_plugin_name_ok("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+	                                     "xxxxxxxxxxxxxxxxxxxxxx"
+	                                     "xxxxxxxxxx",
+	                                     64),
+	         1);
+	T_EQ_INT(storage_text_plugin_name_ok("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+	                                     "xxxxxxxxxxxxxxxxxxxxxx"
+	                                     "xxxxxxxxxxx",
+	                                     65),
+	         0);
+}
+
+static void
+t_plugin_schema(void)
+{
+	char err[256];
+
+	T_EQ_INT(storage_text_plugin_schema("{}", err, sizeof(err)), 0);
+	T_EQ_INT(storage_text_plugin_schema(
+	                 "{\"type\":\"object\",\"properties\":{\"q\":{"
+	                 "\"type\":\"string\"}},\"required\":[\"q\"]}",
+	                 err, sizeof(err)),
+	         0);
+	T_EQ_INT(storage_text_plugin_schema("{\n  \"a\": 1,\n  \"b\": }", err,
+	                                    sizeof(err)),
+	         -1);
+	T_EQ_STR(err, "parameters: not valid JSON (at line 3, column 8)");
+	T_EQ_INT(storage_text_plugin_schema("", err, sizeof(err)), -1);
+	T_ASSERT(strstr(err, "not valid JSON") != NULL);
+	T_EQ_INT(storage_text_plugin_schema("\"object\"", err, sizeof(err)),
+	         -1);
+	T_ASSERT(strstr(err, "must be a JSON object") != NULL);
+	T_EQ_INT(storage_text_plugin_schema("{\"type\":\"array\"}", err,
+	                                    sizeof(err)),
+	         -1);
+	T_ASSERT(strstr(err, "\"type\" must be \"object\"") != NULL);
+	T_EQ_INT(storage_text_plugin_schema("{\"required\":[1]}", err,
+	                                    sizeof(err)),
+	         -1);
+	T_ASSERT(strstr(err, "\"required\"") != NULL);
+}
+
+static void
+t_plugin_args_ok(void)
+{
+	struct storage_plugin_args a;
+	char err[256];
+
+	T_EQ_INT(pargs("{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h/"
+	               "p\"}",
+	               STORAGE_PLUGIN_ADD, &a, err, sizeof(err)),
+	         0);
+	T_EQ_STR(a.bot_id, "b");
+	T_EQ_STR(a.name, "w");
+	T_EQ_STR(a.url, "http://h/p");
+	T_EQ_STR(a.description, "");
+	T_EQ_STR(a.parameters, STORAGE_PLUGIN_PARAMS_DEFAULT);
+	T_EQ_STR(a.auth, "none");
+	T_EQ_STR(a.header, "Authorization");
+	T_ASSERT(a.secret == NULL);
+	T_EQ_INT(a.timeout_ms, 5000);
+	storage_text_plugin_args_free(&a);
+
+	T_EQ_INT(
+	        pargs("{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"https://h\","
+	              "\"description\":\"d\",\"parameters\":\"{\\\"type\\\":"
+	              "\\\"object\\\"}\",\"auth\":\"token\",\"header\":\"X-Key"
+	              "\",\"secret\":\"s s\",\"timeout_ms\":600000}",
+	              STORAGE_PLUGIN_ADD, &a, err, sizeof(err)),
+	        0);
+	T_EQ_STR(a.parameters, "{\"type\":\"object\"}");
+	T_EQ_STR(a.auth, "token");
+	T_EQ_STR(a.header, "X-Key");
+	T_EQ_STR(a.secret, "s s");
+	T_EQ_INT(a.timeout_ms, 600000);
+	storage_text_plugin_args_free(&a);
+
+	/* The schema as an object. */
+	T_EQ_INT(
+	        pargs("{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"https://h\","
+	              "\"parameters\":{\"properties\":{}},\"auth\":\"hmac\","
+	              "\"secret\":\"k\"}",
+	              STORAGE_PLUGIN_ADD, &a, err, sizeof(err)),
+	        0);
+	T_EQ_STR(a.parameters, "{\"properties\":{}}");
+	T_EQ_STR(a.auth, "hmac");
+	storage_text_plugin_args_free(&a);
+
+	T_EQ_INT(pargs("{\"bot_id\":\"b\"}", STORAGE_PLUGIN_LIST, &a, err,
+	               sizeof(err)),
+	         0);
+	T_EQ_STR(a.bot_id, "b");
+	storage_text_plugin_args_free(&a);
+	T_EQ_INT(pargs("{\"bot_id\":\"b\",\"name\":\"w\"}", STORAGE_PLUGIN_RM,
+	               &a, err, sizeof(err)),
+	         0);
+	T_EQ_STR(a.name, "w");
+	storage_text_plugin_args_free(&a);
+}
+
+static void
+t_plugin_args_bad(void)
+{
+	static const struct {
+		const char *json;
+		enum storage_plugin_op op;
+		const char *want; /* a substring of the error */
+	} bad[] = {
+	        {"[]", STORAGE_PLUGIN_ADD, "JSON object"},
+	        {"{\"name\":\"w\",\"url\":\"http://h\"}", STORAGE_PLUGIN_ADD,
+	         "bot_id is required"},
+	        {"{\"bot_id\":\"b\",\"url\":\"http://h\"}", STORAGE_PLUGIN_ADD,
+	         "name is required"},
+	        {"{\"bot_id\":\"b\",\"name\":\"a/b\",\"url\":\"http://h\"}",
+	         STORAGE_PLUGIN_ADD, "name must be"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\"}", STORAGE_PLUGIN_ADD,
+	         "url is required"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"file:///x\"}",
+	         STORAGE_PLUGIN_ADD, "http"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"parameters\":\"{\"}",
+	         STORAGE_PLUGIN_ADD, "not valid JSON"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"parameters\":[]}",
+	         STORAGE_PLUGIN_ADD, "JSON Schema object"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"auth\":\"token\"}",
+	         STORAGE_PLUGIN_ADD, "needs a secret"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"auth\":\"none\",\"secret\":\"s\"}",
+	         STORAGE_PLUGIN_ADD, "only for auth token or hmac"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"auth\":\"token\",\"secret\":\"s\\r\"}",
+	         STORAGE_PLUGIN_ADD, "printable ASCII"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"header\":\"X-K\"}",
+	         STORAGE_PLUGIN_ADD, "only for auth token"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"auth\":\"token\",\"secret\":\"s\",\"header\":\"X:K\"}",
+	         STORAGE_PLUGIN_ADD, "header name"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"timeout_ms\":0}",
+	         STORAGE_PLUGIN_ADD, "1..600000"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"timeout_ms\":1,\"timeout_ms\":2}",
+	         STORAGE_PLUGIN_ADD, "twice"},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\",\"url\":\"http://h\","
+	         "\"nope\":1}",
+	         STORAGE_PLUGIN_ADD, "unknown field \"nope\""},
+	        {"{\"bot_id\":\"b\",\"url\":\"http://h\"}",
+	         STORAGE_PLUGIN_LIST, "unknown field \"url\""},
+	        {"{\"bot_id\":\"b\",\"name\":\"w\"}", STORAGE_PLUGIN_LIST,
+	         "unknown field \"name\""},
+	        {"{\"bot_id\":\"b\"}", STORAGE_PLUGIN_RM, "name is required"},
+	        {"{\"bot_id\":\"a b\",\"name\":\"w\"}", STORAGE_PLUGIN_RM,
+	         "bot_id must be"},
+	};
+	struct storage_plugin_args a;
+	char err[256];
+	size_t i;
+
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		err[0] = '\0';
+		if (pargs(bad[i].json, bad[i].op, &a, err, sizeof(err)) != -1)
+			T_FAIL("%s: got 0, want -1", bad[i].json);
+		if (strstr(err, bad[i].want) == NULL)
+			T_FAIL("%s: error \"%s\", want it to mention \"%s\"",
+			       bad[i].json, err, bad[i].want);
+		storage_text_plugin_args_free(&a);
+	}
+}
+
 static void
 t_sqlstate(void)
 {
@@ -357,6 +546,10 @@ T_TESTS = {
         {"bot_args_ok", t_bot_args_ok},
         {"bot_args_bad", t_bot_args_bad},
         {"bot_args_nul", t_bot_args_nul},
+        {"plugin_name", t_plugin_name},
+        {"plugin_schema", t_plugin_schema},
+        {"plugin_args_ok", t_plugin_args_ok},
+        {"plugin_args_bad", t_plugin_args_bad},
         {"sqlstate", t_sqlstate},
         {"oneline", t_oneline},
         {NULL, NULL},
