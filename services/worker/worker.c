@@ -40,13 +40,17 @@ static const char help_extra[] =
         "  first_event_ms        v3: first upstream content within, ms; "
         "0 none (15000)\n"
         "  total_ms              v3: whole upstream answer within, ms; "
-        "0 none (300000)\n";
+        "0 none (300000)\n"
+        "  plugin_timeout_ms     v3: a plugin call's timeout when the "
+        "plugin has none, ms (5000)\n"
+        "  max_tool_rounds       v3: tool rounds in one chat (5)\n";
 
 /* Read [worker]; nothing changes unless every key is good. */
 static int
 worker_conf(struct worker *w, char *err, size_t errlen)
 {
 	int64_t conns, body, connect_ms, run_ms, first_ms, total_ms;
+	int64_t plugin_ms, rounds;
 
 	if (conf_get_int("worker", "upstream_connections", 64, 1, 100000,
 	                 &conns, err, errlen) == -1 ||
@@ -59,7 +63,11 @@ worker_conf(struct worker *w, char *err, size_t errlen)
 	    conf_get_int("worker", "first_event_ms", 15000, 0, 3600000,
 	                 &first_ms, err, errlen) == -1 ||
 	    conf_get_int("worker", "total_ms", 300000, 0, 86400000, &total_ms,
-	                 err, errlen) == -1)
+	                 err, errlen) == -1 ||
+	    conf_get_int("worker", "plugin_timeout_ms", 5000, 1, 600000,
+	                 &plugin_ms, err, errlen) == -1 ||
+	    conf_get_int("worker", "max_tool_rounds", 5, 1, 20, &rounds, err,
+	                 errlen) == -1)
 		return (-1);
 	w->upconf.connections = (long)conns;
 	w->upconf.max_body = (size_t)body;
@@ -67,6 +75,8 @@ worker_conf(struct worker *w, char *err, size_t errlen)
 	w->run_timeout_ms = run_ms;
 	w->first_event_ms = first_ms;
 	w->total_ms = total_ms;
+	w->plugin_timeout_ms = plugin_ms;
+	w->max_tool_rounds = (unsigned)rounds;
 	return (0);
 }
 
@@ -218,6 +228,8 @@ worker_on_reload(struct svc *svc, void *arg)
 	w->run_timeout_ms = next.run_timeout_ms;
 	w->first_event_ms = next.first_event_ms;
 	w->total_ms = next.total_ms;
+	w->plugin_timeout_ms = next.plugin_timeout_ms;
+	w->max_tool_rounds = next.max_tool_rounds;
 	worker_upstream_conf(w->up, &w->upconf);
 	return (0);
 }
@@ -301,6 +313,20 @@ worker_metrics_init(struct worker *w)
 	w->m_send_refused = metrics_counter(
 	        w->metrics, "troupe_worker_send_refused_total",
 	        "Envelopes a full peer backlog refused.", labels);
+	(void)snprintf(labels, sizeof(labels), "service=\"%s\",result=\"ok\"",
+	               w->svc.name);
+	w->m_tool_ok = metrics_counter(
+	        w->metrics, "troupe_worker_tool_calls_total",
+	        "Tool calls of v3 chats, by result (error: the model got an "
+	        "error result).",
+	        labels);
+	(void)snprintf(labels, sizeof(labels),
+	               "service=\"%s\",result=\"error\"", w->svc.name);
+	w->m_tool_err = metrics_counter(
+	        w->metrics, "troupe_worker_tool_calls_total",
+	        "Tool calls of v3 chats, by result (error: the model got an "
+	        "error result).",
+	        labels);
 }
 
 int

@@ -42,9 +42,11 @@ struct worker {
 
 	struct upstream *up;
 	struct upstream_conf upconf;
-	int64_t run_timeout_ms; /* deadline of a run that came without */
-	int64_t first_event_ms; /* v3: first content by then, 0: none */
-	int64_t total_ms;       /* v3: the whole answer by then, 0: none */
+	int64_t run_timeout_ms;    /* deadline of a run that came without */
+	int64_t first_event_ms;    /* v3: first content by then, 0: none */
+	int64_t total_ms;          /* v3: the whole answer by then, 0: none */
+	int64_t plugin_timeout_ms; /* a plugin's when it names none */
+	unsigned max_tool_rounds;  /* v3: tool rounds in one chat */
 
 	/* Runs by request id: a chained hash table. */
 	struct run **buckets;
@@ -70,6 +72,8 @@ struct worker {
 	uint64_t *m_send_refused;
 	uint64_t *m_canceled;    /* v3 runs canceled */
 	uint64_t *m_cancel_late; /* RUN_CANCEL for a run we no longer have */
+	uint64_t *m_tool_ok;     /* tool calls with the plugin's answer */
+	uint64_t *m_tool_err;    /* tool calls with an error result */
 	struct {
 		uint64_t status;
 		uint64_t *count;

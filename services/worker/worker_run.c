@@ -14,7 +14,11 @@
  * and in_progress, or CHAT_REPLY with the chat), streams the upstream's
  * answer as message.delta events, and always ends with a CHAT_PERSIST of
  * its final status (completed, failed, canceled) that carries the last
- * events for storage to send after COMMIT.  RUN_CANCEL aborts it.
+ * events for storage to send after COMMIT.  RUN_CANCEL aborts it.  With
+ * the bot's plugins offered as tools, the model may ask for tool calls:
+ * each round's calls run at once as plugin POSTs on the same curl multi
+ * handle, their results go back to the model, at most max_tool_rounds
+ * times; every function_call and tool_response is streamed and stored.
  *
  * Runs are found by request id in a chained hash table; a RUN_ASSIGN for a
  * request id already running is a resend and is ignored, a CTX_REPLY for
@@ -27,6 +31,7 @@
  */
 #include <inttypes.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,8 +40,24 @@
 
 #include "coze.h"
 #include "worker.h"
+#include "worker_plugin.h"
 
 #define WORKER_LOCK_SLACK_MS 5000 /* a v3 lock outlives the deadline */
+#define WORKER_TOOL_ROUNDS 5      /* max_tool_rounds when unset */
+#define WORKER_PLUGIN_MS 5000     /* plugin_timeout_ms when unset */
+
+struct run;
+
+/* One tool call of a round: the model's call, then its plugin call (if
+ * one is made) and its result (a JSON text). */
+struct tool_call {
+	struct run *r;
+	struct upstream_call *call; /* while the plugin is called */
+	char *id, *name, *args;     /* as the model sent them */
+	char *result;
+	size_t result_len;
+	int done;
+};
 
 struct run {
 	struct run *hnext; /* hash chain */
@@ -61,7 +82,18 @@ struct run {
 	uint64_t created_at; /* unix s */
 	uint64_t answer_at;  /* unix s, the answer's first content */
 	size_t sent;         /* answer bytes sent as message.delta */
-	unsigned nmsgs;      /* request messages; the answer's index */
+	unsigned nmsgs;      /* request messages */
+	unsigned nidx;       /* the next message's index (the answer's) */
+	/* Tool calls (v3 with plugins). */
+	struct plugins plugins;
+	struct buf reqhead; /* the upstream request up to its messages */
+	struct buf extra;   /* the rounds' assistant and tool messages */
+	struct buf done;    /* message objects after the request's */
+	struct buf pending; /* events the edge refused, sent with the next */
+	struct tool_call *tcs; /* the round's calls, while they run */
+	size_t ntcs, tcs_left;
+	unsigned rounds; /* tool rounds run */
+	uint64_t ptok, ctok;
 	struct mstr chat_id, messages;
 	char strs[]; /* the strings above, NUL-terminated */
 };
@@ -139,10 +171,34 @@ run_remove(struct worker *w, struct run *r)
 }
 
 static void
+tools_free(struct run *r)
+{
+	for (size_t i = 0; i < r->ntcs; i++) {
+		struct tool_call *tc = &r->tcs[i];
+
+		if (tc->call != NULL)
+			worker_upstream_cancel(tc->call);
+		free(tc->id);
+		free(tc->name);
+		free(tc->args);
+		free(tc->result);
+	}
+	free(r->tcs);
+	r->tcs = NULL;
+	r->ntcs = r->tcs_left = 0;
+}
+
+static void
 run_free(struct run *r)
 {
 	if (r->call != NULL)
 		worker_upstream_cancel(r->call);
+	tools_free(r);
+	worker_plugin_free(&r->plugins);
+	buf_free(&r->reqhead);
+	buf_free(&r->extra);
+	buf_free(&r->done);
+	buf_free(&r->pending);
 	if (r->timer != NULL)
 		loop_timer_free(r->timer);
 	if (r->first_timer != NULL)
@@ -289,6 +345,7 @@ static void v3_end(struct run *, const char *status, uint64_t http,
                    size_t len, uint64_t ptok, uint64_t ctok);
 static void v3_fail(struct run *, uint64_t http, int64_t code,
                     struct mstr msg);
+static void v3_tools(struct run *, struct upstream_answer *);
 
 /* The deadline passed: storage has not answered, or the upstream call
  * is still waiting for a connection (or curl's own timeout, set to the
@@ -299,7 +356,9 @@ run_expired(struct loop *l, void *arg)
 	struct run *r = arg;
 
 	(void)l;
-	if (r->announced)
+	if (r->announced && r->tcs != NULL)
+		v3_fail(r, 504, 5040, MSTR_LIT("deadline exceeded"));
+	else if (r->announced)
 		v3_fail(r, 504, 5040, MSTR_LIT("upstream deadline exceeded"));
 	else if (r->call != NULL)
 		run_fail(r, 504, 5040, MSTR_LIT("upstream deadline exceeded"),
@@ -424,7 +483,7 @@ worker_run_assign(struct worker *w, const struct msg *m,
 	if (v3) {
 		r->v3 = 1;
 		r->stream = q->stream != 0;
-		r->nmsgs = v3_messages(r, NULL, 0);
+		r->nmsgs = r->nidx = v3_messages(r, NULL, 0);
 		cg.chat_id = r->chat_id;
 		cg.user_id = r->user_id;
 		/* The lock outlives the run a little: a run that dies holds
@@ -579,13 +638,13 @@ v3_chat(const struct run *r, struct coze_chat *c, const char *status)
 	c->error_msg = MSTR_NULL;
 }
 
-/* The answer message (number nmsgs of the chat); id is its storage. */
+/* The answer message (number nidx of the chat); id is its storage. */
 static void
 v3_answer(const struct run *r, struct coze_msg *m, char id[COZE_ID_LEN + 1],
           const char *content, size_t len, uint64_t updated_at)
 {
 	memset(m, 0, sizeof(*m));
-	coze_msg_id_of(r->chat_id, r->nmsgs, id);
+	coze_msg_id_of(r->chat_id, r->nidx, id);
 	m->id = MSTR(id);
 	m->conversation_id = r->conv_id;
 	m->bot_id = r->bot_id;
@@ -689,6 +748,25 @@ v3_event(struct run *r, const struct buf *sse, int last)
 	return (0);
 }
 
+/* Send events to a streaming client after those the edge refused
+ * before; refused ones wait in pending for the next send (or the final
+ * events), so the client sees every event, in order. */
+static void
+v3_emit(struct run *r, const struct buf *sse)
+{
+	if (!r->stream || sse->len == 0)
+		return;
+	if (r->pending.len > 0) {
+		if (buf_add(&r->pending, sse->b, sse->len) == -1)
+			return;
+		if (v3_event(r, &r->pending, 0) == 0)
+			buf_reset(&r->pending);
+		return;
+	}
+	if (v3_event(r, sse, 0) == -1)
+		(void)buf_add(&r->pending, sse->b, sse->len);
+}
+
 /* CHAT_REPLY 200 with the chat object to peer; -1 if refused. */
 static int
 v3_reply_chat(struct run *r, const char *peer, const struct msg_head *head,
@@ -751,17 +829,19 @@ v3_delta(void *arg, const char *content, size_t len)
 	struct buf b = {0};
 
 	if (!r->got_content) {
-		r->got_content = 1;
-		r->answer_at = now_wall_ms() / 1000;
+		r->got_content = 1; /* content or a tool call */
 		if (r->first_timer != NULL)
 			loop_timer_stop(r->first_timer);
 	}
+	if (len > 0 && r->answer_at == 0)
+		r->answer_at = now_wall_ms() / 1000;
 	if (!r->stream || len <= r->sent)
 		return;
 	v3_answer(r, &m, id, content + r->sent, len - r->sent, r->answer_at);
-	if (coze_sse_msg(&b, "conversation.message.delta", &m) == 0 &&
-	    v3_event(r, &b, 0) == 0)
+	if (coze_sse_msg(&b, "conversation.message.delta", &m) == 0) {
+		v3_emit(r, &b);
 		r->sent = len;
+	}
 	buf_free(&b);
 }
 
@@ -785,18 +865,22 @@ v3_upstream_done(void *arg, struct upstream_answer *a)
 	r->call = NULL;
 	r->upstream_status = a->http_status;
 	r->upstream_us = a->elapsed_us;
+	r->ptok += a->prompt_tokens;
+	r->ctok += a->completion_tokens;
 	if (w->m_upstream != NULL)
 		histo_observe(w->m_upstream, (double)a->elapsed_us / 1e6);
-	if (a->status == 200)
+	if (a->status == 200 && a->ntools > 0)
+		v3_tools(r, a);
+	else if (a->status == 200)
 		v3_end(r, "completed", 200, 0, MSTR_NULL, a->content,
-		       a->content_len, a->prompt_tokens, a->completion_tokens);
+		       a->content_len, r->ptok, r->ctok);
 	else {
 		log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent,
 		        r->bot_id, "upstream %s: %s", r->url, a->msg);
 		v3_end(r, "failed", a->status, a->code, MSTR(a->msg),
-		       a->content, a->content_len, a->prompt_tokens,
-		       a->completion_tokens);
+		       a->content, a->content_len, r->ptok, r->ctok);
 	}
+	worker_upstream_tools_free(a->tools, a->ntools);
 	free(a->content);
 }
 
@@ -809,15 +893,321 @@ v3_fail(struct run *r, uint64_t http, int64_t code, struct mstr msg)
 
 	if (r->call != NULL)
 		content = worker_upstream_content(r->call, &len);
-	v3_end(r, "failed", http, code, msg, content, len, 0, 0);
+	v3_end(r, "failed", http, code, msg, content, len, r->ptok, r->ctok);
+}
+
+static struct mstr
+buf_mstr(const struct buf *b)
+{
+	return ((struct mstr){b->len ? b->b : "", (uint32_t)b->len});
+}
+
+/* Call the model (again): the request, the tool rounds so far, the
+ * plugins as tools.  The answer streams to v3_delta and ends in
+ * v3_upstream_done. */
+static void
+v3_round(struct run *r)
+{
+	struct worker *w = r->w;
+	struct buf body = {0};
+	uint64_t now = now_wall_ms();
+
+	r->sent = 0;
+	r->answer_at = 0;
+	if (r->end_ms <= now) {
+		v3_fail(r, 504, 5040, MSTR_LIT("upstream deadline exceeded"));
+		return;
+	}
+	if (buf_add(&body, r->reqhead.b, r->reqhead.len) == -1 ||
+	    worker_upstream_request_tail(&body, buf_mstr(&r->extra),
+	                                 buf_mstr(&r->plugins.tools)) == -1 ||
+	    (r->call = worker_upstream_start_stream(
+	             w->up, r->url, &body, r->head.traceparent,
+	             (int64_t)(r->end_ms - now), v3_delta, v3_upstream_done,
+	             r)) == NULL) {
+		buf_free(&body);
+		log_warnx("%s: cannot start the upstream call", __func__);
+		v3_fail(r, 500, 5000, MSTR_LIT("internal error"));
+	}
+}
+
+/* A message of the chat after the request's (function_call,
+ * tool_response, or the text of a tool round): the next index, stored
+ * with the chat (r->done) and, for a stream, message.completed in sse. */
+static int
+v3_message(struct run *r, struct buf *sse, const char *type,
+           const char *content, size_t len, uint64_t now_s)
+{
+	char id[COZE_ID_LEN + 1];
+	struct coze_msg m = {0};
+
+	coze_msg_id_of(r->chat_id, r->nidx++, id);
+	m.id = MSTR(id);
+	m.conversation_id = r->conv_id;
+	m.bot_id = r->bot_id;
+	m.chat_id = r->chat_id;
+	m.role = MSTR_LIT("assistant");
+	m.type = MSTR(type);
+	m.content = (struct mstr){len ? content : "", (uint32_t)len};
+	m.content_type = MSTR_LIT("text");
+	m.created_at = m.updated_at = now_s;
+	if ((r->done.len > 0 && buf_adds(&r->done, ",") == -1) ||
+	    coze_msg_json(&r->done, &m) == -1)
+		return (-1);
+	if (r->stream &&
+	    coze_sse_msg(sse, "conversation.message.completed", &m) == -1)
+		return (-1);
+	return (0);
+}
+
+static void v3_tools_done(struct run *);
+
+/* A call's result: the plugin's JSON, or {"error": "..."}. */
+static void v3_tool_error(struct tool_call *, const char *fmt, ...)
+        __attribute__((format(printf, 2, 3)));
+
+static void
+v3_tool_error(struct tool_call *tc, const char *fmt, ...)
+{
+	struct buf b = {0};
+	char msg[320];
+	va_list ap;
+
+	va_start(ap, fmt);
+	(void)vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (tc->r->w->m_tool_err != NULL)
+		(*tc->r->w->m_tool_err)++;
+	free(tc->result);
+	tc->result = NULL;
+	tc->result_len = 0;
+	if (buf_adds(&b, "{\"error\":") == 0 &&
+	    buf_add_json_str(&b, msg, strlen(msg)) == 0 &&
+	    buf_adds(&b, "}") == 0) {
+		tc->result = b.b;
+		tc->result_len = b.len;
+	} else
+		buf_free(&b);
+	tc->done = 1;
+}
+
+static void
+v3_tool_done(void *arg, struct upstream_answer *a)
+{
+	struct tool_call *tc = arg;
+	struct run *r = tc->r;
+
+	tc->call = NULL;
+	if (a->status == 200) {
+		tc->result = a->content;
+		tc->result_len = a->content_len;
+		a->content = NULL;
+		tc->done = 1;
+		if (r->w->m_tool_ok != NULL)
+			(*r->w->m_tool_ok)++;
+	} else
+		v3_tool_error(tc, "plugin %s %s", tc->name, a->msg);
+	free(a->content);
+	log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent, r->bot_id,
+	        "plugin %s: %s (%" PRIu64 " us)", tc->name,
+	        a->status == 200 ? "ok" : a->msg, a->elapsed_us);
+	if (--r->tcs_left == 0)
+		v3_tools_done(r);
+}
+
+/* Start one call: its plugin is POSTed the arguments, under the
+ * plugin's timeout and the run's time left; a call that cannot be made
+ * gets its error result at once. */
+static void
+v3_tool_start(struct run *r, struct tool_call *tc)
+{
+	struct worker *w = r->w;
+	const struct plugin *pl;
+	const char *lines[2];
+	struct buf body = {0}, hdrs = {0};
+	uint64_t now = now_wall_ms();
+	int64_t left, timeout;
+	int nh;
+
+	pl = worker_plugin_find(&r->plugins, tc->name, strlen(tc->name));
+	if (pl == NULL) {
+		v3_tool_error(tc, "unknown tool: %s", tc->name);
+		return;
+	}
+	if (!worker_plugin_args_ok(tc->args, strlen(tc->args))) {
+		v3_tool_error(tc,
+		              "invalid arguments for %s: not a JSON object",
+		              tc->name);
+		return;
+	}
+	if (strspn(tc->args, " \t\r\n") == strlen(tc->args))
+		(void)buf_adds(&body, "{}");
+	else
+		(void)buf_adds(&body, tc->args);
+	left = r->end_ms > now ? (int64_t)(r->end_ms - now) : 1;
+	timeout = pl->timeout_ms < left ? pl->timeout_ms : left;
+	if (body.len == 0 ||
+	    (nh = worker_plugin_headers(pl, body.b, body.len, now / 1000,
+	                                &hdrs, lines)) == -1 ||
+	    (tc->call = worker_upstream_post(
+	             w->up, pl->url, &body, r->head.traceparent, lines,
+	             (size_t)nh, timeout, v3_tool_done, tc)) == NULL) {
+		v3_tool_error(tc, "plugin %s internal error", tc->name);
+		buf_free(&body);
+	}
+	buf_free(&hdrs);
+}
+
+/* The model asked for tools: tell the client (function_call messages),
+ * run every call at once, and when all have a result call the model
+ * again with them (v3_tools_done). */
+static void
+v3_tools(struct run *r, struct upstream_answer *a)
+{
+	struct worker *w = r->w;
+	unsigned max =
+	        w->max_tool_rounds ? w->max_tool_rounds : WORKER_TOOL_ROUNDS;
+	uint64_t now_s = now_wall_ms() / 1000;
+	struct buf sse = {0}, calls = {0}, call = {0};
+	char id[COZE_ID_LEN + 1], cid[48];
+	struct coze_msg m;
+
+	if (r->rounds >= max) {
+		v3_end(r, "failed", 502, 5020,
+		       MSTR_LIT("too many tool rounds"), a->content,
+		       a->content_len, r->ptok, r->ctok);
+		return;
+	}
+	r->rounds++;
+	if ((r->tcs = calloc(a->ntools, sizeof(*r->tcs))) == NULL)
+		goto nomem;
+	r->ntcs = a->ntools;
+	/* What the model said before asking: an answer of its own, ended
+	 * here (its deltas went out already). */
+	if (a->content_len > 0) {
+		if (r->stream && a->content_len > r->sent) {
+			v3_answer(r, &m, id, a->content + r->sent,
+			          a->content_len - r->sent, r->answer_at);
+			if (coze_sse_msg(&sse, "conversation.message.delta",
+			                 &m) == -1)
+				goto nomem;
+		}
+		if (v3_message(r, &sse, "answer", a->content, a->content_len,
+		               now_s) == -1)
+			goto nomem;
+	}
+	for (size_t i = 0; i < a->ntools; i++) {
+		struct upstream_tool *t = &a->tools[i];
+		struct tool_call *tc = &r->tcs[i];
+
+		tc->r = r;
+		if (t->id.len > 0)
+			tc->id = mstr_dup(buf_mstr(&t->id));
+		else {
+			(void)snprintf(cid, sizeof(cid), "call_%u_%zu",
+			               r->rounds, i);
+			tc->id = strdup(cid);
+		}
+		tc->name = mstr_dup(buf_mstr(&t->name));
+		tc->args = mstr_dup(buf_mstr(&t->args));
+		if (tc->id == NULL || tc->name == NULL || tc->args == NULL)
+			goto nomem;
+		buf_reset(&call);
+		if (buf_adds(&call, "{\"id\":") == -1 ||
+		    buf_add_json_str(&call, tc->id, strlen(tc->id)) == -1 ||
+		    buf_adds(&call, ",\"type\":\"function\",\"function\":"
+		                    "{\"name\":") == -1 ||
+		    buf_add_json_str(&call, tc->name, strlen(tc->name)) ==
+		            -1 ||
+		    buf_adds(&call, ",\"arguments\":") == -1 ||
+		    buf_add_json_str(&call, tc->args, strlen(tc->args)) ==
+		            -1 ||
+		    buf_adds(&call, "}}") == -1)
+			goto nomem;
+		if ((i > 0 && buf_adds(&calls, ",") == -1) ||
+		    buf_add(&calls, call.b, call.len) == -1 ||
+		    v3_message(r, &sse, "function_call", call.b, call.len,
+		               now_s) == -1)
+			goto nomem;
+	}
+	/* The model sees its own calls again next round. */
+	if ((r->extra.len > 0 && buf_adds(&r->extra, ",") == -1) ||
+	    buf_adds(&r->extra, "{\"role\":\"assistant\",\"content\":") ==
+	            -1 ||
+	    (a->content_len > 0
+	             ? buf_add_json_str(&r->extra, a->content, a->content_len)
+	             : buf_adds(&r->extra, "null")) == -1 ||
+	    buf_adds(&r->extra, ",\"tool_calls\":[") == -1 ||
+	    buf_add(&r->extra, calls.b, calls.len) == -1 ||
+	    buf_adds(&r->extra, "]}") == -1)
+		goto nomem;
+	v3_emit(r, &sse);
+	r->sent = 0;
+	buf_free(&sse);
+	buf_free(&calls);
+	buf_free(&call);
+	r->tcs_left = r->ntcs;
+	for (size_t i = 0; i < r->ntcs; i++)
+		if (r->tcs[i].call == NULL) {
+			v3_tool_start(r, &r->tcs[i]);
+			if (r->tcs[i].done)
+				r->tcs_left--;
+		}
+	if (r->tcs_left == 0)
+		v3_tools_done(r);
+	return;
+nomem:
+	buf_free(&sse);
+	buf_free(&calls);
+	buf_free(&call);
+	log_warnx("%s: out of memory", __func__);
+	v3_fail(r, 500, 5000, MSTR_LIT("internal error"));
+}
+
+/* Every call of the round has its result: tell the client
+ * (tool_response messages, in the calls' order) and call the model. */
+static void
+v3_tools_done(struct run *r)
+{
+	uint64_t now_s = now_wall_ms() / 1000;
+	struct buf sse = {0};
+	static const char nomem_result[] = "{\"error\":\"out of memory\"}";
+
+	for (size_t i = 0; i < r->ntcs; i++) {
+		struct tool_call *tc = &r->tcs[i];
+		const char *res = tc->result ? tc->result : nomem_result;
+		size_t rlen =
+		        tc->result ? tc->result_len : sizeof(nomem_result) - 1;
+
+		if (v3_message(r, &sse, "tool_response", res, rlen, now_s) ==
+		            -1 ||
+		    buf_adds(&r->extra,
+		             ",{\"role\":\"tool\",\"tool_call_id\":") == -1 ||
+		    buf_add_json_str(&r->extra, tc->id, strlen(tc->id)) ==
+		            -1 ||
+		    buf_adds(&r->extra, ",\"content\":") == -1 ||
+		    buf_add_json_str(&r->extra, res, rlen) == -1 ||
+		    buf_adds(&r->extra, "}") == -1) {
+			buf_free(&sse);
+			log_warnx("%s: out of memory", __func__);
+			tools_free(r);
+			v3_fail(r, 500, 5000, MSTR_LIT("internal error"));
+			return;
+		}
+	}
+	v3_emit(r, &sse);
+	buf_free(&sse);
+	tools_free(r);
+	v3_round(r);
 }
 
 static void
 v3_ctx(struct run *r, const struct ctx_reply *c)
 {
 	struct worker *w = r->w;
-	struct buf url = {0}, body = {0};
+	struct buf url = {0};
 	uint64_t now = now_wall_ms(), total, first;
+	size_t skipped = 0;
 
 	r->announced = 1;
 	r->created_at = c->created_at ? c->created_at : now / 1000;
@@ -864,17 +1254,24 @@ v3_ctx(struct run *r, const struct ctx_reply *c)
 		}
 		loop_timer_set(r->first_timer, (int64_t)first);
 	}
-	if (worker_upstream_request_stream(&body, c->model, c->system_prompt,
-	                                   c->context, r->messages,
-	                                   r->query) == -1 ||
-	    (r->call = worker_upstream_start_stream(
-	             w->up, r->url, &body, r->head.traceparent,
-	             (int64_t)(r->end_ms - now), v3_delta, v3_upstream_done,
-	             r)) == NULL) {
-		buf_free(&body);
-		log_warnx("%s: cannot start the upstream call", __func__);
+	if (worker_plugin_parse(&r->plugins, c->plugins,
+	                        w->plugin_timeout_ms ? w->plugin_timeout_ms
+	                                             : WORKER_PLUGIN_MS,
+	                        &skipped) == -1 ||
+	    worker_upstream_request_head(&r->reqhead, c->model,
+	                                 c->system_prompt, c->context,
+	                                 r->messages, r->query) == -1) {
+		log_warnx("%s: out of memory", __func__);
 		v3_fail(r, 500, 5000, MSTR_LIT("internal error"));
+		return;
 	}
+	if (skipped > 0 && worker_warn_ok(w))
+		log_req(LOG_L_WARN, r->head.reqid, r->head.traceparent,
+		        r->bot_id,
+		        "%zu plugin(s) of the bot not usable, left "
+		        "out",
+		        skipped);
+	v3_round(r);
 }
 
 /* The final events of a stream: the unsent end of the answer, the whole
@@ -886,6 +1283,9 @@ v3_final_sse(struct run *r, struct buf *b, const struct coze_chat *c,
 	char id[COZE_ID_LEN + 1], event[64];
 	struct coze_msg m;
 
+	if (r->pending.len > 0 &&
+	    buf_add(b, r->pending.b, r->pending.len) == -1)
+		return (-1);
 	if (len > r->sent) {
 		v3_answer(r, &m, id, content + r->sent, len - r->sent,
 		          r->answer_at);
@@ -937,6 +1337,9 @@ v3_end(struct run *r, const char *status, uint64_t http, int64_t code,
 	 * there is one (a failed or canceled chat keeps what came). */
 	if (buf_adds(&msgs, "[") == -1 ||
 	    v3_messages(r, &msgs, r->created_at) == UINT_MAX)
+		goto nomem;
+	if (r->done.len > 0 && (buf_adds(&msgs, ",") == -1 ||
+	                        buf_add(&msgs, r->done.b, r->done.len) == -1))
 		goto nomem;
 	if (completed || len > 0) {
 		v3_answer(r, &m, id, content, len, now_s);
@@ -1069,7 +1472,8 @@ worker_run_cancel(struct worker *w, const struct msg *m,
 	}
 	if (r->call != NULL)
 		content = worker_upstream_content(r->call, &len);
-	v3_end(r, "canceled", 499, 0, MSTR_NULL, content, len, 0, 0);
+	v3_end(r, "canceled", 499, 0, MSTR_NULL, content, len, r->ptok,
+	       r->ctok);
 }
 
 void

@@ -2,11 +2,13 @@
 /*
  * worker_upstream: calls a bot's OpenAI-compatible upstream
  * (POST <base>/v1/chat/completions, "stream": false for v1, "stream": true
- * for v3) with libcurl's multi interface on the worker's own loop, and
- * turns whatever happened into the answer the client gets (PRODUCT.md §2
- * codes).  A stream is read as server-sent events while it arrives; the
- * content it added in one loop turn goes to the caller after
- * socket_action returns (never from inside curl), before any completion.
+ * for v3) and its plugins (a plain JSON POST per tool call) with libcurl's
+ * multi interface on the worker's own loop, and turns whatever happened
+ * into the answer the client gets (PRODUCT.md §2 codes).  A stream is
+ * read as server-sent events while it arrives; the content it added in
+ * one loop turn goes to the caller after socket_action returns (never
+ * from inside curl), before any completion.  Its delta.tool_calls pieces
+ * are joined by index for the caller.
  *
  * The loop drives curl the way curl's ephiperfifo example does, with the
  * rules of PITFALLS.md: CURLMOPT_SOCKETFUNCTION maps onto loop_fd_*,
@@ -65,9 +67,11 @@ struct upstream_call {
 	void *arg;
 	/* Streams: the parser, content not yet given to delta_cb. */
 	int stream;
+	int post;    /* a plugin call: plain answer, checked as JSON */
 	int pending; /* on up->pending */
 	long http;   /* the answer's status, once known (streams) */
 	size_t delivered;
+	unsigned pdelivered; /* sse.progress given to delta_cb */
 	upstream_delta_cb delta_cb;
 	TAILQ_ENTRY(upstream_call) pentry;
 	struct upstream_sse sse;
@@ -75,6 +79,11 @@ struct upstream_call {
 	 * at the shared headers, so a call allocates no header list. */
 	struct curl_slist tp_node;
 	char tp_hdr[80];
+	/* Plugin calls: their own header lines, nodes in front of the
+	 * shared ones (xhdr holds the strings). */
+	struct curl_slist *xnodes;
+	size_t nx;
+	char *xhdr;
 	char url[];
 };
 
@@ -264,9 +273,9 @@ request_msgs(struct buf *out, struct mstr messages)
 }
 
 int
-worker_upstream_request_stream(struct buf *out, struct mstr model,
-                               struct mstr system_prompt, struct mstr context,
-                               struct mstr messages, struct mstr query)
+worker_upstream_request_head(struct buf *out, struct mstr model,
+                             struct mstr system_prompt, struct mstr context,
+                             struct mstr messages, struct mstr query)
 {
 	int n;
 
@@ -278,8 +287,34 @@ worker_upstream_request_stream(struct buf *out, struct mstr model,
 		return (-1);
 	if (n == 0 && request_msg(out, "user", 4, query.p, query.n) == -1)
 		return (-1);
-	return (buf_adds(out, "],\"stream\":true,"
+	return (0);
+}
+
+int
+worker_upstream_request_tail(struct buf *out, struct mstr extra,
+                             struct mstr tools)
+{
+	if (extra.n > 0 &&
+	    (buf_adds(out, ",") == -1 || buf_add(out, extra.p, extra.n) == -1))
+		return (-1);
+	if (buf_adds(out, "]") == -1)
+		return (-1);
+	if (tools.n > 0 && (buf_adds(out, ",\"tools\":") == -1 ||
+	                    buf_add(out, tools.p, tools.n) == -1))
+		return (-1);
+	return (buf_adds(out, ",\"stream\":true,"
 	                      "\"stream_options\":{\"include_usage\":true}}"));
+}
+
+int
+worker_upstream_request_stream(struct buf *out, struct mstr model,
+                               struct mstr system_prompt, struct mstr context,
+                               struct mstr messages, struct mstr query)
+{
+	if (worker_upstream_request_head(out, model, system_prompt, context,
+	                                 messages, query) == -1)
+		return (-1);
+	return (worker_upstream_request_tail(out, MSTR_NULL, MSTR_NULL));
 }
 
 uint64_t
@@ -373,6 +408,14 @@ done:
 	return (rc);
 }
 
+static void
+answer_reset_err(struct upstream_answer *a, long http)
+{
+	memset(a, 0, sizeof(*a));
+	a->status = 200;
+	a->http_status = http;
+}
+
 /* The errors that do not depend on the body: 1 if a decided a, else 0. */
 static int
 classify_transport(struct upstream_answer *a, CURLcode rc, long http,
@@ -386,6 +429,8 @@ classify_transport(struct upstream_answer *a, CURLcode rc, long http,
 	a->content_len = 0;
 	a->prompt_tokens = a->completion_tokens = 0;
 	a->http_status = http;
+	a->tools = NULL;
+	a->ntools = 0;
 
 	if (toobig || rc == CURLE_FILESIZE_EXCEEDED) {
 		answer_error(a, 502, 5020, "upstream answer too large");
@@ -456,6 +501,72 @@ sse_fail(int *flag)
 	return (-1);
 }
 
+/* Append the string v (if it is one) to b, within the stream's cap. */
+static int
+sse_tool_add(struct upstream_sse *s, struct buf *b, const cJSON *v)
+{
+	size_t n;
+
+	if (!cJSON_IsString(v) || (n = strlen(v->valuestring)) == 0)
+		return (0);
+	if (b->len + n > sse_max(s))
+		return (sse_fail(&s->toobig));
+	if (buf_add(b, v->valuestring, n) == -1)
+		return (sse_fail(&s->nomem));
+	return (0);
+}
+
+/* delta.tool_calls: each item's id, function.name and
+ * function.arguments pieces are joined by its index (its place in the
+ * array when it has none). */
+static int
+sse_tools(struct upstream_sse *s, const cJSON *calls)
+{
+	const cJSON *tc, *idx, *fn;
+	struct upstream_tool *t;
+	size_t i = 0, k;
+
+	if (!cJSON_IsArray(calls))
+		return (0);
+	cJSON_ArrayForEach(tc, calls)
+	{
+		idx = cJSON_GetObjectItemCaseSensitive(tc, "index");
+		k = i++;
+		if (cJSON_IsNumber(idx)) {
+			if (!(idx->valuedouble >= 0) ||
+			    idx->valuedouble >= UPSTREAM_TOOLS_MAX)
+				return (sse_fail(&s->bad));
+			k = (size_t)idx->valuedouble;
+		}
+		if (k >= UPSTREAM_TOOLS_MAX || !cJSON_IsObject(tc))
+			return (sse_fail(&s->bad));
+		if (s->tools == NULL &&
+		    (s->tools = calloc(UPSTREAM_TOOLS_MAX,
+		                       sizeof(*s->tools))) == NULL)
+			return (sse_fail(&s->nomem));
+		if (k >= s->ntools)
+			s->ntools = k + 1;
+		t = &s->tools[k];
+		fn = cJSON_GetObjectItemCaseSensitive(tc, "function");
+		/* OpenAI sends the id once; a server that repeats it must
+		 * not make it grow. */
+		if (t->id.len == 0 &&
+		    sse_tool_add(s, &t->id,
+		                 cJSON_GetObjectItemCaseSensitive(tc, "id")) ==
+		            -1)
+			return (-1);
+		if (sse_tool_add(s, &t->name,
+		                 cJSON_GetObjectItemCaseSensitive(
+		                         fn, "name")) == -1 ||
+		    sse_tool_add(s, &t->args,
+		                 cJSON_GetObjectItemCaseSensitive(
+		                         fn, "arguments")) == -1)
+			return (-1);
+		s->progress++;
+	}
+	return (0);
+}
+
 /* One event's data (NUL-terminated in s->data). */
 static int
 sse_event(struct upstream_sse *s)
@@ -508,6 +619,13 @@ sse_event(struct upstream_sse *s)
 			cJSON_Delete(root);
 			return (sse_fail(&s->nomem));
 		}
+	}
+	if (cJSON_IsString(content) && content->valuestring[0] != '\0')
+		s->progress++;
+	if (sse_tools(s, cJSON_GetObjectItemCaseSensitive(
+	                         delta, "tool_calls")) == -1) {
+		cJSON_Delete(root);
+		return (-1);
 	}
 	fin = cJSON_GetObjectItemCaseSensitive(choice, "finish_reason");
 	if (cJSON_IsString(fin))
@@ -612,11 +730,27 @@ worker_upstream_sse_end(struct upstream_sse *s)
 }
 
 void
+worker_upstream_tools_free(struct upstream_tool *t, size_t n)
+{
+	if (t == NULL)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		buf_free(&t[i].id);
+		buf_free(&t[i].name);
+		buf_free(&t[i].args);
+	}
+	free(t);
+}
+
+void
 worker_upstream_sse_free(struct upstream_sse *s)
 {
 	buf_free(&s->line);
 	buf_free(&s->data);
 	buf_free(&s->content);
+	worker_upstream_tools_free(s->tools, UPSTREAM_TOOLS_MAX);
+	s->tools = NULL;
+	s->ntools = 0;
 }
 
 /* Classify a finished stream; a->content takes s->content (so it is set
@@ -652,6 +786,42 @@ classify_stream(struct upstream_answer *a, CURLcode rc, long http,
 		a->content = s->content.b;
 		a->content_len = s->content.len - 1;
 		memset(&s->content, 0, sizeof(s->content));
+	}
+	if (a->status == 200 && s->ntools > 0) {
+		a->tools = s->tools;
+		a->ntools = s->ntools;
+		s->tools = NULL;
+		s->ntools = 0;
+	}
+}
+
+/* Classify a finished plugin call; a->content takes the body on
+ * success. */
+static void
+classify_post(struct upstream_answer *a, CURLcode rc, long http, int toobig,
+              struct buf *body)
+{
+	cJSON *j;
+
+	answer_reset_err(a, http);
+	if (toobig || rc == CURLE_FILESIZE_EXCEEDED)
+		answer_error(a, 502, 5020, "answer too large");
+	else if (rc == CURLE_OPERATION_TIMEDOUT)
+		answer_error(a, 504, 5040, "timed out");
+	else if (rc != CURLE_OK)
+		answer_error(a, 502, 5020, "unreachable: %s",
+		             curl_easy_strerror(rc));
+	else if (http < 200 || http > 299)
+		answer_error(a, 502, 5020, "answered status %ld", http);
+	else if (buf_add(body, "", 1) == -1)
+		answer_error(a, 500, 5000, "internal error");
+	else if ((j = cJSON_ParseWithOpts(body->b, NULL, 1)) == NULL)
+		answer_error(a, 502, 5020, "answered invalid JSON");
+	else {
+		cJSON_Delete(j);
+		a->content = body->b;
+		a->content_len = body->len - 1;
+		memset(body, 0, sizeof(*body));
 	}
 }
 
@@ -776,7 +946,9 @@ up_write_stream(char *p, size_t size, size_t n, void *arg)
 		return (up_write(p, size, n, arg));
 	if (worker_upstream_sse_feed(&c->sse, p, len) == -1)
 		return (0);
-	if (c->sse.content.len > c->delivered && !c->pending) {
+	if ((c->sse.content.len > c->delivered ||
+	     c->sse.progress != c->pdelivered) &&
+	    !c->pending) {
 		c->pending = 1;
 		TAILQ_INSERT_TAIL(&c->up->pending, c, pentry);
 	}
@@ -796,6 +968,7 @@ up_flush(struct upstream *up)
 		c->pending = 0;
 		len = c->sse.content.len;
 		c->delivered = len;
+		c->pdelivered = c->sse.progress;
 		c->delta_cb(c->arg, c->sse.content.b, len);
 	}
 }
@@ -922,6 +1095,8 @@ call_free(struct upstream_call *c)
 	worker_upstream_sse_free(&c->sse);
 	buf_free(&c->req);
 	buf_free(&c->resp);
+	free(c->xnodes);
+	free(c->xhdr);
 	free(c);
 }
 
@@ -957,6 +1132,10 @@ call_activate(struct upstream *up, struct upstream_call *c)
 	if (c->tp_node.data != NULL) {
 		c->tp_node.next = headers;
 		headers = &c->tp_node;
+	}
+	for (size_t i = c->nx; i > 0; i--) {
+		c->xnodes[i - 1].next = headers;
+		headers = &c->xnodes[i - 1];
 	}
 	if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK ||
 	    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE,
@@ -1048,8 +1227,9 @@ up_deferred(struct loop *l, void *arg)
 		up->ncalls--;
 		answer_reset(&a);
 		if (c->defer_status == 504)
-			answer_error(&a, 504, 5040,
-			             "upstream deadline exceeded");
+			answer_error(&a, 504, 5040, "%s",
+			             c->post ? "timed out"
+			                     : "upstream deadline exceeded");
 		else
 			answer_error(&a, 500, 5000, "internal error");
 		a.elapsed_us = (now_mono_ns() - c->start_ns) / 1000;
@@ -1078,7 +1258,9 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 		if (c->http == 0)
 			c->http = http;
 		classify_stream(&a, rc, http, retry_after, &c->sse);
-	} else if (buf_reserve(&c->resp, 1) == 0) {
+	} else if (c->post)
+		classify_post(&a, rc, http, c->toobig, &c->resp);
+	else if (buf_reserve(&c->resp, 1) == 0) {
 		c->resp.b[c->resp.len] = '\0';
 		(void)worker_upstream_classify(&a, rc, http, retry_after,
 		                               c->toobig, c->resp.b,
@@ -1133,10 +1315,18 @@ traceparent_ok(struct mstr tp)
 	return (1);
 }
 
+/* Extra header lines of a plugin call (taken by the call on success). */
+struct call_hdrs {
+	struct curl_slist *nodes;
+	size_t n;
+	char *text;
+};
+
 static struct upstream_call *
 call_start(struct upstream *up, const char *url, struct buf *body,
            struct mstr traceparent, int64_t timeout_ms,
-           upstream_delta_cb delta_cb, upstream_done_cb cb, void *arg)
+           upstream_delta_cb delta_cb, upstream_done_cb cb, void *arg,
+           const struct call_hdrs *post)
 {
 	size_t ulen = strlen(url);
 	struct upstream_call *c;
@@ -1155,6 +1345,12 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 	c->arg = arg;
 	c->delta_cb = delta_cb;
 	c->stream = delta_cb != NULL;
+	if (post != NULL) {
+		c->post = 1;
+		c->xnodes = post->nodes;
+		c->nx = post->n;
+		c->xhdr = post->text;
+	}
 	c->sse.max = up->conf.max_body;
 	c->start_ns = now_mono_ns();
 	c->deadline_ms =
@@ -1172,7 +1368,7 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 		if (call_activate(up, c) == -1) {
 			c->req = (struct buf){0}; /* the caller's again */
 			host_release(up, hs);
-			free(c);
+			free(c); /* the headers are the caller's again */
 			return (NULL);
 		}
 	} else {
@@ -1192,7 +1388,7 @@ worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
                       upstream_done_cb cb, void *arg)
 {
 	return (call_start(up, url, body, traceparent, timeout_ms, NULL, cb,
-	                   arg));
+	                   arg, NULL));
 }
 
 struct upstream_call *
@@ -1204,7 +1400,7 @@ worker_upstream_start_stream(struct upstream *up, const char *url,
 	if (delta_cb == NULL)
 		return (NULL);
 	return (call_start(up, url, body, traceparent, timeout_ms, delta_cb,
-	                   cb, arg));
+	                   cb, arg, NULL));
 }
 
 void
@@ -1231,6 +1427,45 @@ worker_upstream_cancel(struct upstream_call *c)
 		TAILQ_REMOVE(&up->pending, c, pentry);
 	up->ncalls--;
 	call_free(c);
+}
+
+struct upstream_call *
+worker_upstream_post(struct upstream *up, const char *url, struct buf *body,
+                     struct mstr traceparent, const char *const *headers,
+                     size_t nheaders, int64_t timeout_ms, upstream_done_cb cb,
+                     void *arg)
+{
+	struct curl_slist *nodes = NULL;
+	struct upstream_call *c;
+	struct call_hdrs h;
+	size_t len = 0, off = 0;
+	char *hdr = NULL;
+
+	for (size_t i = 0; i < nheaders; i++)
+		len += strlen(headers[i]) + 1;
+	if (nheaders > 0 &&
+	    ((nodes = calloc(nheaders, sizeof(*nodes))) == NULL ||
+	     (hdr = malloc(len)) == NULL)) {
+		free(nodes);
+		return (NULL);
+	}
+	for (size_t i = 0; i < nheaders; i++) {
+		size_t n = strlen(headers[i]) + 1;
+
+		memcpy(hdr + off, headers[i], n);
+		nodes[i].data = hdr + off;
+		off += n;
+	}
+	h.nodes = nodes;
+	h.n = nheaders;
+	h.text = hdr;
+	c = call_start(up, url, body, traceparent, timeout_ms, NULL, cb, arg,
+	               &h);
+	if (c == NULL) {
+		free(nodes);
+		free(hdr);
+	}
+	return (c);
 }
 
 const char *

@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * worker_upstream: the worker's HTTP client for OpenAI-compatible LLM
- * upstreams.  Pure parts (the URL, the request JSON, reading and
- * classifying an answer) and a libcurl multi handle driven by the
- * worker's common/loop.h loop: many calls at once on one thread, each
- * bounded by its run's deadline, connections kept alive and reused.
+ * upstreams and for the bots' plugins.  Pure parts (the URL, the
+ * request JSON, reading and classifying an answer) and a libcurl multi
+ * handle driven by the worker's common/loop.h loop: many calls at once on
+ * one thread, each bounded by its run's deadline, connections kept alive
+ * and reused.
  *
  * Called by worker_run.c (and the unit tests).  Runs on the loop thread
  * only; never blocks, never logs (a failure becomes an answer the caller
@@ -24,6 +25,15 @@
 struct upstream;
 struct upstream_call;
 
+#define UPSTREAM_TOOLS_MAX 32 /* tool calls in one streamed answer */
+
+/* One tool call of a streamed answer, its pieces joined (by index). */
+struct upstream_tool {
+	struct buf id;
+	struct buf name;
+	struct buf args; /* the arguments JSON text, as the model sent it */
+};
+
 /* What a call gave, as the client should see it. */
 struct upstream_answer {
 	uint64_t status;      /* 200, or 502, 503, 504 */
@@ -36,6 +46,10 @@ struct upstream_answer {
 	uint64_t completion_tokens;
 	long http_status;    /* the upstream's HTTP status, 0: none */
 	uint64_t elapsed_us; /* time the call took */
+	/* Streams: the tool calls the model asked for (malloc, the callee
+	 * frees them with worker_upstream_tools_free), on success only. */
+	struct upstream_tool *tools;
+	size_t ntools;
 };
 
 /* Called once per started call with its answer; the callee owns
@@ -60,6 +74,22 @@ int worker_upstream_request(struct buf *out, struct mstr model,
                             struct mstr system_prompt, struct mstr context,
                             struct mstr query);
 
+/* Append the start of a streaming request (v3): {"model", "messages": [
+ * the system prompt (left out if empty), the context verbatim, then each
+ * {role, content} of messages (a JSON array of message objects as the
+ * edge normalised them; if it holds none, one user message with query),
+ * without the closing bracket: worker_upstream_request_tail ends it. */
+int worker_upstream_request_head(struct buf *out, struct mstr model,
+                                 struct mstr system_prompt,
+                                 struct mstr context, struct mstr messages,
+                                 struct mstr query);
+/* End a request started by worker_upstream_request_head: the messages
+ * in extra (comma-joined JSON objects, may be empty), "tools" (a JSON
+ * array, left out if empty), "stream": true with "stream_options":
+ * {"include_usage": true}. */
+int worker_upstream_request_tail(struct buf *out, struct mstr extra,
+                                 struct mstr tools);
+
 /* Append the request JSON of a streaming call (v3): model, the system
  * prompt (left out if empty), the context verbatim, then each {role,
  * content} of messages (a JSON array of message objects as the edge
@@ -81,13 +111,16 @@ struct upstream_sse {
 	size_t max;         /* content and line cap (0: 4 MiB) */
 	uint64_t prompt_tokens;
 	uint64_t completion_tokens;
-	unsigned events; /* JSON chunks read */
-	int cr;          /* the last byte fed was a CR */
-	int has_data;    /* the event has a data: field */
-	int done;        /* data: [DONE] seen */
-	int finished;    /* a finish_reason seen */
-	int bad;         /* a chunk that is not JSON, or an error object */
-	int toobig;      /* content or a line went over max */
+	unsigned events;   /* JSON chunks read */
+	int cr;            /* the last byte fed was a CR */
+	int has_data;      /* the event has a data: field */
+	int done;          /* data: [DONE] seen */
+	int finished;      /* a finish_reason seen */
+	int bad;           /* a chunk that is not JSON, or an error object */
+	unsigned progress; /* chunks that brought content or tool calls */
+	struct upstream_tool *tools; /* delta.tool_calls joined by index */
+	size_t ntools;               /* 1 + the highest index seen */
+	int toobig;                  /* content or a line went over max */
 	int nomem;
 	char error[120]; /* the upstream's own error message, if it sent one */
 };
@@ -98,6 +131,8 @@ int worker_upstream_sse_feed(struct upstream_sse *, const char *p, size_t n);
 /* The stream ended: read what is left without a final blank line. */
 int worker_upstream_sse_end(struct upstream_sse *);
 void worker_upstream_sse_free(struct upstream_sse *);
+/* Free n tool calls (an answer's tools). */
+void worker_upstream_tools_free(struct upstream_tool *, size_t n);
 
 /* Classify a finished call into a (status, code, msg) and, for a 2xx
  * JSON answer, its content and usage.  body must be NUL-terminated at
@@ -129,9 +164,9 @@ struct upstream_call *worker_upstream_start(struct upstream *, const char *url,
                                             int64_t timeout_ms,
                                             upstream_done_cb cb, void *arg);
 /* Called (from the loop, never inside libcurl) when a streaming call got
- * new content: content/len is everything so far (valid until the
- * callback returns or cancels the call).  What arrived in one loop turn
- * comes in one call.  The callee may cancel the call. */
+ * new content or tool call pieces: content/len is everything so far (valid
+ * until the callback returns or cancels the call).  What arrived in one loop
+ * turn comes in one call.  The callee may cancel the call. */
 typedef void (*upstream_delta_cb)(void *arg, const char *content, size_t len);
 
 /* As worker_upstream_start, for a body asking "stream": true: the answer
@@ -146,6 +181,20 @@ worker_upstream_start_stream(struct upstream *, const char *url,
                              struct buf *body, struct mstr traceparent,
                              int64_t timeout_ms, upstream_delta_cb,
                              upstream_done_cb, void *arg);
+/* POST body (taken) to url (a plugin) with Content-Type and Accept
+ * application/json, traceparent and the nheaders extra header lines
+ * (copied; no CR or LF in them), within timeout_ms.  The answer: status
+ * 200 with the body as content (NUL-terminated) when the call succeeded
+ * with a 2xx whose body is JSON; otherwise 502 or 504 with msg one of
+ * "timed out", "answered status N", "answered invalid JSON",
+ * "unreachable: <curl's text>", "answer too large", "internal error".
+ * NULL on failure (nothing started, body left with the caller). */
+struct upstream_call *worker_upstream_post(struct upstream *, const char *url,
+                                           struct buf *body,
+                                           struct mstr traceparent,
+                                           const char *const *headers,
+                                           size_t nheaders, int64_t timeout_ms,
+                                           upstream_done_cb, void *arg);
 /* The content a streaming call has received so far (NULL and 0 for
  * none, or for a call that is not a stream); valid until the next loop
  * turn or the call's end. */

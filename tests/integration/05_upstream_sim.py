@@ -427,7 +427,9 @@ def test_directive_tool_calls():
     args = json.loads(calls[0]["function"]["arguments"])
     eq(args, {"query": "look it up [sim:tool=search][sim:tool=calc]"},
        "arguments")
-    # the tool result comes back: a normal answer that counts it
+    # the tool result comes back: a normal answer that shows the results
+    # (JSON ones parsed) and the user's query, even though that query
+    # still asks for the tool
     msgs = [{"role": "user", "content": "look [sim:tool=search]"},
             {"role": "assistant", "content": None, "tool_calls": calls[:1]},
             {"role": "tool", "tool_call_id": calls[0]["id"],
@@ -435,8 +437,10 @@ def test_directive_tool_calls():
     r = s.req("POST", CHAT, {"model": "m-test", "messages": msgs,
                              "tools": tools})
     eq(r.json["choices"][0]["message"]["content"],
-       "sim: messages=3 system=0 context=2 model=m-test query=result 42",
+       'sim: messages=3 system=0 context=2 model=m-test tools=1 '
+       'tool_results=["result 42"] query=look [sim:tool=search]',
        "answer after the tool result")
+    eq(r.json["choices"][0]["finish_reason"], "stop", "follow-up finish")
     # streamed tool call
     r = s.chat("x [sim:tool=search]", stream=True, tools=tools)
     chunks = chunks_of(sse_events(r.body))
@@ -450,6 +454,147 @@ def test_directive_tool_calls():
        "streamed arguments")
     eq(chunks[-1]["choices"][0]["finish_reason"], "tool_calls",
        "streamed finish_reason")
+
+
+def test_tool_rounds_and_results():
+    s = sim()
+    q = "w [sim:tool=a][sim:tool-rounds=2]"
+    r = s.chat(q)
+    calls = r.json["choices"][0]["message"]["tool_calls"]
+    msgs = [{"role": "user", "content": q},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": calls[0]["id"],
+             "content": '{"result": {"x": 1}, "plugin": "a"}'}]
+    # round 1 of 2 done: it asks again
+    r = s.req("POST", CHAT, {"model": "m", "messages": msgs})
+    eq(r.json["choices"][0]["finish_reason"], "tool_calls", "second ask")
+    msgs += [{"role": "assistant", "content": None,
+              "tool_calls": r.json["choices"][0]["message"]["tool_calls"]},
+             {"role": "tool", "tool_call_id": "c2", "content": "[1]"}]
+    r = s.req("POST", CHAT, {"model": "m", "messages": msgs,
+                             "stream": True})
+    text = "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in chunks_of(sse_events(r.body))
+                   if c["choices"])
+    eq(text, 'sim: messages=5 system=0 context=4 model=m tools=2 '
+       'tool_results=[{"result":{"x":1},"plugin":"a"},[1]] query=' + q,
+       "answer after two rounds")
+    # [sim:badargs]: arguments that are not JSON
+    r = s.chat("x [sim:tool=a][sim:badargs]")
+    args = r.json["choices"][0]["message"]["tool_calls"][0]["function"][
+        "arguments"]
+    try:
+        json.loads(args)
+        raise Failure("badargs gave JSON arguments: %r" % args)
+    except ValueError:
+        pass
+
+
+def plugin_post(s, name, body, headers=None, timeout=10):
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    return s.req("POST", "/plugin/" + name,
+                 body if isinstance(body, (bytes, str)) else body, h,
+                 timeout)
+
+
+def plugin_stats(s, name):
+    return s.stats().get("plugins", {}).get(name, {})
+
+
+def test_plugin_endpoint():
+    s = Sim()
+    try:
+        r = plugin_post(s, "echo", {"city": "Paris", "n": [1, 2]})
+        eq(r.status, 200, "plugin status")
+        eq(r.json, {"result": {"city": "Paris", "n": [1, 2]},
+                    "plugin": "echo"}, "plugin answer")
+        r = plugin_post(s, "echo", {"q": "[plugin:status=503]"})
+        eq(r.status, 503, "[plugin:status]")
+        check("error" in r.json, "error JSON: %r" % r.json)
+        r = plugin_post(s, "echo", {"q": "[plugin:garbage]"})
+        eq(r.status, 200, "[plugin:garbage] status")
+        try:
+            json.loads(r.body)
+            raise Failure("garbage was JSON")
+        except ValueError:
+            pass
+        # a directive for another plugin does not apply
+        r = plugin_post(s, "echo", {"q": "[plugin:other:status=500]"})
+        eq(r.status, 200, "another plugin's directive")
+        r = plugin_post(s, "other", {"q": "[plugin:other:status=500]"})
+        eq(r.status, 500, "its own directive")
+        r = plugin_post(s, "echo", "{not json")
+        eq(r.status, 400, "body not JSON")
+        eq(s.req("GET", "/plugin/echo").status, 405, "GET a plugin")
+        t0 = time.monotonic()
+        r = plugin_post(s, "slow", {"q": "[plugin:delay=300]"})
+        dt = time.monotonic() - t0
+        eq(r.status, 200, "delayed plugin")
+        check(0.28 <= dt < 2, "delay 300 ms took %.2fs" % dt)
+        st = s.stats()
+        eq(st["plugins"]["echo"]["requests"], 5, "echo requests")
+        eq(st["plugins"]["echo"]["by_status"],
+           {"200": 3, "400": 1, "503": 1}, "echo by_status")
+        eq(st["requests"], 0, "plugin calls are not chat requests")
+        eq(st["by_status"], {}, "nor in the chat by_status")
+        # a client that leaves a delayed plugin: counted at once
+        b = json.dumps({"q": "[plugin:delay=5000]"}).encode()
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        c.sendall(b"POST /plugin/gone HTTP/1.1\r\nHost: s\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(b) + b)
+        time.sleep(0.2)
+        eq(s.stats()["plugin_in_flight"], 1, "in flight")
+        c.close()
+        end = time.monotonic() + 1
+        while time.monotonic() < end and \
+                plugin_stats(s, "gone").get("aborted") != 1:
+            time.sleep(0.05)
+        eq(plugin_stats(s, "gone").get("aborted"), 1, "aborted plugin")
+        eq(s.stats()["plugin_in_flight"], 0, "none in flight")
+        s.reset()
+        eq(s.stats()["plugins"], {}, "reset clears plugins")
+    finally:
+        s.stop()
+
+
+def test_plugin_secret():
+    import hashlib
+    import hmac
+    s = Sim("--plugin-secret", "s3cr3t")
+    try:
+        body = b'{"a":1}'
+        eq(plugin_post(s, "p", body).status, 401, "no auth")
+        eq(plugin_post(s, "p", body,
+                       {"Authorization": "Bearer nope"}).status, 401,
+           "wrong token")
+        eq(plugin_post(s, "p", body,
+                       {"Authorization": "Bearer s3cr3t"}).status, 200,
+           "token")
+        ts = str(int(time.time()))
+        sig = hmac.new(b"s3cr3t", ts.encode() + b"." + body,
+                       hashlib.sha256).hexdigest()
+        r = plugin_post(s, "p", body, {"X-Troupe-Timestamp": ts,
+                                       "X-Troupe-Signature":
+                                       "sha256=" + sig})
+        eq(r.status, 200, "hmac")
+        eq(r.json["result"], {"a": 1}, "hmac echo")
+        eq(plugin_post(s, "p", b'{"a":2}',
+                       {"X-Troupe-Timestamp": ts,
+                        "X-Troupe-Signature": "sha256=" + sig}).status,
+           401, "hmac of another body")
+        old = str(int(time.time()) - 3600)
+        sig = hmac.new(b"s3cr3t", old.encode() + b"." + body,
+                       hashlib.sha256).hexdigest()
+        eq(plugin_post(s, "p", body, {"X-Troupe-Timestamp": old,
+                                      "X-Troupe-Signature":
+                                      "sha256=" + sig}).status,
+           401, "hmac an hour old")
+        eq(plugin_stats(s, "p")["unauthorized"], 4, "unauthorized count")
+        # chat completions do not need the secret
+        eq(s.chat("hi").status, 200, "chat without auth")
+    finally:
+        s.stop()
 
 
 def test_bad_requests():

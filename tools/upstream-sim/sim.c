@@ -6,8 +6,13 @@
  * that tells what it was sent ("sim: messages=3 system=1 context=1 ..."),
  * paced by --latency-ms and --token-rate, limited by --rate-limit, and
  * bent by [sim:...] directives in the last message (statuses, garbage,
- * delays, closed connections, tool calls).  Used by the integration tests,
- * the benchmarks and `./troupe run`; see docs/services/upstream-sim.md.
+ * delays, closed connections, tool calls).  After tool calls it answers
+ * with what the tools returned.  POST /plugin/<name> is a plugin (a
+ * webhook Troupe's worker calls for a tool call): it echoes the arguments,
+ * bent by [plugin:...] directives in the body, and checks a token or an
+ * HMAC signature when started with --plugin-secret.  Used by the
+ * integration tests, the benchmarks and `./troupe run`; see
+ * docs/services/upstream-sim.md.
  *
  * One thread, one h2o event loop, HTTP/1.1 keep-alive.  It sits beside
  * Troupe on the same cores in the benchmark, so the hot path never logs,
@@ -46,6 +51,8 @@
 
 #include <cjson/cJSON.h>
 #include <h2o.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0"
@@ -57,6 +64,9 @@
 #define SIM_MAX_TIMEOUTS 64              /* distinct timer durations */
 #define SIM_NO_CUT SIZE_MAX
 #define SIM_NSTATUS 600
+#define SIM_MAX_PLUGINS 64  /* plugin names counted in /sim/stats */
+#define SIM_PLUGIN_TICK 50  /* ms between checks of a delayed plugin */
+#define SIM_PLUGIN_SKEW 300 /* s an HMAC timestamp may be off */
 
 /* A growable scratch string (reused across requests: no malloc per
  * request once warm).  oom sticks until reset. */
@@ -108,6 +118,30 @@ struct directives {
 	int ntools;        /* [sim:tool=NAME] */
 	const char *tool[SIM_MAX_TOOLS];
 	size_t toollen[SIM_MAX_TOOLS];
+	unsigned tool_rounds; /* [sim:tool-rounds=N], default 1 */
+	int badargs;          /* [sim:badargs] */
+};
+
+/* One plugin's counters (by name, first come first served). */
+struct plugin_stats {
+	char name[65];
+	uint64_t requests;
+	uint64_t aborted;
+	uint64_t unauthorized;
+	uint64_t by_status[SIM_NSTATUS];
+};
+
+/* One plugin request; in the request's pool like struct chat. */
+struct plug {
+	h2o_timeout_entry_t timer;
+	h2o_req_t *req;
+	struct plugin_stats *ps;
+	int status;
+	int done;
+	uint64_t due; /* loop time of the answer */
+	const char *ctype;
+	char *body;
+	size_t len;
 };
 
 struct timeout_slot {
@@ -122,7 +156,12 @@ static struct {
 	uint64_t closed;
 	uint64_t rate_limited;
 	int64_t in_flight;
+	struct plugin_stats plugins[SIM_MAX_PLUGINS];
+	int nplugins;
+	int64_t plugin_in_flight;
 } stats;
+
+static const char *g_plugin_secret; /* --plugin-secret */
 
 static struct {
 	unsigned latency_ms;
@@ -138,7 +177,7 @@ static h2o_timeout_entry_t g_accept_retry;
 static struct timeout_slot g_timeouts[SIM_MAX_TIMEOUTS];
 static int g_ntimeouts;
 static volatile int g_quit;
-static struct sb g_sb, g_raw, g_in;
+static struct sb g_sb, g_raw, g_in, g_res;
 static uint64_t g_seq;
 static uint32_t g_idbase;
 
@@ -686,6 +725,7 @@ parse_directives(const char *s, size_t n, struct directives *d)
 	memset(d, 0, sizeof(*d));
 	d->retry_after = -1;
 	d->cut = SIM_NO_CUT;
+	d->tool_rounds = 1;
 	while (p < end &&
 	       (p = memmem(p, (size_t)(end - p), "[sim:", 5)) != NULL) {
 		p += 5;
@@ -721,6 +761,11 @@ parse_directives(const char *s, size_t n, struct directives *d)
 		} else if (KEY("cut")) {
 			if (parse_uint(arg, alen, 1000000, &v) == 0)
 				d->cut = v;
+		} else if (IS("badargs")) {
+			d->badargs = 1;
+		} else if (KEY("tool-rounds")) {
+			if (parse_uint(arg, alen, 100, &v) == 0)
+				d->tool_rounds = v;
 		} else if (KEY("tool")) {
 			if (alen > 0 && alen <= 64 &&
 			    d->ntools < SIM_MAX_TOOLS) {
@@ -792,13 +837,16 @@ usage_json(struct sb *s, unsigned prompt, unsigned completion)
 	        prompt, completion, prompt + completion);
 }
 
-/* The arguments of tool call i: {"query":"<query>"} as a JSON text. */
+/* The arguments of a tool call: {"query":"<query>"} as a JSON text
+ * (with [sim:badargs], a text that is not JSON). */
+static int g_badargs;
+
 static void
 tool_args(struct sb *s, const char *q, size_t qlen)
 {
-	sb_adds(s, "{\"query\":\"");
+	sb_adds(s, g_badargs ? "{\"query\": \"" : "{\"query\":\"");
 	sb_add_esc(s, q, qlen);
-	sb_adds(s, "\"}");
+	sb_adds(s, g_badargs ? "\", broken" : "\"}");
 }
 
 /* Non-streaming chat.completion into g_sb. */
@@ -1118,7 +1166,7 @@ handle_chat(h2o_req_t *req)
 	struct directives d;
 	struct chat *ch;
 	long long created;
-	int nmsg, sys, context;
+	int nmsg, sys, context, ntool, rounds = 0;
 
 	stats.requests++;
 	stats.in_flight++;
@@ -1205,7 +1253,70 @@ handle_chat(h2o_req_t *req)
 			lastlen = len;
 		}
 	}
+	/* After tool calls (the last message is a tool result): the turn's
+	 * directives are the last user message's, and the answer says what
+	 * the tools returned. */
+	role = cJSON_GetObjectItemCaseSensitive(
+	        cJSON_GetArrayItem(msgs, nmsg - 1), "role");
+	ntool = -1;
+	if (strcmp(role->valuestring, "tool") == 0) {
+		const cJSON *lastuser = NULL, *tc;
+		cJSON *res = cJSON_CreateArray(), *v;
+		char *printed;
+		int after = 0;
+
+		ntool = 0;
+		cJSON_ArrayForEach(m, msgs)
+		{
+			role = cJSON_GetObjectItemCaseSensitive(m, "role");
+			if (strcmp(role->valuestring, "user") == 0)
+				lastuser = m;
+		}
+		cJSON_ArrayForEach(m, msgs)
+		{
+			if (m == lastuser || lastuser == NULL)
+				after = 1;
+			if (!after || m == lastuser)
+				continue;
+			role = cJSON_GetObjectItemCaseSensitive(m, "role");
+			tc = cJSON_GetObjectItemCaseSensitive(m, "tool_calls");
+			if (strcmp(role->valuestring, "assistant") == 0 &&
+			    cJSON_GetArraySize(tc) > 0)
+				rounds++;
+			if (strcmp(role->valuestring, "tool") != 0)
+				continue;
+			ntool++;
+			tmp = content_text(m, &len, &g_raw);
+			copy = strndup(tmp, len);
+			v = copy ? cJSON_Parse(copy) : NULL;
+			if (v == NULL)
+				v = cJSON_CreateString(copy ? copy : "");
+			free(copy);
+			if (res != NULL && v != NULL)
+				cJSON_AddItemToArray(res, v);
+			else
+				cJSON_Delete(v);
+		}
+		printed = res ? cJSON_PrintUnformatted(res) : NULL;
+		sb_reset(&g_res);
+		sb_adds(&g_res, printed ? printed : "[]");
+		cJSON_free(printed);
+		cJSON_Delete(res);
+		last = "";
+		lastlen = 0;
+		if (lastuser != NULL) {
+			tmp = content_text(lastuser, &len, &g_raw);
+			copy = h2o_mem_alloc_pool(&req->pool, len + 1);
+			memcpy(copy, tmp, len);
+			copy[len] = '\0';
+			last = copy;
+			lastlen = len;
+		}
+	}
 	parse_directives(last, lastlen, &d);
+	if (ntool >= 0 && rounds >= (int)d.tool_rounds)
+		d.ntools = 0; /* enough rounds: answer */
+	g_badargs = d.badargs;
 
 	g_seq++;
 	snprintf(id, sizeof(id), "chatcmpl-sim%08" PRIx32 "%012" PRIx64,
@@ -1217,6 +1328,10 @@ handle_chat(h2o_req_t *req)
 	sb_addf(&g_raw, "sim: messages=%d system=%d context=%d model=", nmsg,
 	        sys, context);
 	sb_adds(&g_raw, modelstr);
+	if (ntool >= 0) {
+		sb_addf(&g_raw, " tools=%d tool_results=", ntool);
+		sb_add(&g_raw, g_res.p ? g_res.p : "[]", g_res.len);
+	}
 	sb_adds(&g_raw, " query=");
 	sb_add(&g_raw, last, lastlen);
 
@@ -1302,6 +1417,258 @@ done:
 	cJSON_Delete(root);
 }
 
+/* ---- plugins: POST /plugin/<name> ---- */
+
+static struct plugin_stats *
+plugin_stats_of(const char *name, size_t n)
+{
+	int i;
+
+	if (n > 64)
+		n = 64;
+	for (i = 0; i < stats.nplugins; i++)
+		if (strlen(stats.plugins[i].name) == n &&
+		    memcmp(stats.plugins[i].name, name, n) == 0)
+			return &stats.plugins[i];
+	if (stats.nplugins == SIM_MAX_PLUGINS)
+		return NULL;
+	i = stats.nplugins++;
+	memcpy(stats.plugins[i].name, name, n);
+	stats.plugins[i].name[n] = '\0';
+	return &stats.plugins[i];
+}
+
+static void
+plug_count(struct plug *pl, int status)
+{
+	if (pl->ps != NULL && status >= 100 && status < SIM_NSTATUS)
+		pl->ps->by_status[status]++;
+}
+
+static void
+plug_dispose(void *p)
+{
+	struct plug *pl = p;
+
+	if (h2o_timeout_is_linked(&pl->timer))
+		h2o_timeout_unlink(&pl->timer);
+	if (!pl->done && pl->ps != NULL)
+		pl->ps->aborted++;
+	stats.plugin_in_flight--;
+}
+
+static void
+plug_send(struct plug *pl)
+{
+	h2o_req_t *req = pl->req;
+	h2o_iovec_t buf;
+
+	plug_count(pl, pl->status);
+	pl->done = 1;
+	req->res.status = pl->status;
+	req->res.reason = status_reason(pl->status);
+	req->res.content_length = pl->len;
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
+	               NULL, pl->ctype, strlen(pl->ctype));
+	h2o_start_response(req, &g_plain_gen);
+	buf = h2o_iovec_init(pl->body, pl->len);
+	h2o_send(req, &buf, 1, H2O_SEND_STATE_FINAL);
+}
+
+/* Every tick of a delayed plugin: a client that left is counted now,
+ * not when the answer is due. */
+static void
+plug_tick_cb(h2o_timeout_entry_t *entry)
+{
+	struct plug *pl = H2O_STRUCT_FROM_MEMBER(struct plug, timer, entry);
+
+	if (client_gone(pl->req)) {
+		if (pl->ps != NULL)
+			pl->ps->aborted++;
+		pl->done = 1;
+		drop_connection(pl->req, 0);
+		return;
+	}
+	if (loop_now() >= pl->due) {
+		plug_send(pl);
+		return;
+	}
+	h2o_timeout_link(g_ctx.loop, timeout_for(SIM_PLUGIN_TICK), &pl->timer);
+}
+
+/* A header's value, or NULL. */
+static const h2o_iovec_t *
+header_of(h2o_req_t *req, const char *lname)
+{
+	ssize_t i = h2o_find_header_by_str(&req->headers, lname, strlen(lname),
+	                                   -1);
+
+	return i == -1 ? NULL : &req->headers.entries[i].value;
+}
+
+/* --plugin-secret: "Authorization: Bearer S", or a fresh HMAC-SHA256
+ * of "<X-Troupe-Timestamp>.<body>" in X-Troupe-Signature. */
+static int
+plug_auth_ok(h2o_req_t *req)
+{
+	static const char hexd[] = "0123456789abcdef";
+	const h2o_iovec_t *a, *ts, *sig;
+	unsigned char mac[EVP_MAX_MD_SIZE];
+	char want[7 + 64], tsbuf[24];
+	unsigned int maclen = 0;
+	size_t slen = strlen(g_plugin_secret);
+	long long t;
+
+	if ((a = header_of(req, "authorization")) != NULL &&
+	    a->len == 7 + slen && memcmp(a->base, "Bearer ", 7) == 0 &&
+	    memcmp(a->base + 7, g_plugin_secret, slen) == 0)
+		return 1;
+	if ((ts = header_of(req, "x-troupe-timestamp")) == NULL ||
+	    (sig = header_of(req, "x-troupe-signature")) == NULL ||
+	    ts->len == 0 || ts->len >= sizeof(tsbuf))
+		return 0;
+	memcpy(tsbuf, ts->base, ts->len);
+	tsbuf[ts->len] = '\0';
+	t = atoll(tsbuf);
+	if (t <= 0 || llabs(t - (long long)time(NULL)) > SIM_PLUGIN_SKEW)
+		return 0;
+	sb_reset(&g_raw);
+	sb_add(&g_raw, ts->base, ts->len);
+	sb_adds(&g_raw, ".");
+	sb_add(&g_raw, req->entity.base ? req->entity.base : "",
+	       req->entity.len);
+	if (g_raw.oom ||
+	    HMAC(EVP_sha256(), g_plugin_secret, (int)slen,
+	         (const unsigned char *)g_raw.p, g_raw.len, mac,
+	         &maclen) == NULL ||
+	    maclen != 32)
+		return 0;
+	memcpy(want, "sha256=", 7);
+	for (unsigned i = 0; i < 32; i++) {
+		want[7 + 2 * i] = hexd[mac[i] >> 4];
+		want[7 + 2 * i + 1] = hexd[mac[i] & 15];
+	}
+	return sig->len == sizeof(want) &&
+	       memcmp(sig->base, want, sizeof(want)) == 0;
+}
+
+/* [plugin:delay=MS], [plugin:status=N], [plugin:garbage], each also as
+ * [plugin:NAME:...] for the plugin NAME only, anywhere in the body. */
+static void
+plug_directives(const char *s, size_t n, const char *name, size_t nlen,
+                unsigned *delay, int *status, int *garbage)
+{
+	const char *p = s, *end = s + n, *rb, *arg, *colon;
+	size_t len, alen;
+	unsigned v;
+
+	while (p < end &&
+	       (p = memmem(p, (size_t)(end - p), "[plugin:", 8)) != NULL) {
+		p += 8;
+		if ((rb = memchr(p, ']', (size_t)(end - p))) == NULL)
+			break;
+		len = (size_t)(rb - p);
+		arg = memchr(p, '=', len);
+		colon = memchr(p, ':', arg ? (size_t)(arg - p) : len);
+		if (colon != NULL) {
+			if ((size_t)(colon - p) != nlen ||
+			    memcmp(p, name, nlen) != 0) {
+				p = rb + 1;
+				continue; /* another plugin's */
+			}
+			len -= (size_t)(colon + 1 - p);
+			p = colon + 1;
+		}
+		alen = arg ? (size_t)(rb - arg - 1) : 0;
+		if (arg)
+			arg++;
+		if (len == 7 && memcmp(p, "garbage", 7) == 0)
+			*garbage = 1;
+		else if (arg && arg - 1 - p == 5 &&
+		         memcmp(p, "delay", 5) == 0) {
+			if (parse_uint(arg, alen, SIM_MAX_DELAY_MS, &v) == 0)
+				*delay = *delay + v > SIM_MAX_DELAY_MS
+				                 ? SIM_MAX_DELAY_MS
+				                 : *delay + v;
+		} else if (arg && arg - 1 - p == 6 &&
+		           memcmp(p, "status", 6) == 0) {
+			if (parse_uint(arg, alen, 599, &v) == 0 && v >= 200)
+				*status = (int)v;
+		}
+		p = rb + 1;
+	}
+}
+
+static void
+handle_plugin(h2o_req_t *req, const char *name, size_t nlen)
+{
+	struct plug *pl;
+	cJSON *args;
+	unsigned delay = 0;
+	int status = 200, garbage = 0;
+
+	stats.plugin_in_flight++;
+	pl = h2o_mem_alloc_shared(&req->pool, sizeof(*pl), plug_dispose);
+	memset(pl, 0, sizeof(*pl));
+	pl->req = req;
+	pl->ctype = "application/json";
+	if ((pl->ps = plugin_stats_of(name, nlen)) != NULL)
+		pl->ps->requests++;
+	sb_reset(&g_sb);
+	if (g_plugin_secret != NULL && !plug_auth_ok(req)) {
+		if (pl->ps != NULL)
+			pl->ps->unauthorized++;
+		pl->status = 401;
+		sb_adds(&g_sb, "{\"error\":\"sim: bad plugin auth\"}");
+		goto answer;
+	}
+	sb_reset(&g_in);
+	sb_add(&g_in, req->entity.base ? req->entity.base : "",
+	       req->entity.len);
+	plug_directives(g_in.p ? g_in.p : "", g_in.len, name, nlen, &delay,
+	                &status, &garbage);
+	if (g_in.oom || (args = cJSON_ParseWithLength(g_in.p ? g_in.p : "",
+	                                              g_in.len)) == NULL) {
+		pl->status = 400;
+		sb_adds(&g_sb, "{\"error\":\"sim: the body is not JSON\"}");
+		goto answer;
+	}
+	cJSON_Delete(args);
+	pl->status = status;
+	if (status < 200 || status > 299)
+		sb_addf(&g_sb,
+		        "{\"error\":\"sim: simulated plugin status %d\"}",
+		        status);
+	else if (garbage)
+		sb_adds(&g_sb,
+		        "<html>sim: plugin garbage, not JSON{\"result\"");
+	else {
+		sb_adds(&g_sb, "{\"result\":");
+		sb_add(&g_sb, g_in.p, g_in.len);
+		sb_adds(&g_sb, ",\"plugin\":\"");
+		sb_add_esc(&g_sb, name, nlen);
+		sb_adds(&g_sb, "\"}");
+	}
+answer:
+	if (g_sb.oom) {
+		pl->status = 500;
+		sb_reset(&g_sb);
+		sb_adds(&g_sb, "{\"error\":\"sim: out of memory\"}");
+	}
+	pl->body = sb_to_pool(&g_sb, &req->pool);
+	pl->len = g_sb.len;
+	if (delay == 0) {
+		plug_send(pl);
+		return;
+	}
+	pl->due = loop_now() + delay;
+	pl->timer.cb = plug_tick_cb;
+	h2o_timeout_link(
+	        g_ctx.loop,
+	        timeout_for(delay < SIM_PLUGIN_TICK ? delay : SIM_PLUGIN_TICK),
+	        &pl->timer);
+}
+
 /* ---- /sim and friends ---- */
 
 static void
@@ -1320,9 +1687,26 @@ handle_stats(h2o_req_t *req)
 	}
 	sb_addf(&g_sb,
 	        "},\"aborted\":%" PRIu64 ",\"closed\":%" PRIu64
-	        ",\"rate_limited\":%" PRIu64 ",\"in_flight\":%" PRId64 "}\n",
+	        ",\"rate_limited\":%" PRIu64 ",\"in_flight\":%" PRId64
+	        ",\"plugin_in_flight\":%" PRId64 ",\"plugins\":{",
 	        stats.aborted, stats.closed, stats.rate_limited,
-	        stats.in_flight);
+	        stats.in_flight, stats.plugin_in_flight);
+	for (int k = 0; k < stats.nplugins; k++) {
+		const struct plugin_stats *ps = &stats.plugins[k];
+
+		sb_adds(&g_sb, k ? ",\"" : "\"");
+		sb_add_esc(&g_sb, ps->name, strlen(ps->name));
+		sb_addf(&g_sb,
+		        "\":{\"requests\":%" PRIu64 ",\"aborted\":%" PRIu64
+		        ",\"unauthorized\":%" PRIu64 ",\"by_status\":{",
+		        ps->requests, ps->aborted, ps->unauthorized);
+		for (i = 100, n = 0; i < SIM_NSTATUS; i++)
+			if (ps->by_status[i] != 0)
+				sb_addf(&g_sb, "%s\"%d\":%" PRIu64,
+				        n++ ? "," : "", i, ps->by_status[i]);
+		sb_adds(&g_sb, "}}");
+	}
+	sb_adds(&g_sb, "}}\n");
 	send_sb(req, 200, "application/json", &g_sb);
 }
 
@@ -1405,6 +1789,12 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 			handle_chat(req);
 		else
 			send_error(req, 405, "sim: use POST", NULL);
+	} else if (p.len > 8 && memcmp(p.base, "/plugin/", 8) == 0 &&
+	           memchr(p.base + 8, '/', p.len - 8) == NULL) {
+		if (post)
+			handle_plugin(req, p.base + 8, p.len - 8);
+		else
+			send_error(req, 405, "sim: use POST", NULL);
 	} else if (h2o_memis(p.base, p.len, H2O_STRLIT("/healthz"))) {
 		send_body(req, 200, "text/plain", H2O_STRLIT("ok"));
 	} else if (h2o_memis(p.base, p.len, H2O_STRLIT("/sim/stats"))) {
@@ -1414,10 +1804,12 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 			send_error(req, 405, "sim: use GET", NULL);
 	} else if (h2o_memis(p.base, p.len, H2O_STRLIT("/sim/reset"))) {
 		if (post) {
-			uint64_t inflight = (uint64_t)stats.in_flight;
+			int64_t inflight = stats.in_flight;
+			int64_t pinflight = stats.plugin_in_flight;
 
 			memset(&stats, 0, sizeof(stats));
-			stats.in_flight = (int64_t)inflight;
+			stats.in_flight = inflight;
+			stats.plugin_in_flight = pinflight;
 			bucket_reset();
 			send_body(req, 200, "application/json",
 			          H2O_STRLIT("{\"ok\":true}\n"));
@@ -1515,16 +1907,25 @@ usage(FILE *f)
 	        "                       0 = none (default 0)\n"
 	        "  --ready-file PATH    write ADDR:PORT there once listening "
 	        "(removed on exit)\n"
+	        "  --plugin-secret S    POST /plugin/<name> wants "
+	        "\"Authorization: Bearer S\"\n"
+	        "                       or an X-Troupe-Signature HMAC "
+	        "keyed with S\n"
 	        "  --help               this text\n"
 	        "  --version            print the version\n"
 	        "\n"
-	        "Endpoints: POST /v1/chat/completions, GET /healthz, GET "
-	        "/sim/stats,\n"
-	        "POST /sim/reset, GET|POST /sim/config, GET /v1/models.\n"
+	        "Endpoints: POST /v1/chat/completions, POST /plugin/<name>, "
+	        "GET /healthz,\n"
+	        "GET /sim/stats, POST /sim/reset, GET|POST /sim/config, GET "
+	        "/v1/models.\n"
 	        "Directives in the last message: [sim:status=NNN] [sim:429] "
 	        "[sim:garbage]\n"
 	        "[sim:delay=MS] [sim:close] [sim:cut=N] [sim:retry-after=S] "
 	        "[sim:tool=NAME]\n"
+	        "[sim:tool-rounds=N] [sim:badargs]; in a plugin's body: "
+	        "[plugin:delay=MS]\n"
+	        "[plugin:status=N] [plugin:garbage] ([plugin:NAME:...] for "
+	        "one plugin).\n"
 	        "See docs/services/upstream-sim.md.\n");
 }
 
@@ -1676,6 +2077,7 @@ main(int argc, char **argv)
 	        {"token-rate", required_argument, NULL, 't'},
 	        {"rate-limit", required_argument, NULL, 'r'},
 	        {"ready-file", required_argument, NULL, 'f'},
+	        {"plugin-secret", required_argument, NULL, 'S'},
 	        {"help", no_argument, NULL, 'h'},
 	        {"version", no_argument, NULL, 'V'},
 	        {NULL, 0, NULL, 0},
@@ -1713,6 +2115,11 @@ main(int argc, char **argv)
 			break;
 		case 'f':
 			ready = optarg;
+			break;
+		case 'S':
+			if (optarg[0] == '\0')
+				goto badarg;
+			g_plugin_secret = optarg;
 			break;
 		case 'h':
 			usage(stdout);
@@ -1812,11 +2219,13 @@ main(int argc, char **argv)
 	free(g_sb.p);
 	free(g_raw.p);
 	free(g_in.p);
+	free(g_res.p);
 	return 0;
 badarg:
 	fprintf(stderr, "troupe-upstream-sim: bad value for --%s: %s\n",
 	        opts[ch == 'L'   ? 1
 	             : ch == 't' ? 2
+	             : ch == 'S' ? 5
 	                         : 3]
 	                .name,
 	        optarg);

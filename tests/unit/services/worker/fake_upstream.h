@@ -20,9 +20,19 @@
  *   sseerr   a data: event with an error object
  *   sseearly "Hel", then the body ends without finish or [DONE]
  *   ssecut   "Hel", then the connection closes mid-body
+ *   tool     a stream: while the request holds fewer than tool_rounds
+ *            assistant tool_calls messages, tool_sse (tool calls);
+ *            then "Done <n>" with n the role tool messages it was sent
+ *   plug/ok      200 {"echo":<the request body>}
+ *   plug/s500    500 {}
+ *   plug/garbage 200, not JSON
+ *   plug/hang    never answers
+ *   plug/slow    200 {"slow":true}, 300 ms later
  *
- * Connections are kept alive; accepted and requests count them, and the
- * last request (head and body) is kept.  Included by the tests (all static).
+ * Connections are kept alive; accepted and requests count them, closed
+ * counts the ones the client closed, and the last request (head and
+ * body) is kept, the plug/ ones each in reqs.  Included by the tests (all
+ * static).
  */
 #ifndef FAKE_UPSTREAM_H
 #define FAKE_UPSTREAM_H
@@ -42,6 +52,13 @@
 #include "util.h"
 
 #define FAKE_CONNS 64
+#define FAKE_REQS 32
+
+struct fake_req {
+	char path[128];
+	struct buf head;
+	struct buf body;
+};
 
 struct fake_conn {
 	int fd;
@@ -60,6 +77,14 @@ struct fake_srv {
 	struct fake_conn conns[FAKE_CONNS];
 	struct loop_timer *later; /* sseslow's rest */
 	int later_fd;
+	int closed;
+	const char *tool_sse; /* tool: the tool call round's events */
+	int tool_rounds;
+	struct fake_req reqs[FAKE_REQS]; /* plug/ requests */
+	int nreqs;
+	struct loop_timer *slow; /* plug/slow's answers */
+	int slow_fds[8];
+	int nslow;
 };
 
 #define FAKE_SSE_HEL                                                          \
@@ -108,10 +133,43 @@ fake_later_cb(struct loop *l, void *arg)
 }
 
 static void
+fake_slow_cb(struct loop *l, void *arg)
+{
+	struct fake_srv *s = arg;
+	static const char b[] = "{\"slow\":true}";
+	char head[160];
+	int n;
+
+	(void)l;
+	n = snprintf(head, sizeof(head),
+	             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+	             "Content-Length: %zu\r\n\r\n%s",
+	             sizeof(b) - 1, b);
+	for (int i = 0; i < s->nslow; i++)
+		if (s->slow_fds[i] != -1)
+			(void)!write(s->slow_fds[i], head, (size_t)n);
+	s->nslow = 0;
+}
+
+/* Occurrences of needle in hay. */
+static int
+fake_count(const char *hay, const char *needle)
+{
+	int n = 0;
+
+	for (const char *p = hay; (p = strstr(p, needle)) != NULL; p++)
+		n++;
+	return (n);
+}
+
+static void
 fake_close(struct fake_srv *s, struct fake_conn *c)
 {
 	if (s->later_fd == c->fd)
 		s->later_fd = -1;
+	for (int i = 0; i < s->nslow; i++)
+		if (s->slow_fds[i] == c->fd)
+			s->slow_fds[i] = -1;
 	loop_fd_del(s->loop, c->fd);
 	close(c->fd);
 	c->fd = -1;
@@ -200,6 +258,55 @@ fake_answer(struct fake_srv *s, struct fake_conn *c, const char *path)
 	else if (strncmp(seg, "ssecut/", 7) == 0) {
 		fake_sse_chunk(c->fd, 1, FAKE_SSE_HEL, 0);
 		shutdown(c->fd, SHUT_RDWR);
+	} else if (strncmp(seg, "tool/", 5) == 0) {
+		const char *b = s->last_body.b;
+		int rounds = fake_count(b, "\"tool_calls\":[");
+		char done[512];
+
+		if (rounds < s->tool_rounds && s->tool_sse != NULL)
+			fake_sse_chunk(c->fd, 1, s->tool_sse, 1);
+		else {
+			snprintf(done, sizeof(done),
+			         "data: {\"choices\":[{\"index\":0,\"delta\":"
+			         "{\"content\":\"Done %d\"}}]}\n\n"
+			         "data: {\"choices\":[{\"index\":0,\"delta\":"
+			         "{},\"finish_reason\":\"stop\"}]}\n\n"
+			         "data: {\"choices\":[],\"usage\":{\"prompt_"
+			         "tokens\":10,\"completion_tokens\":1}}\n\n"
+			         "data: [DONE]\n\n",
+			         fake_count(b, "\"role\":\"tool\""));
+			fake_sse_chunk(c->fd, 1, done, 1);
+		}
+	} else if (strncmp(seg, "plug/", 5) == 0) {
+		struct buf e = {0};
+
+		if (s->nreqs < FAKE_REQS) {
+			struct fake_req *q = &s->reqs[s->nreqs++];
+
+			snprintf(q->path, sizeof(q->path), "%s", path);
+			(void)buf_add(&q->head, s->last_head.b,
+			              s->last_head.len + 1);
+			(void)buf_add(&q->body, s->last_body.b,
+			              s->last_body.len + 1);
+		}
+		if (strcmp(seg, "plug/ok") == 0) {
+			(void)buf_adds(&e, "{\"echo\":");
+			(void)buf_add(&e, s->last_body.b, s->last_body.len);
+			(void)buf_adds(&e, "}");
+			(void)buf_add(&e, "", 1);
+			fake_send(c->fd, "200 OK", "", e.b, 0);
+			buf_free(&e);
+		} else if (strcmp(seg, "plug/s500") == 0)
+			fake_send(c->fd, "500 Internal Server Error", "", "{}",
+			          0);
+		else if (strcmp(seg, "plug/garbage") == 0)
+			fake_send(c->fd, "200 OK", "", "<html>nope", 0);
+		else if (strcmp(seg, "plug/slow") == 0) {
+			if (s->nslow < 8)
+				s->slow_fds[s->nslow++] = c->fd;
+			loop_timer_set(s->slow, 300);
+		} else if (strcmp(seg, "plug/hang") != 0)
+			fake_send(c->fd, "404 Not Found", "", "{}", 0);
 	} else
 		fake_send(c->fd, "404 Not Found", "", "{}", 0);
 }
@@ -267,6 +374,7 @@ fake_conn_cb(struct loop *l, int fd, uint32_t ev, void *arg)
 		}
 		if (n == -1 && errno == EAGAIN)
 			break;
+		s->closed++;
 		fake_close(s, c);
 		return;
 	}
@@ -323,7 +431,8 @@ fake_start(struct fake_srv *s, struct loop *l)
 	memset(s, 0, sizeof(*s));
 	s->loop = l;
 	s->later_fd = -1;
-	if ((s->later = loop_timer_new(l, fake_later_cb, s)) == NULL)
+	if ((s->later = loop_timer_new(l, fake_later_cb, s)) == NULL ||
+	    (s->slow = loop_timer_new(l, fake_slow_cb, s)) == NULL)
 		return (-1);
 	for (int i = 0; i < FAKE_CONNS; i++)
 		s->conns[i].fd = -1;
@@ -347,8 +456,13 @@ fake_stop(struct fake_srv *s)
 	loop_fd_del(s->loop, s->lfd);
 	close(s->lfd);
 	loop_timer_free(s->later);
+	loop_timer_free(s->slow);
 	buf_free(&s->last_body);
 	buf_free(&s->last_head);
+	for (int i = 0; i < s->nreqs; i++) {
+		buf_free(&s->reqs[i].head);
+		buf_free(&s->reqs[i].body);
+	}
 }
 
 /* Close every connection the server holds (the client must reconnect). */

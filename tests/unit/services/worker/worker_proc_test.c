@@ -6,13 +6,18 @@
  * troupe-upstream-sim on 127.0.0.1.  Checks WORKER_HELLO, a burst of
  * chats end to end (CTX_GET -> CTX_REPLY -> upstream -> CHAT_PERSIST with
  * reply_to = the edge, RUN_DONE), a storage error passed to the edge, the
- * SIGTERM drain (in-flight runs finish, new ones get 503, exit 0) and the
- * exit when the parent dies.  Skips (77) without the sim or the worker
- * binary.
+ * SIGTERM drain (in-flight runs finish, new ones get 503, exit 0), the
+ * exit when the parent dies, and a v3 chat with plugins served by the sim
+ * (its results reach the model; a cancel aborts a slow plugin, which the
+ * sim counts).  Skips (77) without the sim or the worker binary.
  */
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 #include <errno.h>
 #include <signal.h>
@@ -36,7 +41,19 @@
 static char tmpdir[] = "/tmp/troupe-worker-proc-XXXXXX";
 static char conf_path[256];
 static char sim_base[128];
+static char sim_addr[128];
 static pid_t sim_pid = -1;
+static char plugins_json[1024]; /* bot "toolbot"'s plugins */
+
+#define PLUGIN_SECRET "s3cr3t"
+
+/* The last v3 CHAT_PERSIST. */
+static struct {
+	int n;
+	char status[32];
+	char answer[4096];
+	char messages[16384];
+} v3p;
 
 static struct ipc *disp, *stor, *edge, *tele;
 static char metrics_text[65536]; /* the last METRICS of a worker */
@@ -126,6 +143,12 @@ on_storage(void *arg, const struct msg *m)
 			c.status = 404;
 			c.code = 4006;
 			c.msg = MSTR_LIT("bot not found");
+		} else if (mstr_eq(g.bot_id, "toolbot")) {
+			c.status = 200;
+			c.upstream = MSTR(sim_base);
+			c.model = MSTR_LIT("sim-1");
+			c.plugins = MSTR(plugins_json);
+			c.created_at = now_wall_ms() / 1000;
 		} else {
 			c.status = 200;
 			c.upstream = MSTR(sim_base);
@@ -139,6 +162,15 @@ on_storage(void *arg, const struct msg *m)
 	           chat_persist_unpack(m, &p) == 0) {
 		/* As storage does after COMMIT: answer the edge. */
 		seen.persist++;
+		if (mstr_eq(p.route, "v3.chat")) {
+			snprintf(v3p.status, sizeof(v3p.status), "%.*s",
+			         (int)p.status.n, p.status.p);
+			snprintf(v3p.answer, sizeof(v3p.answer), "%.*s",
+			         (int)p.answer.n, p.answer.p);
+			snprintf(v3p.messages, sizeof(v3p.messages), "%.*s",
+			         (int)p.messages.n, p.messages.p);
+			v3p.n++;
+		}
 		if (!mstr_eq(m->reply_to, "edge"))
 			seen.persist_bad_reply_to++;
 		h = msg_head_reply(m, NULL);
@@ -232,7 +264,8 @@ start_sim(void)
 	snprintf(ready, sizeof(ready), "%s/sim.ready", tmpdir);
 	if ((sim_pid = fork()) == 0) {
 		execl(UPSTREAM_SIM, UPSTREAM_SIM, "--listen", "127.0.0.1:0",
-		      "--ready-file", ready, (char *)NULL);
+		      "--ready-file", ready, "--plugin-secret", PLUGIN_SECRET,
+		      (char *)NULL);
 		_exit(127);
 	}
 	until = now_mono_ms() + 5000;
@@ -249,6 +282,7 @@ start_sim(void)
 	if (addr[0] == '\0')
 		T_FAIL("the sim did not start");
 	snprintf(sim_base, sizeof(sim_base), "http://%s/", addr);
+	snprintf(sim_addr, sizeof(sim_addr), "%s", addr);
 }
 
 static pid_t
@@ -427,9 +461,165 @@ t_parent_dies(void)
 	T_ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 }
 
+/* --- plugins against the sim --- */
+
+/* GET /sim/stats from the sim (blocking, loopback), into out. */
+static void
+sim_stats(char *out, size_t n)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET};
+	char req[] = "GET /sim/stats HTTP/1.1\r\nHost: sim\r\n"
+	             "Connection: close\r\n\r\n";
+	size_t len = 0;
+	ssize_t k;
+	int fd;
+
+	out[0] = '\0';
+	sa.sin_port = htons((uint16_t)atoi(strrchr(sim_addr, ':') + 1));
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if ((fd = socket(AF_INET, SOCK_STREAM, 0)) == -1)
+		T_FAIL("socket");
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == -1 ||
+	    write(fd, req, sizeof(req) - 1) != (ssize_t)sizeof(req) - 1)
+		T_FAIL("sim stats: %s", strerror(errno));
+	while (len + 1 < n && (k = read(fd, out + len, n - len - 1)) > 0)
+		len += (size_t)k;
+	out[len] = '\0';
+	close(fd);
+}
+
+/* Pump until the sim's stats hold want (or ms pass); whether they do. */
+static int
+sim_stats_wait(const char *want, int ms)
+{
+	uint64_t until = now_mono_ms() + (uint64_t)ms;
+	char st[8192];
+
+	for (;;) {
+		sim_stats(st, sizeof(st));
+		if (strstr(st, want) != NULL)
+			return (1);
+		if (now_mono_ms() >= until)
+			break;
+		pump_until(NULL, 0, 50);
+	}
+	printf("sim stats: %s\n", st);
+	return (0);
+}
+
+static void
+send_v3(uint16_t type, const char *reqid, const char *chat_id,
+        const char *query, const char *worker)
+{
+	char msgs[512];
+	struct chat_request q = {.route = MSTR_LIT("v3.chat"),
+	                         .token = MSTR_NULL,
+	                         .sub = MSTR_LIT("u1"),
+	                         .bot_id = MSTR_LIT("toolbot"),
+	                         .user_id = MSTR_LIT("u1"),
+	                         .query = MSTR(query),
+	                         .history_id = MSTR_NULL,
+	                         .received_ms = now_wall_ms(),
+	                         .chat_id = MSTR(chat_id),
+	                         .stream = 1,
+	                         .messages = MSTR(msgs),
+	                         .scopes = MSTR_NULL};
+	struct msg_head h = {.reqid = MSTR(reqid),
+	                     .traceparent = MSTR_NULL,
+	                     .deadline_ms = now_wall_ms() + 20000,
+	                     .reply_to = MSTR_LIT("edge")};
+
+	snprintf(msgs, sizeof(msgs),
+	         "[{\"role\":\"user\",\"type\":\"question\",\"content\":"
+	         "\"%s\",\"content_type\":\"text\"}]",
+	         query);
+	if (type == MSG_RUN_CANCEL) {
+		q.route = MSTR_LIT("v3.cancel");
+		T_EQ_INT(msg_send_run_cancel(disp, worker, &h, &q), 0);
+	} else
+		T_EQ_INT(msg_send_run_assign(disp, worker, &h, &q), 0);
+}
+
+static int
+count_of(const char *hay, const char *needle)
+{
+	int n = 0;
+
+	for (const char *p = hay; (p = strstr(p, needle)) != NULL; p++)
+		n++;
+	return (n);
+}
+
+static void
+t_tools_sim(void)
+{
+	pid_t pid;
+	int st;
+
+	setup();
+	memset(&seen, 0, sizeof(seen));
+	snprintf(plugins_json, sizeof(plugins_json),
+	         "[{\"name\":\"echo\",\"url\":\"%splugin/echo\","
+	         "\"auth\":\"token\",\"secret\":\"" PLUGIN_SECRET "\"},"
+	         "{\"name\":\"mac\",\"url\":\"%splugin/mac\","
+	         "\"auth\":\"hmac\",\"secret\":\"" PLUGIN_SECRET "\"},"
+	         "{\"name\":\"slow\",\"url\":\"%splugin/slow\","
+	         "\"auth\":\"token\",\"secret\":\"" PLUGIN_SECRET "\","
+	         "\"timeout_ms\":20000}]",
+	         sim_base, sim_base, sim_base);
+	pid = start_worker("worker-7");
+	pump_until(&seen.hello, 1, 5000);
+	T_EQ_INT(seen.hello, 1);
+
+	/* Two tools, a token and an HMAC: the sim accepts both, and its
+	 * answer shows both results reached the model. */
+	send_v3(MSG_RUN_ASSIGN, "tools-1", "7100000000000000001",
+	        "weather? [sim:tool=echo][sim:tool=mac]", "worker-7");
+	pump_until(&v3p.n, 1, 10000);
+	T_EQ_INT(v3p.n, 1);
+	T_EQ_STR(v3p.status, "completed");
+	if (strstr(v3p.answer,
+	           " tools=2 tool_results=[{\"result\":{\"query\":\"weather? "
+	           "[sim:tool=echo][sim:tool=mac]\"},\"plugin\":\"echo\"},"
+	           "{\"result\":{\"query\":\"weather? [sim:tool=echo]"
+	           "[sim:tool=mac]\"},\"plugin\":\"mac\"}] query=") == NULL)
+		T_FAIL("answer: %s", v3p.answer);
+	T_EQ_INT(count_of(v3p.messages, "\"type\":\"function_call\""), 2);
+	T_EQ_INT(count_of(v3p.messages, "\"type\":\"tool_response\""), 2);
+	T_ASSERT(sim_stats_wait("\"echo\":{\"requests\":1,\"aborted\":0,"
+	                        "\"unauthorized\":0",
+	                        1000));
+	T_ASSERT(sim_stats_wait("\"mac\":{\"requests\":1,\"aborted\":0,"
+	                        "\"unauthorized\":0",
+	                        1000));
+
+	/* A slow plugin in flight, then the cancel: the chat ends
+	 * canceled and the sim sees its plugin request aborted. */
+	send_v3(MSG_RUN_ASSIGN, "tools-2", "7100000000000000002",
+	        "slow [sim:tool=slow] [plugin:delay=8000]", "worker-7");
+	T_ASSERT(sim_stats_wait("\"plugin_in_flight\":1", 5000));
+	send_v3(MSG_RUN_CANCEL, "cancel-2", "7100000000000000002", "",
+	        "worker-7");
+	pump_until(&v3p.n, 2, 3000);
+	T_EQ_INT(v3p.n, 2);
+	T_EQ_STR(v3p.status, "canceled");
+	T_ASSERT(sim_stats_wait("\"slow\":{\"requests\":1,\"aborted\":1",
+	                        2000));
+	T_ASSERT(sim_stats_wait("\"plugin_in_flight\":0", 1000));
+
+	kill(pid, SIGTERM);
+	st = wait_exit(pid, 5000);
+	if (st == -1) {
+		kill(pid, SIGKILL);
+		T_FAIL("the worker did not exit after SIGTERM");
+	}
+	T_ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
 T_TESTS = {
         {"worker_process", t_worker_process},
         {"parent_dies", t_parent_dies},
+        {"tools_sim", t_tools_sim},
         {NULL, NULL},
 };
 T_MAIN

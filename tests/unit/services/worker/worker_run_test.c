@@ -8,6 +8,8 @@
  * fake_upstream.h on a real loop, on 127.0.0.1.
  */
 #include <cjson/cJSON.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #include "fake_upstream.h"
 #include "mpk.h"
@@ -1351,6 +1353,554 @@ t_v3_messages(void)
 	teardown();
 }
 
+/* --- v3.chat with plugins (tool calls) --- */
+
+static void
+ctx_reply_tools(const char *reqid, const char *plugins, uint64_t total_ms)
+{
+	struct ctx_reply c = {.status = 200,
+	                      .code = 0,
+	                      .msg = MSTR(""),
+	                      .upstream = MSTR(upstream_url("tool")),
+	                      .model = MSTR("sim-1"),
+	                      .system_prompt = MSTR_NULL,
+	                      .context_turns = 5,
+	                      .context = MSTR_NULL,
+	                      .plugins = MSTR(plugins),
+	                      .created_at = 1763790000,
+	                      .first_event_ms = 0,
+	                      .total_ms = total_ms};
+	struct msg m = envelope(MSG_CTX_REPLY, "storage", reqid, "", 0,
+	                        ctx_reply_pack, &c);
+	struct ctx_reply d;
+
+	T_EQ_INT(ctx_reply_unpack(&m, &d), 0);
+	worker_run_ctx(&w, &m, &d);
+}
+
+/* The events of a tool round asking for n calls (name, arguments): one
+ * chunk each, then finish, usage 7 + 3, [DONE]. */
+static const char *
+tool_sse(int n, const char *const *names, const char *const *args)
+{
+	static char text[8192];
+	size_t len = 0;
+
+	for (int i = 0; i < n; i++) {
+		cJSON *a = cJSON_CreateString(args[i]);
+		char *as = cJSON_PrintUnformatted(a);
+
+		len += (size_t)snprintf(
+		        text + len, sizeof(text) - len,
+		        "data: {\"choices\":[{\"index\":0,\"delta\":{"
+		        "\"tool_calls\":[{\"index\":%d,\"id\":\"call_%d\","
+		        "\"type\":\"function\",\"function\":{\"name\":\"%s\","
+		        "\"arguments\":%s}}]}}]}\n\n",
+		        i, i, names[i], as);
+		free(as);
+		cJSON_Delete(a);
+	}
+	(void)snprintf(text + len, sizeof(text) - len,
+	               "data: {\"choices\":[{\"index\":0,\"delta\":{},"
+	               "\"finish_reason\":\"tool_calls\"}]}\n\n"
+	               "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,"
+	               "\"completion_tokens\":3}}\n\ndata: [DONE]\n\n");
+	return (text);
+}
+
+/* Every event the client got: the CHAT_EVENTs and the persist's reply. */
+static char *
+all_events(void)
+{
+	struct buf b = {0};
+	struct chat_persist p;
+	struct chat_event e;
+	int ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+
+	for (int i = 0; i < nsent; i++)
+		if (sent[i].type == MSG_CHAT_EVENT &&
+		    chat_event_decode(sent[i].body.b, sent[i].body.len, &e) ==
+		            0)
+			(void)buf_add(&b, e.sse.p, e.sse.n);
+	T_ASSERT(ip >= 0);
+	T_EQ_INT(chat_persist_decode(sent[ip].body.b, sent[ip].body.len, &p),
+	         0);
+	(void)buf_add(&b, p.reply.p, p.reply.n);
+	(void)buf_add(&b, "", 1);
+	return (b.b);
+}
+
+/* The persisted chat: its decoded body and its messages (parsed). */
+static cJSON *
+persisted(struct chat_persist *p)
+{
+	int ip = find_sent(MSG_CHAT_PERSIST, "storage", 0);
+	char *text;
+	cJSON *j;
+
+	T_ASSERT(ip >= 0);
+	T_EQ_INT(chat_persist_decode(sent[ip].body.b, sent[ip].body.len, p),
+	         0);
+	text = mstr_dup(p->messages);
+	j = cJSON_Parse(text);
+	free(text);
+	T_ASSERT(cJSON_IsArray(j));
+	return (j);
+}
+
+static const struct fake_req *
+plug_req(const char *body)
+{
+	for (int i = 0; i < srv.nreqs; i++)
+		if (strcmp(srv.reqs[i].body.b, body) == 0)
+			return (&srv.reqs[i]);
+	T_FAIL("no plugin request with body %s", body);
+	return (NULL);
+}
+
+/* The value of header name in a request head ("" if none). */
+static const char *
+head_value(const char *head, const char *name)
+{
+	static char v[256];
+	char want[96];
+	const char *p;
+
+	snprintf(want, sizeof(want), "\r\n%s: ", name);
+	v[0] = '\0';
+	if ((p = strcasestr(head, want)) != NULL)
+		snprintf(v, sizeof(v), "%.*s",
+		         (int)strcspn(p + strlen(want), "\r"),
+		         p + strlen(want));
+	return (v);
+}
+
+static void
+t_v3_tools_ok(void)
+{
+	/* Three calls, each split over chunks and interleaved. */
+	static const char sse[] =
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":"
+	        "\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,"
+	        "\"id\":\"call_a\",\"type\":\"function\",\"function\":{"
+	        "\"name\":\"ec\",\"arguments\":\"\"}}]}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	        "\"index\":0,\"function\":{\"name\":\"ho\",\"arguments\":"
+	        "\"{\\\"a\\\"\"}}]}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	        "\"index\":1,\"id\":\"call_b\",\"function\":{\"name\":\"tok\","
+	        "\"arguments\":\"{}\"}},{\"index\":2,\"id\":\"call_c\","
+	        "\"function\":{\"name\":\"mac\",\"arguments\":\"{\\\"b\\\":\"}"
+	        "}"
+	        "]}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	        "\"index\":0,\"function\":{\"arguments\":\":1}\"}},{\"index\":"
+	        "2,"
+	        "\"function\":{\"arguments\":\"\\\"x\\\"}\"}}]}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{},"
+	        "\"finish_reason\":\"tool_calls\"}]}\n\n"
+	        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,"
+	        "\"completion_tokens\":3}}\n\ndata: [DONE]\n\n";
+	char plugins[1024], id[COZE_ID_LEN + 1], *ev, want[256], sig[65];
+	static const char *const types[] = {"question",      "function_call",
+	                                    "function_call", "function_call",
+	                                    "tool_response", "tool_response",
+	                                    "tool_response", "answer"};
+	const struct fake_req *q;
+	struct chat_persist p;
+	cJSON *j, *e;
+
+	setup();
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"echo\",\"url\":\"%s\",\"description\":"
+	         "\"echoes\",\"parameters\":{\"type\":\"object\"},"
+	         "\"auth\":\"none\"},"
+	         "{\"name\":\"tok\",\"url\":\"%s\",\"auth\":\"token\","
+	         "\"header\":\"X-Key\",\"secret\":\"s3\"},"
+	         "{\"name\":\"mac\",\"url\":\"%s\",\"auth\":\"hmac\","
+	         "\"secret\":\"k3y\",\"timeout_ms\":2000}]",
+	         upstream_url("plug/ok"), upstream_url("plug/ok"),
+	         upstream_url("plug/ok"));
+	srv.tool_sse = sse;
+	srv.tool_rounds = 1;
+	assign_v3("r4-1", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-1", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	expect_done(nsent - 1, "r4-1", 200, 200);
+
+	/* The plugins: each called once with its arguments and auth. */
+	T_EQ_INT(srv.nreqs, 3);
+	q = plug_req("{\"a\":1}");
+	T_EQ_STR(head_value(q->head.b, "X-Key"), "");
+	T_EQ_STR(head_value(q->head.b, "Authorization"), "");
+	T_EQ_STR(head_value(q->head.b, "Content-Type"), "application/json");
+	T_EQ_STR(head_value(q->head.b, "traceparent"), TP);
+	q = plug_req("{}");
+	T_EQ_STR(head_value(q->head.b, "X-Key"), "Bearer s3");
+	T_EQ_STR(head_value(q->head.b, "X-Troupe-Signature"), "");
+	q = plug_req("{\"b\":\"x\"}");
+	T_EQ_STR(head_value(q->head.b, "X-Key"), "");
+	{
+		const char *ts = head_value(q->head.b, "X-Troupe-Timestamp");
+		uint64_t t = strtoull(ts, NULL, 10);
+		unsigned char mac[32];
+		unsigned int ml = 0;
+		char msg[64];
+		int n = snprintf(msg, sizeof(msg), "%s.{\"b\":\"x\"}", ts);
+
+		T_ASSERT(t + 5 >= now_wall_ms() / 1000 &&
+		         t <= now_wall_ms() / 1000);
+		/* Independent of worker_plugin_sign: OpenSSL here. */
+		HMAC(EVP_sha256(), "k3y", 3, (unsigned char *)msg, (size_t)n,
+		     mac, &ml);
+		hex_encode(sig, mac, 32);
+		sig[64] = '\0';
+		snprintf(want, sizeof(want), "sha256=%s", sig);
+		T_EQ_STR(head_value(q->head.b, "X-Troupe-Signature"), want);
+	}
+	/* The model's first request offered the tools; the second carried
+	 * its calls and their results. */
+	T_ASSERT(strstr(srv.last_body.b,
+	                "\"tools\":[{\"type\":\"function\",\"function\":{"
+	                "\"name\":\"echo\",\"description\":\"echoes\","
+	                "\"parameters\":{\"type\":\"object\"}}}") != NULL);
+	T_ASSERT(strstr(srv.last_body.b,
+	                "{\"role\":\"assistant\",\"content\":null,"
+	                "\"tool_calls\":[{\"id\":\"call_a\",\"type\":"
+	                "\"function\",\"function\":{\"name\":\"echo\","
+	                "\"arguments\":\"{\\\"a\\\":1}\"}},") != NULL);
+	T_ASSERT(strstr(srv.last_body.b,
+	                "{\"role\":\"tool\",\"tool_call_id\":\"call_a\","
+	                "\"content\":\"{\\\"echo\\\":{\\\"a\\\":1}}\"}") !=
+	         NULL);
+	T_ASSERT(strstr(srv.last_body.b, "\"tool_call_id\":\"call_c\"") !=
+	         NULL);
+
+	/* What the client saw, in order. */
+	ev = all_events();
+	T_EQ_STR(event_names(ev),
+	         "conversation.chat.created conversation.chat.in_progress "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.delta conversation.message.completed "
+	         "conversation.chat.completed done");
+	j = event_json(ev, "conversation.message.completed", 0);
+	T_EQ_STR(jstr(j, "type"), "function_call");
+	T_EQ_STR(jstr(j, "role"), "assistant");
+	T_EQ_STR(jstr(j, "content"),
+	         "{\"id\":\"call_a\",\"type\":\"function\",\"function\":{"
+	         "\"name\":\"echo\",\"arguments\":\"{\\\"a\\\":1}\"}}");
+	coze_msg_id_of(MSTR(CHAT_ID), 1, id);
+	T_EQ_STR(jstr(j, "id"), id);
+	cJSON_Delete(j);
+	j = event_json(ev, "conversation.message.completed", 4);
+	T_EQ_STR(jstr(j, "type"), "tool_response");
+	T_EQ_STR(jstr(j, "content"), "{\"echo\":{}}");
+	cJSON_Delete(j);
+	j = event_json(ev, "conversation.message.completed", 6);
+	T_EQ_STR(jstr(j, "type"), "answer");
+	T_EQ_STR(jstr(j, "content"), "Done 3");
+	coze_msg_id_of(MSTR(CHAT_ID), 7, id);
+	T_EQ_STR(jstr(j, "id"), id);
+	cJSON_Delete(j);
+	j = event_json(ev, "conversation.chat.completed", 0);
+	e = cJSON_GetObjectItemCaseSensitive(j, "usage");
+	T_EQ_INT(jnum(e, "input_count"), 17); /* both rounds */
+	T_EQ_INT(jnum(e, "output_count"), 4);
+	cJSON_Delete(j);
+	free(ev);
+
+	/* Stored: the same messages, ids in order. */
+	j = persisted(&p);
+	T_EQ_MEM(p.status.p, p.status.n, "completed");
+	T_EQ_MEM(p.answer.p, p.answer.n, "Done 3");
+	T_EQ_INT(p.prompt_tokens, 17);
+	T_EQ_INT(cJSON_GetArraySize(j), 8);
+	for (int i = 0; i < 8; i++) {
+		e = cJSON_GetArrayItem(j, i);
+		coze_msg_id_of(MSTR(CHAT_ID), (unsigned)i, id);
+		T_EQ_STR(jstr(e, "id"), id);
+		T_EQ_STR(jstr(e, "type"), types[i]);
+	}
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 5), "content"), "{\"echo\":{}}");
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 6), "content"),
+	         "{\"echo\":{\"b\":\"x\"}}");
+	cJSON_Delete(j);
+	T_EQ_INT(w.nruns, 0);
+	teardown();
+}
+
+/* The results (tool_response contents) stored for the chat. */
+static void
+check_results(const char *const *want, int n, const char *answer)
+{
+	struct chat_persist p;
+	cJSON *j = persisted(&p);
+	int k = 0;
+
+	T_EQ_MEM(p.status.p, p.status.n, "completed");
+	T_EQ_MEM(p.answer.p, p.answer.n, answer);
+	for (int i = 0; i < cJSON_GetArraySize(j); i++) {
+		cJSON *e = cJSON_GetArrayItem(j, i);
+
+		if (strcmp(jstr(e, "type"), "tool_response") != 0)
+			continue;
+		T_ASSERT(k < n);
+		if (strncmp(jstr(e, "content"), want[k], strlen(want[k])) != 0)
+			T_FAIL("result %d: got %s, want %s...", k,
+			       jstr(e, "content"), want[k]);
+		k++;
+	}
+	T_EQ_INT(k, n);
+	cJSON_Delete(j);
+}
+
+static void
+t_v3_tools_failures(void)
+{
+	static const char *const names[] = {
+	        "p500", "pgarb", "phang", "pdead", "nosuch", "echo", "echo"};
+	static const char *const args[] = {"{}", "{}",      "{}", "{}",
+	                                   "{}", "{\"a\":", "[1]"};
+	static const char *const want[] = {
+	        "{\"error\":\"plugin p500 answered status 500\"}",
+	        "{\"error\":\"plugin pgarb answered invalid JSON\"}",
+	        "{\"error\":\"plugin phang timed out\"}",
+	        "{\"error\":\"plugin pdead unreachable: ",
+	        "{\"error\":\"unknown tool: nosuch\"}",
+	        "{\"error\":\"invalid arguments for echo: not a JSON "
+	        "object\"}",
+	        "{\"error\":\"invalid arguments for echo: not a JSON "
+	        "object\"}",
+	};
+	char plugins[1024], dead[64];
+	uint64_t t0;
+
+	setup();
+	snprintf(dead, sizeof(dead), "http://127.0.0.1:%d/x",
+	         fake_dead_port());
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"p500\",\"url\":\"%s\"},",
+	         upstream_url("plug/s500"));
+	snprintf(plugins + strlen(plugins), sizeof(plugins) - strlen(plugins),
+	         "{\"name\":\"pgarb\",\"url\":\"%s\"},",
+	         upstream_url("plug/garbage"));
+	snprintf(plugins + strlen(plugins), sizeof(plugins) - strlen(plugins),
+	         "{\"name\":\"phang\",\"url\":\"%s\",\"timeout_ms\":200},",
+	         upstream_url("plug/hang"));
+	snprintf(plugins + strlen(plugins), sizeof(plugins) - strlen(plugins),
+	         "{\"name\":\"pdead\",\"url\":\"%s\"},"
+	         "{\"name\":\"echo\",\"url\":\"%s\"}]",
+	         dead, upstream_url("plug/ok"));
+	srv.tool_sse = tool_sse(7, names, args);
+	srv.tool_rounds = 1;
+	t0 = now_mono_ms();
+	assign_v3("r4-2", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-2", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	/* The hanging plugin's own 200 ms, not the run's 10 s. */
+	if (now_mono_ms() - t0 < 180 || now_mono_ms() - t0 > 2000)
+		T_FAIL("took %llu ms, want ~200",
+		       (unsigned long long)(now_mono_ms() - t0));
+	expect_done(nsent - 1, "r4-2", 200, 200);
+	/* The model still answered, with all 7 results. */
+	check_results(want, 7, "Done 7");
+	/* Broken arguments and an unknown tool call nothing. */
+	for (int i = 0; i < srv.nreqs; i++)
+		T_ASSERT(strcmp(srv.reqs[i].path, "/plug/ok") != 0);
+	T_EQ_INT(srv.nreqs, 3); /* s500, garbage, hang */
+	T_EQ_INT(worker_upstream_active(w.up), 0);
+	teardown();
+}
+
+static void
+t_v3_tools_parallel(void)
+{
+	static const char *const names[] = {"slow", "slow", "slow"};
+	static const char *const args[] = {"{\"i\":0}", "{\"i\":1}",
+	                                   "{\"i\":2}"};
+	static const char *const want[] = {
+	        "{\"slow\":true}", "{\"slow\":true}", "{\"slow\":true}"};
+	char plugins[256];
+	uint64_t t0;
+
+	setup();
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"slow\",\"url\":\"%s\"}]",
+	         upstream_url("plug/slow"));
+	srv.tool_sse = tool_sse(3, names, args);
+	srv.tool_rounds = 1;
+	t0 = now_mono_ms();
+	assign_v3("r4-3", "", 0, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-3", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	/* Three 300 ms plugins at once: about 300 ms, not 900. */
+	if (now_mono_ms() - t0 < 280 || now_mono_ms() - t0 > 750)
+		T_FAIL("took %llu ms, want ~300",
+		       (unsigned long long)(now_mono_ms() - t0));
+	T_EQ_INT(srv.nreqs, 3);
+	check_results(want, 3, "Done 3");
+	/* stream=0: no events at all. */
+	T_EQ_INT(find_sent(MSG_CHAT_EVENT, "edge", 0), -1);
+	teardown();
+}
+
+static void
+t_v3_tools_rounds(void)
+{
+	static const char *const names[] = {"echo"};
+	static const char *const args[] = {"{}"};
+	struct chat_persist p;
+	char plugins[256];
+	cJSON *j;
+
+	setup();
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"echo\",\"url\":\"%s\"}]",
+	         upstream_url("plug/ok"));
+	srv.tool_sse = tool_sse(1, names, args);
+	srv.tool_rounds = 1000; /* it always asks again */
+	assign_v3("r4-4", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-4", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	expect_done(nsent - 1, "r4-4", 502, 200);
+	T_EQ_INT(srv.nreqs, 5);                /* five rounds ran */
+	T_EQ_INT(srv.requests - srv.nreqs, 6); /* the sixth ask failed */
+	j = persisted(&p);
+	T_EQ_MEM(p.status.p, p.status.n, "failed");
+	T_EQ_MEM(p.last_error.p, p.last_error.n,
+	         "{\"code\":5020,\"msg\":\"too many tool rounds\"}");
+	T_EQ_INT(cJSON_GetArraySize(j), 11); /* question, 5 x (call, result) */
+	T_EQ_INT(p.prompt_tokens, 42);
+	cJSON_Delete(j);
+	teardown();
+
+	/* [worker] max_tool_rounds. */
+	setup();
+	w.max_tool_rounds = 1;
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"echo\",\"url\":\"%s\"}]",
+	         upstream_url("plug/ok"));
+	srv.tool_sse = tool_sse(1, names, args);
+	srv.tool_rounds = 1000;
+	assign_v3("r4-5", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-5", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	expect_done(nsent - 1, "r4-5", 502, 200);
+	T_EQ_INT(srv.nreqs, 1);
+	T_EQ_INT(srv.requests, 3);
+	teardown();
+}
+
+static void
+t_v3_tools_cancel(void)
+{
+	static const char *const names[] = {"hang", "echo"};
+	static const char *const args[] = {"{}", "{}"};
+	struct chat_persist p;
+	char plugins[512], *ev;
+	cJSON *j;
+	uint64_t until;
+
+	setup();
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"hang\",\"url\":\"%s\"},"
+	         "{\"name\":\"echo\",\"url\":\"%s\"}]",
+	         upstream_url("plug/hang"), upstream_url("plug/ok"));
+	srv.tool_sse = tool_sse(2, names, args);
+	srv.tool_rounds = 1;
+	assign_v3("r4-6", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-6", plugins, 0);
+	until = now_mono_ms() + 3000;
+	while (srv.nreqs < 2 && now_mono_ms() < until)
+		(void)loop_run_once(w.svc.loop, 20);
+	T_EQ_INT(srv.nreqs, 2);
+	for (int i = 0; i < 5; i++)
+		(void)loop_run_once(w.svc.loop, 20); /* echo answers */
+	T_EQ_INT(srv.closed, 0);
+	T_EQ_INT(find_sent(MSG_RUN_DONE, "dispatcher", 0), -1);
+	cancel("c4-6", "edge-c", "");
+	wait_type(MSG_RUN_DONE, "dispatcher", 1000);
+	expect_done(nsent - 1, "r4-6", 499, 200);
+	T_EQ_INT(worker_upstream_active(w.up), 0);
+	/* The plugin saw its connection close. */
+	until = now_mono_ms() + 1000;
+	while (srv.closed == 0 && now_mono_ms() < until)
+		(void)loop_run_once(w.svc.loop, 20);
+	T_ASSERT(srv.closed >= 1);
+	j = persisted(&p);
+	T_EQ_MEM(p.status.p, p.status.n, "canceled");
+	/* What was streamed: the question and the two calls; no result
+	 * (the round had not ended). */
+	T_EQ_INT(cJSON_GetArraySize(j), 3);
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 2), "type"), "function_call");
+	cJSON_Delete(j);
+	ev = all_events();
+	T_EQ_STR(event_names(ev),
+	         "conversation.chat.created conversation.chat.in_progress "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.chat.canceled done");
+	free(ev);
+	teardown();
+}
+
+static void
+t_v3_tools_text_first(void)
+{
+	/* The model says something, then asks: its text is an answer of
+	 * its own (streamed, completed, stored) before the call. */
+	static const char sse[] =
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+	        "\"Let me look.\"}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	        "\"index\":0,\"id\":\"c1\",\"function\":{\"name\":\"echo\","
+	        "\"arguments\":\"{}\"}}]}}]}\n\n"
+	        "data: {\"choices\":[{\"index\":0,\"delta\":{},"
+	        "\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n";
+	static const char *const types[] = {"question", "answer",
+	                                    "function_call", "tool_response",
+	                                    "answer"};
+	struct chat_persist p;
+	char plugins[256], *ev;
+	cJSON *j;
+
+	setup();
+	snprintf(plugins, sizeof(plugins),
+	         "[{\"name\":\"echo\",\"url\":\"%s\"}]",
+	         upstream_url("plug/ok"));
+	srv.tool_sse = sse;
+	srv.tool_rounds = 1;
+	assign_v3("r4-7", "", 1, MSGS1, now_wall_ms() + 10000);
+	ctx_reply_tools("r4-7", plugins, 0);
+	wait_type(MSG_RUN_DONE, "dispatcher", 5000);
+	j = persisted(&p);
+	T_EQ_INT(cJSON_GetArraySize(j), 5);
+	for (int i = 0; i < 5; i++)
+		T_EQ_STR(jstr(cJSON_GetArrayItem(j, i), "type"), types[i]);
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 1), "content"), "Let me look.");
+	T_EQ_STR(jstr(cJSON_GetArrayItem(j, 4), "content"), "Done 1");
+	cJSON_Delete(j);
+	ev = all_events();
+	T_EQ_STR(event_names(ev),
+	         "conversation.chat.created conversation.chat.in_progress "
+	         "conversation.message.delta conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.completed "
+	         "conversation.message.delta conversation.message.completed "
+	         "conversation.chat.completed done");
+	/* The assistant message the model gets back keeps its text. */
+	T_ASSERT(strstr(srv.last_body.b,
+	                "{\"role\":\"assistant\",\"content\":\"Let me "
+	                "look.\",\"tool_calls\":[") != NULL);
+	free(ev);
+	teardown();
+}
+
 T_TESTS = {
         {"chat_id", t_chat_id},
         {"chat_id_unique", t_chat_id_unique},
@@ -1381,6 +1931,12 @@ T_TESTS = {
         {"v3_cancel", t_v3_cancel},
         {"v3_cancel_before_ctx", t_v3_cancel_before_ctx},
         {"v3_messages", t_v3_messages},
+        {"v3_tools_ok", t_v3_tools_ok},
+        {"v3_tools_failures", t_v3_tools_failures},
+        {"v3_tools_parallel", t_v3_tools_parallel},
+        {"v3_tools_rounds", t_v3_tools_rounds},
+        {"v3_tools_cancel", t_v3_tools_cancel},
+        {"v3_tools_text_first", t_v3_tools_text_first},
         {NULL, NULL},
 };
 T_MAIN

@@ -1080,6 +1080,150 @@ t_stream_too_big(void)
 	teardown();
 }
 
+/* --- tool calls in a stream, plugin calls --- */
+
+static const char tool_text[] =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\","
+        "\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"call_a\","
+        "\"type\":\"function\",\"function\":{\"name\":\"we\","
+        "\"arguments\":\"\"}}]}}]}\n\n"
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+        "\"index\":0,\"id\":\"call_a\",\"function\":{\"name\":\"ather\","
+        "\"arguments\":\"{\\\"ci\"}}]}}]}\n\n"
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+        "\"index\":1,\"id\":\"call_b\",\"function\":{\"name\":\"time\","
+        "\"arguments\":\"{}\"}},{\"index\":0,\"function\":{\"arguments\":"
+        "\"ty\\\":\\\"Paris\\\"}\"}}]}}]}\n\n"
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":"
+        "\"tool_calls\"}]}\n\n"
+        "data: [DONE]\n\n";
+
+static void
+check_tools_parsed(const struct upstream_sse *s)
+{
+	T_EQ_INT(s->ntools, 2);
+	T_EQ_MEM(s->tools[0].id.b, s->tools[0].id.len, "call_a");
+	T_EQ_MEM(s->tools[0].name.b, s->tools[0].name.len, "weather");
+	T_EQ_MEM(s->tools[0].args.b, s->tools[0].args.len,
+	         "{\"city\":\"Paris\"}");
+	T_EQ_MEM(s->tools[1].id.b, s->tools[1].id.len, "call_b");
+	T_EQ_MEM(s->tools[1].name.b, s->tools[1].name.len, "time");
+	T_EQ_MEM(s->tools[1].args.b, s->tools[1].args.len, "{}");
+	T_EQ_INT(s->content.len, 0);
+	T_ASSERT(s->finished && s->done);
+	T_EQ_INT(s->progress, 4);
+}
+
+static const char bad_index[] =
+        "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{"
+        "\"index\":32,\"function\":{\"name\":\"x\"}}]}}]}\n\n";
+
+static void
+t_sse_tools(void)
+{
+	struct upstream_sse s;
+	size_t n = sizeof(tool_text) - 1;
+
+	memset(&s, 0, sizeof(s));
+	T_EQ_INT(worker_upstream_sse_feed(&s, tool_text, n), 0);
+	T_EQ_INT(worker_upstream_sse_end(&s), 0);
+	check_tools_parsed(&s);
+	worker_upstream_sse_free(&s);
+	/* Byte by byte: the same calls. */
+	memset(&s, 0, sizeof(s));
+	for (size_t i = 0; i < n; i++)
+		T_EQ_INT(worker_upstream_sse_feed(&s, tool_text + i, 1), 0);
+	check_tools_parsed(&s);
+	worker_upstream_sse_free(&s);
+	/* An index out of range is a broken stream. */
+	memset(&s, 0, sizeof(s));
+	T_EQ_INT(
+	        worker_upstream_sse_feed(&s, bad_index, sizeof(bad_index) - 1),
+	        -1);
+	T_EQ_INT(s.bad, 1);
+	worker_upstream_sse_free(&s);
+	/* Arguments count against the cap. */
+	memset(&s, 0, sizeof(s));
+	s.max = 8;
+	T_EQ_INT(worker_upstream_sse_feed(&s, tool_text, n), -1);
+	T_EQ_INT(s.toobig, 1);
+	worker_upstream_sse_free(&s);
+}
+
+static void
+t_request_tail(void)
+{
+	struct buf b = {0};
+
+	T_EQ_INT(worker_upstream_request_head(&b, MSTR("m"), MSTR_NULL,
+	                                      MSTR_NULL, MSTR_NULL, MSTR("q")),
+	         0);
+	T_EQ_INT(worker_upstream_request_tail(
+	                 &b, MSTR("{\"role\":\"tool\",\"content\":\"r\"}"),
+	                 MSTR("[{\"type\":\"function\"}]")),
+	         0);
+	(void)buf_add(&b, "", 1);
+	T_EQ_STR(b.b, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\","
+	              "\"content\":\"q\"},{\"role\":\"tool\",\"content\":"
+	              "\"r\"}],\"tools\":[{\"type\":\"function\"}],\"stream\":"
+	              "true,\"stream_options\":{\"include_usage\":true}}");
+	buf_free(&b);
+}
+
+static void
+post(const char *which, const char *const *hdrs, size_t nh, int64_t timeout_ms,
+     struct got *g)
+{
+	char url[128];
+	struct buf body = {0};
+
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/plug/%s", srv.port,
+	         which);
+	(void)buf_adds(&body, "{\"a\":1}");
+	T_ASSERT(worker_upstream_post(up, url, &body, MSTR_NULL, hdrs, nh,
+	                              timeout_ms, on_done, g) != NULL);
+	T_EQ_INT(body.len, 0);
+}
+
+static void
+t_post(void)
+{
+	static const char *const hdrs[] = {"X-One: 1", "X-Two: two"};
+	struct got g = {0};
+
+	setup(4096, 8);
+	post("ok", hdrs, 2, 5000, &g);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.a.status, 200);
+	T_EQ_STR(g.a.content, "{\"echo\":{\"a\":1}}");
+	T_EQ_INT(g.a.content_len, 16);
+	T_EQ_STR(srv.reqs[0].body.b, "{\"a\":1}");
+	T_ASSERT(strstr(srv.reqs[0].head.b, "\r\nX-One: 1\r\n") != NULL);
+	T_ASSERT(strstr(srv.reqs[0].head.b, "\r\nX-Two: two\r\n") != NULL);
+	T_ASSERT(strcasestr(srv.reqs[0].head.b,
+	                    "\r\nContent-Type: application/json\r\n") != NULL);
+	/* A call without extra headers sends none of the last call's. */
+	post("ok", NULL, 0, 5000, &g);
+	wait_for(&g.n, 2, 5000);
+	T_EQ_INT(g.a.status, 200);
+	T_ASSERT(strstr(srv.reqs[1].head.b, "X-One") == NULL);
+	post("s500", NULL, 0, 5000, &g);
+	wait_for(&g.n, 3, 5000);
+	T_EQ_INT(g.a.status, 502);
+	T_EQ_STR(g.a.msg, "answered status 500");
+	T_ASSERT(g.a.content == NULL);
+	post("garbage", NULL, 0, 5000, &g);
+	wait_for(&g.n, 4, 5000);
+	T_EQ_INT(g.a.status, 502);
+	T_EQ_STR(g.a.msg, "answered invalid JSON");
+	post("hang", NULL, 0, 150, &g);
+	wait_for(&g.n, 5, 5000);
+	T_EQ_INT(g.a.status, 504);
+	T_EQ_STR(g.a.msg, "timed out");
+	T_EQ_INT(worker_upstream_active(up), 0);
+	teardown();
+}
+
 T_TESTS = {
         {"url", t_url},
         {"request_exact", t_request_exact},
@@ -1118,6 +1262,9 @@ T_TESTS = {
         {"stream_timeout", t_stream_timeout},
         {"stream_cancel_in_delta", t_stream_cancel_in_delta},
         {"stream_too_big", t_stream_too_big},
+        {"sse_tools", t_sse_tools},
+        {"request_tail", t_request_tail},
+        {"post", t_post},
         {NULL, NULL},
 };
 T_MAIN
