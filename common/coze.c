@@ -13,7 +13,9 @@ static int
 add_kv_str(struct buf *b, const char *key, struct mstr v)
 {
 	return (buf_addf(b, "\"%s\":", key) == -1 ||
-	    buf_add_json_str(b, v.n ? v.p : "", v.n) == -1 ? -1 : 0);
+	                        buf_add_json_str(b, v.n ? v.p : "", v.n) == -1
+	                ? -1
+	                : 0);
 }
 
 int
@@ -22,7 +24,8 @@ coze_chat_json(struct buf *b, const struct coze_chat *c)
 	if (buf_adds(b, "{") == -1 || add_kv_str(b, "id", c->id) == -1 ||
 	    buf_adds(b, ",") == -1 ||
 	    add_kv_str(b, "conversation_id", c->conversation_id) == -1 ||
-	    buf_adds(b, ",") == -1 || add_kv_str(b, "bot_id", c->bot_id) == -1 ||
+	    buf_adds(b, ",") == -1 ||
+	    add_kv_str(b, "bot_id", c->bot_id) == -1 ||
 	    buf_addf(b, ",\"created_at\":%" PRIu64, c->created_at) == -1)
 		return (-1);
 	if (c->completed_at &&
@@ -32,14 +35,15 @@ coze_chat_json(struct buf *b, const struct coze_chat *c)
 	    buf_addf(b, ",\"failed_at\":%" PRIu64, c->failed_at) == -1)
 		return (-1);
 	if (buf_addf(b, ",\"last_error\":{\"code\":%" PRId64 ",\"msg\":",
-	    c->error_code) == -1 ||
+	             c->error_code) == -1 ||
 	    buf_add_json_str(b, c->error_msg.n ? c->error_msg.p : "",
-	    c->error_msg.n) == -1 ||
-	    buf_addf(b, "},\"status\":\"%s\",\"meta_data\":{},\"usage\":"
-	    "{\"token_count\":%" PRIu64 ",\"output_count\":%" PRIu64
-	    ",\"input_count\":%" PRIu64 "}}", c->status,
-	    c->input_tokens + c->output_tokens, c->output_tokens,
-	    c->input_tokens) == -1)
+	                     c->error_msg.n) == -1 ||
+	    buf_addf(b,
+	             "},\"status\":\"%s\",\"meta_data\":{},\"usage\":"
+	             "{\"token_count\":%" PRIu64 ",\"output_count\":%" PRIu64
+	             ",\"input_count\":%" PRIu64 "}}",
+	             c->status, c->input_tokens + c->output_tokens,
+	             c->output_tokens, c->input_tokens) == -1)
 		return (-1);
 	return (0);
 }
@@ -50,7 +54,8 @@ coze_msg_json(struct buf *b, const struct coze_msg *m)
 	if (buf_adds(b, "{") == -1 || add_kv_str(b, "id", m->id) == -1 ||
 	    buf_adds(b, ",") == -1 ||
 	    add_kv_str(b, "conversation_id", m->conversation_id) == -1 ||
-	    buf_adds(b, ",") == -1 || add_kv_str(b, "bot_id", m->bot_id) == -1 ||
+	    buf_adds(b, ",") == -1 ||
+	    add_kv_str(b, "bot_id", m->bot_id) == -1 ||
 	    buf_adds(b, ",") == -1 ||
 	    add_kv_str(b, "chat_id", m->chat_id) == -1 ||
 	    buf_adds(b, ",\"meta_data\":{},") == -1 ||
@@ -59,8 +64,9 @@ coze_msg_json(struct buf *b, const struct coze_msg *m)
 	    add_kv_str(b, "content", m->content) == -1 ||
 	    buf_adds(b, ",") == -1 ||
 	    add_kv_str(b, "content_type", m->content_type) == -1 ||
-	    buf_addf(b, ",\"created_at\":%" PRIu64 ",\"updated_at\":%" PRIu64
-	    "}", m->created_at, m->updated_at) == -1)
+	    buf_addf(b,
+	             ",\"created_at\":%" PRIu64 ",\"updated_at\":%" PRIu64 "}",
+	             m->created_at, m->updated_at) == -1)
 		return (-1);
 	return (0);
 }
@@ -119,7 +125,7 @@ static void
 digits19(uint64_t h, char out[COZE_ID_LEN + 1])
 {
 	(void)snprintf(out, COZE_ID_LEN + 1, "%" PRIu64,
-	    1000000000000000000u + h % 8000000000000000000u);
+	               1000000000000000000u + h % 8000000000000000000u);
 }
 
 void

@@ -22,7 +22,7 @@ struct coze_chat {
 	struct mstr conversation_id;
 	struct mstr bot_id;
 	const char *status; /* created, in_progress, completed, failed,
-			       requires_action, canceled */
+	                       requires_action, canceled */
 	uint64_t created_at;
 	uint64_t completed_at; /* 0: not rendered */
 	uint64_t failed_at;    /* 0: not rendered */
@@ -38,10 +38,10 @@ struct coze_msg {
 	struct mstr conversation_id;
 	struct mstr bot_id;
 	struct mstr chat_id;
-	struct mstr role;	  /* user, assistant */
-	struct mstr type;	  /* question, answer, function_call,
-				     tool_output, tool_response, follow_up,
-				     verbose */
+	struct mstr role; /* user, assistant */
+	struct mstr type; /* question, answer, function_call,
+	                     tool_output, tool_response, follow_up,
+	                     verbose */
 	struct mstr content;
 	struct mstr content_type; /* text */
 	uint64_t created_at;
@@ -68,7 +68,7 @@ int coze_sse_msg(struct buf *, const char *event, const struct coze_msg *);
 void coze_chat_id_of(struct mstr reqid, char out[COZE_ID_LEN + 1]);
 /* The id of message number idx of chat chat_id: 19 digits, stable. */
 void coze_msg_id_of(struct mstr chat_id, unsigned idx,
-    char out[COZE_ID_LEN + 1]);
+                    char out[COZE_ID_LEN + 1]);
 /* A new random conversation id: 19 digits.  -1 without randomness. */
 int coze_conv_id_new(char out[COZE_ID_LEN + 1]);
 /* Whether s looks like one of our ids: 1 to 32 decimal digits (Coze's

@@ -21,7 +21,7 @@ rl_signal_init(struct rl_signal *s)
 	memset(s, 0, sizeof(*s));
 	s->retry_after_ms = -1;
 	for (int i = 0; i < RL_Q_MAX; i++)
-		s->q[i] = (struct rl_quota){ -1, -1, -1, -1 };
+		s->q[i] = (struct rl_quota){-1, -1, -1, -1};
 	s->remaining = s->limit = s->reset_ms = s->window_ms = -1;
 }
 
@@ -33,7 +33,7 @@ trim(const char **p, size_t *n)
 		(*n)--;
 	}
 	while (*n > 0 && ((*p)[*n - 1] == ' ' || (*p)[*n - 1] == '\t' ||
-	    (*p)[*n - 1] == '\r' || (*p)[*n - 1] == '\n'))
+	                  (*p)[*n - 1] == '\r' || (*p)[*n - 1] == '\n'))
 		(*n)--;
 }
 
@@ -150,8 +150,9 @@ parse_duration(const char *p, size_t n)
 static int
 month_of(const char *m)
 {
-	static const char *names[] = { "Jan", "Feb", "Mar", "Apr", "May",
-		"Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
+	static const char *names[] = {"Jan", "Feb", "Mar", "Apr",
+	                              "May", "Jun", "Jul", "Aug",
+	                              "Sep", "Oct", "Nov", "Dec"};
 
 	for (int i = 0; i < 12; i++)
 		if (strncmp(m, names[i], 3) == 0)
@@ -177,7 +178,7 @@ days_from_civil(int64_t y, int m, int d)
 int64_t
 rl_http_date_ms(const char *p, size_t n)
 {
-	char b[64], mon[4] = { 0 };
+	char b[64], mon[4] = {0};
 	int d, y, hh, mm, ss, used = 0, mo;
 
 	trim(&p, &n);
@@ -187,19 +188,22 @@ rl_http_date_ms(const char *p, size_t n)
 	b[n] = '\0';
 	/* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
 	if (sscanf(b, "%*3s, %2d %3s %4d %2d:%2d:%2d GMT%n", &d, mon, &y, &hh,
-	    &mm, &ss, &used) == 6 && used == (int)n)
+	           &mm, &ss, &used) == 6 &&
+	    used == (int)n)
 		goto ok;
 	/* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT */
 	used = 0;
 	if (sscanf(b, "%*[A-Za-z], %2d-%3s-%2d %2d:%2d:%2d GMT%n", &d, mon, &y,
-	    &hh, &mm, &ss, &used) == 6 && used == (int)n) {
+	           &hh, &mm, &ss, &used) == 6 &&
+	    used == (int)n) {
 		y += y < 70 ? 2000 : 1900;
 		goto ok;
 	}
 	/* asctime: Sun Nov  6 08:49:37 1994 */
 	used = 0;
 	if (sscanf(b, "%*3s %3s %d %2d:%2d:%2d %4d%n", mon, &d, &hh, &mm, &ss,
-	    &y, &used) == 6 && used == (int)n)
+	           &y, &used) == 6 &&
+	    used == (int)n)
 		goto ok;
 	return (-1);
 ok:
@@ -208,7 +212,7 @@ ok:
 	    ss < 0)
 		return (-1);
 	return (((days_from_civil(y, mo, d) * 24 + hh) * 60 + mm) * 60000 +
-	    (int64_t)ss * 1000);
+	        (int64_t)ss * 1000);
 }
 
 void
@@ -249,7 +253,7 @@ set_count(struct rl_signal *s, int64_t *dst, const char *v, size_t n)
 /* X-RateLimit-Reset: delta seconds, or epoch seconds (GitHub, others). */
 static void
 set_reset_seconds(struct rl_signal *s, int64_t *dst, const char *v, size_t n,
-    uint64_t now_ms)
+                  uint64_t now_ms)
 {
 	int64_t x = parse_count(v, n), ms;
 
@@ -307,10 +311,10 @@ ietf(struct rl_signal *s, int policy, const char *v, size_t n)
 			else if (q->remaining < 0 || x < q->remaining)
 				q->remaining = x;
 		} else if (param(v + i, k, "limit", &pv, &pn) ||
-		    param(v + i, k, "q", &pv, &pn))
+		           param(v + i, k, "q", &pv, &pn))
 			set_count(s, &q->limit, pv, pn);
 		else if (param(v + i, k, "reset", &pv, &pn) ||
-		    param(v + i, k, "t", &pv, &pn)) {
+		         param(v + i, k, "t", &pv, &pn)) {
 			int64_t x = parse_seconds(pv, pn);
 
 			if (x < 0)
@@ -332,7 +336,7 @@ ietf(struct rl_signal *s, int policy, const char *v, size_t n)
 
 void
 rl_signal_header(struct rl_signal *s, const char *name, size_t nn,
-    const char *v, size_t vn, uint64_t now_ms)
+                 const char *v, size_t vn, uint64_t now_ms)
 {
 	struct rl_quota *q;
 	int64_t x;
@@ -353,7 +357,9 @@ rl_signal_header(struct rl_signal *s, const char *name, size_t nn,
 				return;
 			}
 			x = at - (int64_t)now_ms;
-			x = x < 0 ? 0 : x > RL_MAX_WAIT_MS ? RL_MAX_WAIT_MS : x;
+			x = x < 0                ? 0
+			    : x > RL_MAX_WAIT_MS ? RL_MAX_WAIT_MS
+			                         : x;
 		}
 		if (x > s->retry_after_ms)
 			s->retry_after_ms = x;
@@ -385,17 +391,17 @@ rl_signal_header(struct rl_signal *s, const char *name, size_t nn,
 		s->seen |= RL_SEEN_IETF;
 		set_reset_seconds(s, &s->q[RL_Q_IETF].reset_ms, v, vn, now_ms);
 	} else if (name_is(name, nn, "x-ratelimit-remaining-requests") ||
-	    name_is(name, nn, "x-ratelimit-remaining-tokens")) {
+	           name_is(name, nn, "x-ratelimit-remaining-tokens")) {
 		s->seen |= RL_SEEN_OPENAI;
 		q = &s->q[nn == 30 ? RL_Q_OAI_REQ : RL_Q_OAI_TOK];
 		set_count(s, &q->remaining, v, vn);
 	} else if (name_is(name, nn, "x-ratelimit-limit-requests") ||
-	    name_is(name, nn, "x-ratelimit-limit-tokens")) {
+	           name_is(name, nn, "x-ratelimit-limit-tokens")) {
 		s->seen |= RL_SEEN_OPENAI;
 		q = &s->q[nn == 26 ? RL_Q_OAI_REQ : RL_Q_OAI_TOK];
 		set_count(s, &q->limit, v, vn);
 	} else if (name_is(name, nn, "x-ratelimit-reset-requests") ||
-	    name_is(name, nn, "x-ratelimit-reset-tokens")) {
+	           name_is(name, nn, "x-ratelimit-reset-tokens")) {
 		s->seen |= RL_SEEN_OPENAI;
 		q = &s->q[nn == 26 ? RL_Q_OAI_REQ : RL_Q_OAI_TOK];
 		if ((x = parse_duration(v, vn)) < 0 &&
@@ -418,7 +424,7 @@ rl_signal_finish(struct rl_signal *s)
 			continue;
 		if (best == NULL || q->remaining < best->remaining ||
 		    (q->remaining == best->remaining &&
-		    q->reset_ms > best->reset_ms))
+		     q->reset_ms > best->reset_ms))
 			best = q;
 	}
 	if (best != NULL) {

@@ -26,12 +26,12 @@
 
 /* Which dialects were seen (rl_signal.seen). */
 enum {
-	RL_SEEN_STATUS = 1 << 0,      /* 429 or 503 */
+	RL_SEEN_STATUS = 1 << 0, /* 429 or 503 */
 	RL_SEEN_RETRY_AFTER = 1 << 1,
-	RL_SEEN_XRATELIMIT = 1 << 2,  /* X-RateLimit-* */
-	RL_SEEN_IETF = 1 << 3,	      /* RateLimit, RateLimit-Policy */
-	RL_SEEN_OPENAI = 1 << 4,      /* x-ratelimit-*-requests|tokens */
-	RL_SEEN_COZE = 1 << 5,	      /* code 4009, 4013, 4020 */
+	RL_SEEN_XRATELIMIT = 1 << 2, /* X-RateLimit-* */
+	RL_SEEN_IETF = 1 << 3,       /* RateLimit, RateLimit-Policy */
+	RL_SEEN_OPENAI = 1 << 4,     /* x-ratelimit-*-requests|tokens */
+	RL_SEEN_COZE = 1 << 5,       /* code 4009, 4013, 4020 */
 	RL_SEEN_TIMEOUT = 1 << 6,
 };
 
@@ -43,11 +43,11 @@ struct rl_quota {
 };
 
 struct rl_signal {
-	unsigned seen;		/* RL_SEEN_* */
-	int throttled;		/* the upstream refused for rate or load */
-	int64_t retry_after_ms;	/* -1: not given */
+	unsigned seen;          /* RL_SEEN_* */
+	int throttled;          /* the upstream refused for rate or load */
+	int64_t retry_after_ms; /* -1: not given */
 	struct rl_quota q[RL_Q_MAX];
-	unsigned garbage;	/* values that did not parse, ignored */
+	unsigned garbage; /* values that did not parse, ignored */
 	/* Filled by rl_signal_finish() from q[]: the quota with the least
 	 * remaining (ties: the longest reset), -1 where unknown. */
 	int64_t remaining, limit, reset_ms, window_ms;
@@ -60,7 +60,7 @@ void rl_signal_status(struct rl_signal *, long status);
 /* Note one header field (name matched case-insensitively; names that are
  * not rate-limit fields are ignored).  now_ms: wall time, for dates. */
 void rl_signal_header(struct rl_signal *, const char *name, size_t namelen,
-    const char *value, size_t valuelen, uint64_t now_ms);
+                      const char *value, size_t valuelen, uint64_t now_ms);
 /* Note a Coze-style JSON body's "code" (4009, 4013, 4020 throttle). */
 void rl_signal_coze_code(struct rl_signal *, int64_t code);
 /* Note that the call timed out (a signal of overload, not a quota). */

@@ -29,7 +29,7 @@ limit_conf_default(struct limit_conf *c, enum limit_policy p, int per)
 void
 limit_init(struct limit_state *s, const struct limit_conf *c, uint64_t now)
 {
-	*s = (struct limit_state){ 0 };
+	*s = (struct limit_state){0};
 	s->children = c->children_min;
 	s->limit = (double)c->children_min * c->runs_per_child;
 	s->last_change = now;
@@ -37,7 +37,7 @@ limit_init(struct limit_state *s, const struct limit_conf *c, uint64_t now)
 
 static void
 set_children(struct limit_state *s, const struct limit_conf *c, int n,
-    uint64_t now)
+             uint64_t now)
 {
 	if (n < c->children_min)
 		n = c->children_min;
@@ -57,7 +57,7 @@ pause_for(struct limit_state *s, int64_t ms, uint64_t now)
 
 static int
 on_fixed(struct limit_state *s, const struct limit_conf *c,
-    const struct limit_obs *o, uint64_t now, const char **cause)
+         const struct limit_obs *o, uint64_t now, const char **cause)
 {
 	int old = s->children, n;
 
@@ -75,7 +75,7 @@ on_fixed(struct limit_state *s, const struct limit_conf *c,
 
 static int
 on_aimd(struct limit_state *s, const struct limit_conf *c,
-    const struct limit_obs *o, uint64_t now, const char **cause)
+        const struct limit_obs *o, uint64_t now, const char **cause)
 {
 	double old = s->limit;
 	uint64_t rtt = o->latency_us;
@@ -108,7 +108,7 @@ on_aimd(struct limit_state *s, const struct limit_conf *c,
 			s->limit = fmax(c->limit_min, s->limit * 0.9);
 			s->last_change = now;
 			*cause = "upstream latency over 2 x its minimum: "
-			    "limit x 0.9";
+			         "limit x 0.9";
 			return (1);
 		}
 	}
@@ -123,15 +123,15 @@ on_aimd(struct limit_state *s, const struct limit_conf *c,
 
 int
 limit_on_result(struct limit_state *s, const struct limit_conf *c,
-    const struct limit_obs *o, uint64_t now, const char **cause)
+                const struct limit_obs *o, uint64_t now, const char **cause)
 {
-	return (c->policy == LIMIT_FIXED ? on_fixed(s, c, o, now, cause) :
-	    on_aimd(s, c, o, now, cause));
+	return (c->policy == LIMIT_FIXED ? on_fixed(s, c, o, now, cause)
+	                                 : on_aimd(s, c, o, now, cause));
 }
 
 int
-limit_on_tick(struct limit_state *s, const struct limit_conf *c,
-    uint64_t now, const char **cause)
+limit_on_tick(struct limit_state *s, const struct limit_conf *c, uint64_t now,
+              const char **cause)
 {
 	int old = s->children;
 
@@ -166,8 +166,7 @@ limit_wait_ms(const struct limit_state *s, uint64_t now)
 }
 
 int
-limit_children(const struct limit_conf *c, const struct limit_state *v,
-    int n)
+limit_children(const struct limit_conf *c, const struct limit_state *v, int n)
 {
 	double sum = 0;
 	int want = c->children_min;

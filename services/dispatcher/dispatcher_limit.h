@@ -26,51 +26,52 @@ enum limit_policy { LIMIT_FIXED, LIMIT_AIMD };
 
 struct limit_conf {
 	enum limit_policy policy;
-	int children_min;	/* 2 */
-	int children_max;	/* 50 */
-	int runs_per_child;	/* the dispatcher's runs_per_worker */
-	uint64_t quiet_ms;	/* fixed: double after this long, 5000 */
-	double cut;		/* fixed: 0.3 */
-	double decrease;	/* aimd: 0.7 */
-	double latency_factor;	/* aimd: 2.0 */
-	double limit_min;	/* aimd: 1 */
-	double limit_max;	/* aimd: children_max x runs_per_child */
+	int children_min;      /* 2 */
+	int children_max;      /* 50 */
+	int runs_per_child;    /* the dispatcher's runs_per_worker */
+	uint64_t quiet_ms;     /* fixed: double after this long, 5000 */
+	double cut;            /* fixed: 0.3 */
+	double decrease;       /* aimd: 0.7 */
+	double latency_factor; /* aimd: 2.0 */
+	double limit_min;      /* aimd: 1 */
+	double limit_max;      /* aimd: children_max x runs_per_child */
 };
 
 /* What one finished run said about its upstream. */
 struct limit_obs {
-	int throttled;		/* 429, 503, a Coze throttle code */
-	int timeout;		/* the upstream call timed out */
-	int64_t backoff_ms;	/* Retry-After or an exhausted quota's reset */
-	uint64_t latency_us;	/* the upstream call, 0: unknown */
+	int throttled;       /* 429, 503, a Coze throttle code */
+	int timeout;         /* the upstream call timed out */
+	int64_t backoff_ms;  /* Retry-After or an exhausted quota's reset */
+	uint64_t latency_us; /* the upstream call, 0: unknown */
 };
 
 struct limit_state {
-	double limit;		/* in-flight runs allowed */
-	int children;		/* fixed: the child count it wants */
-	uint64_t pause_until;	/* send nothing before (ms), 0: none */
-	uint64_t last_signal;	/* ms of the last throttle signal, 0: none */
-	uint64_t last_change;	/* ms of the last change of limit */
-	uint64_t min_rtt_us;	/* aimd: smallest round trip (decays) */
-	uint64_t min_rtt_at;	/* when it was seen */
+	double limit;         /* in-flight runs allowed */
+	int children;         /* fixed: the child count it wants */
+	uint64_t pause_until; /* send nothing before (ms), 0: none */
+	uint64_t last_signal; /* ms of the last throttle signal, 0: none */
+	uint64_t last_change; /* ms of the last change of limit */
+	uint64_t min_rtt_us;  /* aimd: smallest round trip (decays) */
+	uint64_t min_rtt_at;  /* when it was seen */
 	uint64_t last_latency_cut;
-	uint64_t signals;	/* throttle signals seen */
+	uint64_t signals; /* throttle signals seen */
 };
 
 /* Defaults as documented above (runs_per_child given). */
 void limit_conf_default(struct limit_conf *, enum limit_policy,
-    int runs_per_child);
+                        int runs_per_child);
 /* A fresh key: fixed starts at children_min children; aimd at the
  * limit children_min children would carry. */
 void limit_init(struct limit_state *, const struct limit_conf *, uint64_t now);
 /* A run of this key finished with obs.  1 if the limit (or the child
  * count) changed, with *cause a static sentence for the log; else 0. */
 int limit_on_result(struct limit_state *, const struct limit_conf *,
-    const struct limit_obs *, uint64_t now, const char **cause);
+                    const struct limit_obs *, uint64_t now,
+                    const char **cause);
 /* Called every second or so: fixed doubles after quiet_ms without a
  * signal.  1 and *cause if something changed. */
 int limit_on_tick(struct limit_state *, const struct limit_conf *,
-    uint64_t now, const char **cause);
+                  uint64_t now, const char **cause);
 /* Whether one more run may start now with inflight already running. */
 int limit_admit(const struct limit_state *, uint64_t inflight, uint64_t now);
 /* The in-flight limit as a whole number (at least 1 unless paused). */
@@ -81,6 +82,6 @@ uint64_t limit_wait_ms(const struct limit_state *, uint64_t now);
  * any key; aimd, enough children to carry the sum of the limits; both
  * within [children_min, children_max]. */
 int limit_children(const struct limit_conf *, const struct limit_state *,
-    int n);
+                   int n);
 
 #endif

@@ -13,21 +13,27 @@
 static void
 t_chat_json(void)
 {
-	struct buf b = { 0 };
-	struct coze_chat c = { .id = MSTR_LIT("7400000000000000008"),
-		.conversation_id = MSTR_LIT("7400000000000000007"),
-		.bot_id = MSTR_LIT("bot\"1"), .status = "completed",
-		.created_at = 1718609571, .completed_at = 1718609572,
-		.input_tokens = 10, .output_tokens = 5 };
+	struct buf b = {0};
+	struct coze_chat c = {.id = MSTR_LIT("7400000000000000008"),
+	                      .conversation_id =
+	                              MSTR_LIT("7400000000000000007"),
+	                      .bot_id = MSTR_LIT("bot\"1"),
+	                      .status = "completed",
+	                      .created_at = 1718609571,
+	                      .completed_at = 1718609572,
+	                      .input_tokens = 10,
+	                      .output_tokens = 5};
 
 	T_EQ_INT(coze_chat_json(&b, &c), 0);
 	T_EQ_MEM(b.b, b.len,
-	    "{\"id\":\"7400000000000000008\",\"conversation_id\":"
-	    "\"7400000000000000007\",\"bot_id\":\"bot\\\"1\",\"created_at\":"
-	    "1718609571,\"completed_at\":1718609572,\"last_error\":{\"code\":"
-	    "0,\"msg\":\"\"},\"status\":\"completed\",\"meta_data\":{},"
-	    "\"usage\":{\"token_count\":15,\"output_count\":5,"
-	    "\"input_count\":10}}");
+	         "{\"id\":\"7400000000000000008\",\"conversation_id\":"
+	         "\"7400000000000000007\",\"bot_id\":\"bot\\\"1\",\"created_"
+	         "at\":"
+	         "1718609571,\"completed_at\":1718609572,\"last_error\":{"
+	         "\"code\":"
+	         "0,\"msg\":\"\"},\"status\":\"completed\",\"meta_data\":{},"
+	         "\"usage\":{\"token_count\":15,\"output_count\":5,"
+	         "\"input_count\":10}}");
 	buf_reset(&b);
 	c.status = "failed";
 	c.completed_at = 0;
@@ -35,8 +41,10 @@ t_chat_json(void)
 	c.error_code = 5040;
 	c.error_msg = MSTR_LIT("deadline\nexceeded");
 	T_EQ_INT(coze_chat_json(&b, &c), 0);
-	T_ASSERT(strstr(b.b, "\"failed_at\":1718609573,\"last_error\":"
-	    "{\"code\":5040,\"msg\":\"deadline\\nexceeded\"}") != NULL);
+	T_ASSERT(strstr(b.b,
+	                "\"failed_at\":1718609573,\"last_error\":"
+	                "{\"code\":5040,\"msg\":\"deadline\\nexceeded\"}") !=
+	         NULL);
 	T_ASSERT(strstr(b.b, "completed_at") == NULL);
 	buf_free(&b);
 }
@@ -44,23 +52,28 @@ t_chat_json(void)
 static void
 t_msg_and_sse(void)
 {
-	struct buf b = { 0 };
-	struct coze_msg m = { .id = MSTR_LIT("1"),
-		.conversation_id = MSTR_LIT("2"), .bot_id = MSTR_LIT("3"),
-		.chat_id = MSTR_LIT("4"), .role = MSTR_LIT("assistant"),
-		.type = MSTR_LIT("answer"),
-		.content = MSTR_LIT("line1\nline2 \"q\" \xe4\xbb\x8a"),
-		.content_type = MSTR_LIT("text"), .created_at = 5,
-		.updated_at = 6 };
+	struct buf b = {0};
+	struct coze_msg m = {
+	        .id = MSTR_LIT("1"),
+	        .conversation_id = MSTR_LIT("2"),
+	        .bot_id = MSTR_LIT("3"),
+	        .chat_id = MSTR_LIT("4"),
+	        .role = MSTR_LIT("assistant"),
+	        .type = MSTR_LIT("answer"),
+	        .content = MSTR_LIT("line1\nline2 \"q\" \xe4\xbb\x8a"),
+	        .content_type = MSTR_LIT("text"),
+	        .created_at = 5,
+	        .updated_at = 6};
 
 	T_EQ_INT(coze_sse_msg(&b, "conversation.message.delta", &m), 0);
-	T_EQ_MEM(b.b, b.len,
-	    "event:conversation.message.delta\ndata:{\"id\":\"1\","
-	    "\"conversation_id\":\"2\",\"bot_id\":\"3\",\"chat_id\":\"4\","
-	    "\"meta_data\":{},\"role\":\"assistant\",\"type\":\"answer\","
-	    "\"content\":\"line1\\nline2 \\\"q\\\" \xe4\xbb\x8a\","
-	    "\"content_type\":\"text\",\"created_at\":5,\"updated_at\":6}"
-	    "\n\n");
+	T_EQ_MEM(
+	        b.b, b.len,
+	        "event:conversation.message.delta\ndata:{\"id\":\"1\","
+	        "\"conversation_id\":\"2\",\"bot_id\":\"3\",\"chat_id\":\"4\","
+	        "\"meta_data\":{},\"role\":\"assistant\",\"type\":\"answer\","
+	        "\"content\":\"line1\\nline2 \\\"q\\\" \xe4\xbb\x8a\","
+	        "\"content_type\":\"text\",\"created_at\":5,\"updated_at\":6}"
+	        "\n\n");
 	buf_reset(&b);
 	T_EQ_INT(coze_sse_done(&b), 0);
 	T_EQ_MEM(b.b, b.len, "event:done\ndata:\"[DONE]\"\n\n");
@@ -93,9 +106,9 @@ t_ids(void)
 }
 
 T_TESTS = {
-	{ "chat_json", t_chat_json },
-	{ "msg_and_sse", t_msg_and_sse },
-	{ "ids", t_ids },
-	{ NULL, NULL },
+        {"chat_json", t_chat_json},
+        {"msg_and_sse", t_msg_and_sse},
+        {"ids", t_ids},
+        {NULL, NULL},
 };
 T_MAIN

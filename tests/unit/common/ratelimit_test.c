@@ -53,15 +53,23 @@ t_retry_after(void)
 	hdr(&s, "Retry-After", "99999999999999999999");
 	T_EQ_INT(s.retry_after_ms, RL_MAX_WAIT_MS);
 	T_EQ_INT(rl_http_date_ms("Sun, 06 Nov 1994 08:49:37 GMT", 29),
-	    784111777000LL);
+	         784111777000LL);
 }
 
 static void
 t_garbage(void)
 {
-	static const char *bad[] = { "-5", "", "soon", "5s", "1e3", "0x10",
-		"Sun, 32 Nov 2026 06:00:30 GMT", "Fri, 22 Foo 2026 06:00 GMT",
-		"12 34", ".5", "5." };
+	static const char *bad[] = {"-5",
+	                            "",
+	                            "soon",
+	                            "5s",
+	                            "1e3",
+	                            "0x10",
+	                            "Sun, 32 Nov 2026 06:00:30 GMT",
+	                            "Fri, 22 Foo 2026 06:00 GMT",
+	                            "12 34",
+	                            ".5",
+	                            "5."};
 	struct rl_signal s;
 
 	for (size_t i = 0; i < nitems(bad); i++) {
@@ -104,7 +112,7 @@ t_xratelimit(void)
 	T_EQ_INT(s.reset_ms, 12000);
 	T_EQ_INT(rl_signal_backoff_ms(&s), 12000);
 	T_ASSERT(!s.throttled); /* a quota, not a refusal */
-	rl_signal_init(&s); /* GitHub style: an epoch second */
+	rl_signal_init(&s);     /* GitHub style: an epoch second */
 	hdr(&s, "x-ratelimit-remaining", "3");
 	hdr(&s, "x-ratelimit-reset", "1795327245");
 	rl_signal_finish(&s);
@@ -203,12 +211,12 @@ t_coze_and_timeouts(void)
 }
 
 T_TESTS = {
-	{ "retry_after", t_retry_after },
-	{ "garbage", t_garbage },
-	{ "xratelimit", t_xratelimit },
-	{ "ietf", t_ietf },
-	{ "openai", t_openai },
-	{ "coze_and_timeouts", t_coze_and_timeouts },
-	{ NULL, NULL },
+        {"retry_after", t_retry_after},
+        {"garbage", t_garbage},
+        {"xratelimit", t_xratelimit},
+        {"ietf", t_ietf},
+        {"openai", t_openai},
+        {"coze_and_timeouts", t_coze_and_timeouts},
+        {NULL, NULL},
 };
 T_MAIN

@@ -15,7 +15,7 @@ t_fixed_cut_pause_double(void)
 {
 	struct limit_conf c;
 	struct limit_state s;
-	struct limit_obs thr = { .throttled = 1, .backoff_ms = 3000 };
+	struct limit_obs thr = {.throttled = 1, .backoff_ms = 3000};
 	const char *cause = NULL;
 	uint64_t now = 1000;
 
@@ -43,7 +43,7 @@ t_fixed_cut_pause_double(void)
 	T_ASSERT(!limit_admit(&s, 350, now + 3000));
 	/* more 429s: 35 24 16 11 7 4 2 2 (floor) */
 	{
-		static const int seq[] = { 24, 16, 11, 7, 4, 2, 2 };
+		static const int seq[] = {24, 16, 11, 7, 4, 2, 2};
 
 		for (size_t i = 0; i < nitems(seq); i++) {
 			(void)limit_on_result(&s, &c, &thr, now, &cause);
@@ -56,7 +56,7 @@ t_fixed_cut_pause_double(void)
 	T_EQ_INT(s.children, 4);
 	/* answers without a signal change nothing in fixed */
 	{
-		struct limit_obs ok = { .latency_us = 1000 };
+		struct limit_obs ok = {.latency_us = 1000};
 
 		T_EQ_INT(limit_on_result(&s, &c, &ok, now + 5001, &cause), 0);
 		T_EQ_INT(s.children, 4);
@@ -68,9 +68,9 @@ t_aimd(void)
 {
 	struct limit_conf c;
 	struct limit_state a, b;
-	struct limit_obs ok = { .latency_us = 10000 };
-	struct limit_obs thr = { .throttled = 1, .backoff_ms = 1000 };
-	struct limit_obs slow = { .latency_us = 50000 };
+	struct limit_obs ok = {.latency_us = 10000};
+	struct limit_obs thr = {.throttled = 1, .backoff_ms = 1000};
+	struct limit_obs slow = {.latency_us = 50000};
 	const char *cause = NULL;
 	uint64_t now = 1000, before;
 
@@ -106,16 +106,16 @@ t_aimd(void)
 	T_EQ_INT(limit_value(&a), 1);
 	/* children follow the sum of the limits */
 	{
-		struct limit_state v[2] = { a, b };
+		struct limit_state v[2] = {a, b};
 
 		T_EQ_INT(limit_children(&c, v, 2),
-		    (int)((limit_value(&a) + limit_value(&b) + 9) / 10));
+		         (int)((limit_value(&a) + limit_value(&b) + 9) / 10));
 	}
 }
 
 T_TESTS = {
-	{ "fixed_cut_pause_double", t_fixed_cut_pause_double },
-	{ "aimd", t_aimd },
-	{ NULL, NULL },
+        {"fixed_cut_pause_double", t_fixed_cut_pause_double},
+        {"aimd", t_aimd},
+        {NULL, NULL},
 };
 T_MAIN
