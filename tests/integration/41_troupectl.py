@@ -356,5 +356,35 @@ def test_root_with_a_rundir_of_another_user():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_roll_plan():
+    """troupectl roll restarts in dependency order, a subset keeps that
+    order, and a wrong name is a usage error before anything restarts
+    (the roll itself runs under systemd: 61_systemd.py)."""
+    def roll(*args):
+        return subprocess.run([h.binary("troupectl"), "roll"] + list(args),
+                              capture_output=True, text=True,
+                              env=h.clean_env(), timeout=30)
+    r = roll("--dry-run")
+    h.eq(r.returncode, 0, "roll --dry-run: %s" % r.stderr)
+    units = [ln.split()[-1] for ln in r.stdout.splitlines()
+             if ln.startswith("systemctl restart")]
+    h.eq(units, ["troupe-%s.service" % s for s in
+                 ("telemetry", "storage", "auth", "dispatcher", "edge")],
+         "restart order")
+    h.check(all("is-active" in ln for ln in r.stdout.splitlines()[1::2]),
+            "each restart is checked active before the next: %r" %
+            r.stdout)
+    r = roll("--services", "edge,auth", "--dry-run")
+    units = [ln.split()[-1] for ln in r.stdout.splitlines()
+             if ln.startswith("systemctl restart")]
+    h.eq(units, ["troupe-auth.service", "troupe-edge.service"],
+         "a subset, in dependency order")
+    for bad in ("edge,foo", "edge,edge", ""):
+        r = roll("--services", bad, "--dry-run") if bad else \
+            roll("extra", "--dry-run")
+        h.eq(r.returncode, 2, "roll %r: usage error (%s)" % (bad, r.stderr))
+        h.eq(r.stdout, "", "nothing restarted for %r" % bad)
+
+
 if __name__ == "__main__":
     h.main(globals())

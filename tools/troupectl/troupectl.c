@@ -48,6 +48,7 @@
 #include "ipc.h"
 #include "loop.h"
 #include "proto.h"
+#include "troupectl_roll.h"
 #include "util.h"
 
 #define CTL_DEFAULT_CONFIG "/etc/troupe/troupe.conf"
@@ -95,6 +96,8 @@ static const char usage_main[] =
         "             [--timeout-ms N]\n"
         "  plugin list <bot> [--json]\n"
         "  plugin rm <bot> <name>\n"
+        "  roll [--services LIST] [--dry-run]\n"
+        "              restart every service under systemd, one at a time\n"
         "\n"
         "Options:\n"
         "  -c, --config PATH  config file (default " CTL_DEFAULT_CONFIG ",\n"
@@ -246,6 +249,8 @@ enum {
 	OPT_SECRET,
 	OPT_SECRET_FILE,
 	OPT_TIMEOUT_MS,
+	OPT_SERVICES,
+	OPT_DRY_RUN,
 };
 
 /* Options of plugin add. */
@@ -1354,6 +1359,8 @@ main(int argc, char **argv)
 	        {"secret", required_argument, NULL, OPT_SECRET},
 	        {"secret-file", required_argument, NULL, OPT_SECRET_FILE},
 	        {"timeout-ms", required_argument, NULL, OPT_TIMEOUT_MS},
+	        {"services", required_argument, NULL, OPT_SERVICES},
+	        {"dry-run", no_argument, NULL, OPT_DRY_RUN},
 	        {NULL, 0, NULL, 0},
 	};
 	struct bot_opts o = {NULL, NULL, NULL, -1, -1, -1, 0, 0, 0};
@@ -1362,8 +1369,9 @@ main(int argc, char **argv)
 	                         NULL, NULL, -1,   0};
 	struct ctl c;
 	const char *cfg = getenv("TROUPE_CONFIG"), *op = NULL, *usage;
-	const char *cmd, *sub;
+	const char *cmd, *sub, *roll_services = NULL;
 	char err[512], *args = NULL, *end;
+	int roll_dry = 0, roll_seen = 0;
 	double timeout = 5;
 	int ch, help = 0, explicit_cfg = cfg != NULL, rc, nops;
 
@@ -1478,6 +1486,14 @@ main(int argc, char **argv)
 				                    optarg));
 			po.seen = 1;
 			break;
+		case OPT_SERVICES:
+			roll_services = optarg;
+			roll_seen = 1;
+			break;
+		case OPT_DRY_RUN:
+			roll_dry = 1;
+			roll_seen = 1;
+			break;
 		case ':':
 			return (usage_error(usage_main,
 			                    "option %s needs a value",
@@ -1503,6 +1519,17 @@ main(int argc, char **argv)
 		fputs(usage_main, stdout);
 		return (CTL_EXIT_OK);
 	}
+	if (strcmp(cmd, "roll") == 0) {
+		if (o.seen_add || o.seen_list || ko.seen || po.seen)
+			return (usage_error(usage_main, "%s",
+			                    "roll takes only --services, "
+			                    "--dry-run and --timeout"));
+		return (roll_main(help, nops - 1, argv + optind + 1,
+		                  roll_services, roll_dry, timeout));
+	}
+	if (roll_seen)
+		return (usage_error(usage_main, "%s",
+		                    "--services and --dry-run belong to roll"));
 	if (strcmp(cmd, "plugin") == 0) {
 		if (o.seen_add)
 			return (usage_error(
