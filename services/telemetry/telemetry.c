@@ -4,7 +4,10 @@
  * sends METRICS{service, text} once a second (proto/svc.c); this one keeps
  * the latest text per service (telemetry_store.c), and GET /metrics on
  * [telemetry] listen merges them with its own series into one valid
- * Prometheus exposition (telemetry_merge.c, telemetry_http.c).
+ * Prometheus exposition (telemetry_merge.c, telemetry_http.c).  It is
+ * also the only process that loads the eBPF scheduler probes
+ * (telemetry_ebpf.c; never fatal) and serves their heatmaps (/heatmap,
+ * /api/heatmap: telemetry_heat.c).
  *
  * main() hands the setup to svc (config, log, loop, mailbox), reads
  * [telemetry], sweeps the store once a second and runs h2o's loop with
@@ -36,6 +39,8 @@
 struct telemetry_conf {
 	char listen[128];
 	int64_t stale_after_s, forget_after_s, max_report_bytes;
+	int64_t heatmap_window_s;
+	struct telemetry_ebpf_conf ebpf;
 };
 
 static struct svc tsvc;
@@ -89,6 +94,39 @@ telemetry_conf_load(struct telemetry_conf *c, char *err, size_t errlen)
 	    conf_get_int("telemetry", "max_report_bytes", 1 << 20, 1024,
 	                 64 << 20, &c->max_report_bytes, err, errlen) == -1)
 		return (-1);
+	if (conf_get_int("telemetry", "heatmap_window_s", 600, 10, 86400,
+	                 &c->heatmap_window_s, err, errlen) == -1)
+		return (-1);
+	l = conf_get("telemetry", "ebpf", "on");
+	if (strcmp(l, "on") == 0 || strcmp(l, "1") == 0 ||
+	    strcmp(l, "yes") == 0 || strcmp(l, "true") == 0)
+		c->ebpf.enabled = 1;
+	else if (strcmp(l, "off") != 0 && strcmp(l, "0") != 0 &&
+	         strcmp(l, "no") != 0 && strcmp(l, "false") != 0) {
+		snprintf(err, errlen,
+		         "[telemetry] ebpf: want on or off, got "
+		         "\"%s\"",
+		         l);
+		return (-1);
+	}
+	l = conf_get("telemetry", "ebpf_pin_dir", "/sys/fs/bpf/troupe");
+	if (strlen(l) >= sizeof(c->ebpf.pin_dir) ||
+	    (l[0] != '\0' && l[0] != '/')) {
+		snprintf(err, errlen,
+		         "[telemetry] ebpf_pin_dir: want an "
+		         "absolute path or nothing");
+		return (-1);
+	}
+	strcpy(c->ebpf.pin_dir, l);
+	l = conf_get("telemetry", "ebpf_cgroup_root", "");
+	if (strlen(l) >= sizeof(c->ebpf.cgroup_root) ||
+	    (l[0] != '\0' && l[0] != '/')) {
+		snprintf(err, errlen,
+		         "[telemetry] ebpf_cgroup_root: want an "
+		         "absolute path or nothing");
+		return (-1);
+	}
+	strcpy(c->ebpf.cgroup_root, l);
 	if (c->forget_after_s < c->stale_after_s) {
 		snprintf(err, errlen,
 		         "[telemetry] forget_after_s (%lld) is below "
@@ -124,6 +162,13 @@ telemetry_on_reload(struct svc *svc, void *arg)
 	if (strcmp(c.listen, tconf.listen) != 0)
 		log_warnx("%s: [telemetry] listen changes only on restart",
 		          __func__);
+	if (memcmp(&c.ebpf, &tconf.ebpf, sizeof(c.ebpf)) != 0 ||
+	    c.heatmap_window_s != tconf.heatmap_window_s)
+		log_warnx("%s: [telemetry] ebpf* and heatmap_window_s change "
+		          "only on restart",
+		          __func__);
+	c.ebpf = tconf.ebpf;
+	c.heatmap_window_s = tconf.heatmap_window_s;
 	telemetry_conf_apply(&c);
 	memcpy(c.listen, tconf.listen, sizeof(c.listen));
 	tconf = c;
@@ -138,6 +183,7 @@ telemetry_sweep(struct loop *l, void *arg)
 
 	(void)l;
 	telemetry_store_sweep(&t->store, now_mono_ms());
+	telemetry_ebpf_tick(t);
 	for (i = 0; i < t->store.npeers; i++)
 		up += t->store.peers[i].text != NULL;
 	svc_status(t->svc,
@@ -194,7 +240,8 @@ telemetry_page(struct telemetry *t, struct buf *out)
 	int rc = -1;
 
 	if (metrics_render(t->svc->metrics, &own) == -1 ||
-	    telemetry_process(&own) == -1)
+	    telemetry_process(&own) == -1 ||
+	    heat_prom(&t->heat, t->ebpf != NULL, &own) == -1)
 		goto out;
 	rc = telemetry_store_render(&t->store, own.b, own.len, t->svc->name,
 	                            now_mono_ms(), out);
@@ -228,7 +275,13 @@ static const struct svc_def telemetry_def = {
                 "its\n"
                 "                    series leave the page (30)\n"
                 "  forget_after_s    ... and this long, forgotten (600)\n"
-                "  max_report_bytes  longest METRICS text taken (1048576)\n",
+                "  max_report_bytes  longest METRICS text taken (1048576)\n"
+                "  ebpf              on|off: the scheduler probes (on)\n"
+                "  ebpf_pin_dir      where the maps are pinned "
+                "(/sys/fs/bpf/troupe)\n"
+                "  ebpf_cgroup_root  cgroup dir of the troupe-*.service "
+                "units (auto)\n"
+                "  heatmap_window_s  seconds of heatmap kept (600)\n",
         .on_msg = telemetry_on_msg,
         .on_reload = telemetry_on_reload,
         .on_stop = NULL,
@@ -253,6 +306,8 @@ main(int argc, char **argv)
 	tel.svc = &tsvc;
 	telemetry_store_init(&tel.store, 0, 0, 0);
 	telemetry_conf_apply(&tconf);
+	if (heat_init(&tel.heat, (size_t)tconf.heatmap_window_s) == -1)
+		fatalx("out of memory");
 
 	tel.drop_unknown =
 	        telemetry_counter("troupe_telemetry_dropped_messages_total",
@@ -278,12 +333,15 @@ main(int argc, char **argv)
 	loop_timer_set(sweep_timer, TELEMETRY_SWEEP_MS);
 	if (telemetry_http_init(&tel, tconf.listen, err, sizeof(err)) == -1)
 		fatalx("%s", err);
+	telemetry_ebpf_start(&tel, &tconf.ebpf);
 	svc_ready(&tsvc, "serving /metrics");
 	log_info("serving /metrics on %s", telemetry_http_where(&tel));
 	telemetry_http_run(&tel);
 	telemetry_http_stop(&tel);
+	telemetry_ebpf_stop(&tel);
 	loop_timer_free(sweep_timer);
 	rc = svc_exit(&tsvc);
 	telemetry_store_free(&tel.store);
+	heat_free(&tel.heat);
 	return (rc);
 }

@@ -9,8 +9,11 @@
  * scrapes are rare (every 15 s or so per Prometheus) and a page is a few
  * hundred KiB at most.
  *
- * Routes: GET|HEAD /metrics (the page), / (a line pointing there); other
- * paths 404, other methods 405.
+ * Routes: GET|HEAD /metrics (the page), /heatmap (a self-contained HTML
+ * page, heatmap.html embedded at build time), /api/heatmap (the list of
+ * services) and /api/heatmap?service=NAME&since=UNIX_S (their per-second
+ * histograms as JSON, telemetry_heat.c), / (a line pointing there); other
+ * paths 404, other methods 405, a bad query 400.
  *
  * PITFALLS.md (h2o): upgrade_to_http2 is off; SIGPIPE is ignored (svc);
  * bodies are capped at 16 KiB (we take none); EMFILE pauses accepting for
@@ -58,6 +61,136 @@ struct thandler {
 
 static uint64_t sink;
 
+static void http_count(struct telemetry *, int);
+
+/* heatmap.html, from the generated telemetry_heatmap_html.c. */
+extern const unsigned char telemetry_heatmap_html[];
+extern const size_t telemetry_heatmap_html_len;
+
+static void
+send_body(h2o_req_t *req, int status, const char *reason, const char *type,
+          const void *body, size_t len)
+{
+	req->res.status = status;
+	req->res.reason = reason;
+	req->res.content_length = len;
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
+	               NULL, type, strlen(type));
+	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CACHE_CONTROL,
+	               NULL, H2O_STRLIT("no-store"));
+	/* h2o_send_inline copies the body into the request's pool. */
+	h2o_send_inline(req, len ? body : "", len);
+}
+
+static int
+hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return (c - '0');
+	if (c >= 'a' && c <= 'f')
+		return (c - 'a' + 10);
+	if (c >= 'A' && c <= 'F')
+		return (c - 'A' + 10);
+	return (-1);
+}
+
+/* The value of key in query q (len bytes), percent-decoded into out;
+ * 1 found, 0 absent, -1 malformed or too long. */
+static int
+query_get(const char *q, size_t len, const char *key, char *out, size_t outlen)
+{
+	size_t klen = strlen(key), i = 0, n;
+
+	while (i < len) {
+		size_t end = i;
+
+		while (end < len && q[end] != '&')
+			end++;
+		if (end - i > klen && memcmp(q + i, key, klen) == 0 &&
+		    q[i + klen] == '=') {
+			for (i += klen + 1, n = 0; i < end; i++) {
+				int c = (unsigned char)q[i], hi, lo;
+
+				if (c == '%') {
+					if (i + 2 >= end ||
+					    (hi = hexval(q[i + 1])) == -1 ||
+					    (lo = hexval(q[i + 2])) == -1)
+						return (-1);
+					c = hi * 16 + lo;
+					i += 2;
+				} else if (c == '+')
+					c = ' ';
+				if (n + 1 >= outlen)
+					return (-1);
+				out[n++] = (char)c;
+			}
+			out[n] = '\0';
+			return (1);
+		}
+		i = end + 1;
+	}
+	return (0);
+}
+
+/* GET /api/heatmap[?service=NAME[&since=UNIX_S]]. */
+static void
+on_api_heatmap(struct telemetry *t, h2o_req_t *req)
+{
+	static const char json[] = "application/json";
+	const char *q = "";
+	char svc[TELEMETRY_NAME_MAX + 2], since_s[32], *end;
+	struct buf b = {0};
+	long long since = 0;
+	size_t qlen = 0;
+	int has, id, rc;
+
+	if (req->query_at != SIZE_MAX) {
+		q = req->path.base + req->query_at + 1;
+		qlen = req->path.len - req->query_at - 1;
+	}
+	if ((has = query_get(q, qlen, "service", svc, sizeof(svc))) == -1 ||
+	    (rc = query_get(q, qlen, "since", since_s, sizeof(since_s))) ==
+	            -1) {
+		http_count(t, 400);
+		send_body(req, 400, "Bad Request", json,
+		          H2O_STRLIT("{\"error\":\"bad query\"}"));
+		return;
+	}
+	if (rc == 1) {
+		errno = 0;
+		since = strtoll(since_s, &end, 10);
+		if (errno != 0 || end == since_s || *end != '\0' ||
+		    since < 0) {
+			http_count(t, 400);
+			send_body(req, 400, "Bad Request", json,
+			          H2O_STRLIT("{\"error\":\"bad since\"}"));
+			return;
+		}
+	}
+	if (has == 1) {
+		if ((id = heat_find(&t->heat, svc, strlen(svc))) == -1) {
+			http_count(t, 404);
+			send_body(
+			        req, 404, "Not Found", json,
+			        H2O_STRLIT("{\"error\":\"unknown service\"}"));
+			return;
+		}
+		rc = heat_json_service(&t->heat, id, (int64_t)since, &b);
+	} else
+		rc = heat_json_list(&t->heat, t->ebpf != NULL, t->ebpf_reason,
+		                    &b);
+	if (rc == -1 || buf_adds(&b, "\n") == -1) {
+		buf_free(&b);
+		http_count(t, 500);
+		h2o_send_error_500(req, "Internal Server Error",
+		                   "out of memory\n", 0);
+		return;
+	}
+	http_count(t, 200);
+	send_body(req, 200, "OK", json, b.b, b.len);
+	buf_free(&b);
+}
+
 static void
 http_count(struct telemetry *t, int status)
 {
@@ -72,13 +205,18 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 	struct telemetry *t = ((struct thandler *)self)->h->t;
 	h2o_iovec_t p = req->path_normalized;
 	struct buf b = {0};
-	int metrics;
+	int metrics, heatmap, api;
 
 	metrics = h2o_memis(p.base, p.len, H2O_STRLIT("/metrics"));
-	if (!metrics && !h2o_memis(p.base, p.len, H2O_STRLIT("/"))) {
+	heatmap = h2o_memis(p.base, p.len, H2O_STRLIT("/heatmap"));
+	api = h2o_memis(p.base, p.len, H2O_STRLIT("/api/heatmap"));
+	if (!metrics && !heatmap && !api &&
+	    !h2o_memis(p.base, p.len, H2O_STRLIT("/"))) {
 		http_count(t, 404);
 		h2o_send_error_404(req, "Not Found",
-		                   "not found: the page is /metrics\n", 0);
+		                   "not found: the pages are /metrics, "
+		                   "/heatmap and /api/heatmap\n",
+		                   0);
 		return (0);
 	}
 	if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("GET")) &&
@@ -92,8 +230,19 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 		                   H2O_SEND_ERROR_KEEP_HEADERS);
 		return (0);
 	}
+	if (heatmap) {
+		http_count(t, 200);
+		send_body(req, 200, "OK", "text/html; charset=utf-8",
+		          telemetry_heatmap_html, telemetry_heatmap_html_len);
+		return (0);
+	}
+	if (api) {
+		on_api_heatmap(t, req);
+		return (0);
+	}
 	if (!metrics) {
-		static const char idx[] = "troupe-telemetry: GET /metrics\n";
+		static const char idx[] = "troupe-telemetry: GET /metrics, "
+		                          "/heatmap, /api/heatmap\n";
 
 		http_count(t, 200);
 		req->res.status = 200;
