@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define SD_JOURNAL_SUPPRESS_LOCATION
@@ -90,14 +91,41 @@ vlog(int level, struct mstr reqid, struct mstr tp, struct mstr bot,
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	tid = trace_id(tp);
 	if (log_journal) {
-		/* Every argument of sd_journal_send() is a format: each
-		 * field always takes its two arguments, empty or not. */
-		sd_journal_send("MESSAGE=%s", msg, "PRIORITY=%d", level,
-		    "SERVICE=%s", log_service, "SYSLOG_IDENTIFIER=troupe-%s",
-		    log_service, "REQUEST_ID=%.*s", (int)reqid.n,
-		    reqid.n ? reqid.p : "", "TRACE_ID=%.*s", (int)tid.n,
-		    tid.n ? tid.p : "", "BOT_ID=%.*s", (int)bot.n,
-		    bot.n ? bot.p : "", NULL);
+		/* Only the fields that are known: an empty REQUEST_ID= on
+		 * every line would match `journalctl REQUEST_ID=`. */
+		char pri[16], svc[80], ident[96], rq[128], tr[48], bt[160];
+		struct iovec iov[7];
+		int n = 0;
+
+		snprintf(pri, sizeof(pri), "PRIORITY=%d", level);
+		snprintf(svc, sizeof(svc), "SERVICE=%s", log_service);
+		snprintf(ident, sizeof(ident), "SYSLOG_IDENTIFIER=troupe-%s",
+		    log_service);
+		iov[n++] = (struct iovec){ pri, strlen(pri) };
+		iov[n++] = (struct iovec){ svc, strlen(svc) };
+		iov[n++] = (struct iovec){ ident, strlen(ident) };
+		if (reqid.n) {
+			snprintf(rq, sizeof(rq), "REQUEST_ID=%.*s",
+			    (int)reqid.n, reqid.p);
+			iov[n++] = (struct iovec){ rq, strlen(rq) };
+		}
+		if (tid.n) {
+			snprintf(tr, sizeof(tr), "TRACE_ID=%.*s", (int)tid.n,
+			    tid.p);
+			iov[n++] = (struct iovec){ tr, strlen(tr) };
+		}
+		if (bot.n) {
+			snprintf(bt, sizeof(bt), "BOT_ID=%.*s", (int)bot.n,
+			    bot.p);
+			iov[n++] = (struct iovec){ bt, strlen(bt) };
+		}
+		{
+			char m[sizeof(msg) + 8];
+
+			snprintf(m, sizeof(m), "MESSAGE=%s", msg);
+			iov[n++] = (struct iovec){ m, strlen(m) };
+			sd_journal_sendv(iov, n);
+		}
 	} else if (reqid.n) {
 		fprintf(stderr, "%s[%d]: %s: %s (request %.*s%s%.*s)\n",
 		    log_service, (int)getpid(), level_name(level), msg,

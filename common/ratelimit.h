@@ -13,8 +13,9 @@
  * Garbage never fails: a value that does not parse (negative, huge,
  * missing, not a number) is ignored and counted in rl_signal.garbage.
  * Times are clamped to RL_MAX_WAIT_MS.  Pure: no allocation, no logging,
- * no clock (the caller passes the wall time for HTTP dates).  Callers: the
- * worker (per upstream answer), the fuzz harness.
+ * no clock (the caller passes the wall time for HTTP dates).  Callers:
+ * its unit test only, so far; the worker is to read every upstream answer
+ * with it and report to the dispatcher (issue 4, not wired yet).
  */
 #ifndef TROUPE_RATELIMIT_H
 #define TROUPE_RATELIMIT_H

@@ -204,3 +204,44 @@ mstr_eq(struct mstr s, const char *c)
 
 	return (s.n == n && memcmp(s.p, c, n) == 0);
 }
+
+int
+utf8_valid(const char *p, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)p;
+	size_t i = 0;
+
+	while (i < n) {
+		unsigned char c = s[i];
+		size_t len;
+		unsigned lo = 0x80, hi = 0xbf; /* the second byte's range */
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		}
+		if (c >= 0xc2 && c <= 0xdf)
+			len = 2;
+		else if (c >= 0xe0 && c <= 0xef) {
+			len = 3;
+			if (c == 0xe0)
+				lo = 0xa0; /* overlong */
+			else if (c == 0xed)
+				hi = 0x9f; /* surrogates */
+		} else if (c >= 0xf0 && c <= 0xf4) {
+			len = 4;
+			if (c == 0xf0)
+				lo = 0x90; /* overlong */
+			else if (c == 0xf4)
+				hi = 0x8f; /* past U+10FFFF */
+		} else
+			return (0);
+		if (n - i < len || s[i + 1] < lo || s[i + 1] > hi)
+			return (0);
+		for (size_t k = 2; k < len; k++)
+			if (s[i + k] < 0x80 || s[i + k] > 0xbf)
+				return (0);
+		i += len;
+	}
+	return (1);
+}

@@ -50,6 +50,10 @@ int random_bytes(void *p, size_t n);
 /* Write 2n lowercase hex digits of p to out (no NUL). */
 void hex_encode(char *out, const void *p, size_t n);
 
+/* Whether p[0..n) is well-formed UTF-8 (RFC 3629: no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
+int utf8_valid(const char *p, size_t n);
+
 /* Copy an mstr into a fresh NUL-terminated string; NULL on ENOMEM. */
 char *mstr_dup(struct mstr);
 int mstr_eq(struct mstr, const char *);

@@ -16,7 +16,9 @@
  * v3.chat) or CHAT_CANCEL (v3.cancel) to the dispatcher, CHAT_QUERY
  * (v3.retrieve, v3.list) to storage.  A next hop whose link refuses gives
  * 503/5030 with retry_after 1.  Every answer goes to the request's
- * reply_to.
+ * reply_to.  Route webhook.execute (POST /api/v1/execute) carries no
+ * token: the edge checked its signature; it goes to the dispatcher as a
+ * CHAT_RUN with sub "webhook".
  *
  * DIAGNOSTICS: per-request outcomes are logged at debug level only (a
  * flood of bad tokens must not flood the journal) and counted; a reply the
@@ -39,6 +41,7 @@ enum auth_route {
 	ROUTE_V3_RETRIEVE,
 	ROUTE_V3_LIST,
 	ROUTE_V3_CANCEL,
+	ROUTE_WEBHOOK, /* webhook.execute: signed, checked by the edge */
 };
 
 static enum auth_route
@@ -54,6 +57,8 @@ auth_route_of(struct mstr r)
 		return (ROUTE_V3_LIST);
 	if (mstr_eq(r, "v3.cancel"))
 		return (ROUTE_V3_CANCEL);
+	if (mstr_eq(r, "webhook.execute"))
+		return (ROUTE_WEBHOOK);
 	return (ROUTE_UNKNOWN);
 }
 
@@ -293,6 +298,13 @@ auth_chat_request(struct auth *a, const struct msg *m,
 		log_req(LOG_L_DEBUG, m->reqid, m->traceparent, req->bot_id,
 		        "unknown route %.*s", (int)req->route.n, req->route.p);
 		auth_reply(a, &in, to, 400, 4000, "unknown route", 0);
+		return;
+	}
+	if (route == ROUTE_WEBHOOK) {
+		/* No token: the edge verified the caller's signature, and
+		 * only an edge may send CHAT_REQUEST (the route table). */
+		auth_forward(a, &in, to, req, MSTR_LIT("webhook"),
+		             MSTR_LIT("*"));
 		return;
 	}
 	if (route != ROUTE_V1_CHAT &&

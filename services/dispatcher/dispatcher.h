@@ -37,6 +37,10 @@
 #define DISPATCHER_SHRINK_MS 30000        /* low load this long: one less */
 #define DISPATCHER_TICK_MS 250            /* policy, expiry, status */
 #define DISPATCHER_STALE_MS 30000         /* a run this far past deadline */
+/* The code of a refusal while stopping: the run was not started, and the
+ * edge sends the request again (it reaches our successor after a restart)
+ * instead of answering 503 (5030) to the client. */
+#define DISPATCHER_CODE_STOPPING 5031
 
 /* What dispatch functions return (relayd's proc_dispatch convention). */
 enum dispatch_result {

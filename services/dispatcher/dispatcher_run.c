@@ -450,7 +450,8 @@ dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
 
 	if (d->d_stopping) {
 		run_count(d->m_rej_stopping);
-		dispatcher_run_reply(d, edge, &rh, 503, 5030, "shutting down",
+		dispatcher_run_reply(d, edge, &rh, 503,
+		                     DISPATCHER_CODE_STOPPING, "shutting down",
 		                     1);
 		return;
 	}
@@ -704,7 +705,8 @@ dispatcher_run_flush_queue(struct dispatcher *d)
 
 	while ((r = TAILQ_FIRST(&d->d_runs.rt_queue)) != NULL) {
 		run_count(d->m_rej_stopping);
-		run_drop_queued(d, r, 503, 5030, "shutting down", 1);
+		run_drop_queued(d, r, 503, DISPATCHER_CODE_STOPPING,
+		                "shutting down", 1);
 	}
 	dispatcher_scale_refresh(d, 0);
 }

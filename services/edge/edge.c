@@ -110,6 +110,7 @@ edge_conf_load(struct edge_conf *c, char *err, size_t errlen)
 	         offsetof(struct edge_conf, drain_ms)},
 	};
 	const char *l;
+	char *cred;
 	int64_t v;
 	size_t i;
 
@@ -120,6 +121,20 @@ edge_conf_load(struct edge_conf *c, char *err, size_t errlen)
 		return (-1);
 	}
 	strcpy(c->listen, l);
+	/* The webhook's token: a systemd credential wins over the file
+	 * (and its env override, TROUPE_WEBHOOK_VERIFY_TOKEN). */
+	if ((cred = conf_credential("webhook-verify-token")) != NULL)
+		l = cred;
+	else
+		l = conf_get("webhook", "verify_token", "");
+	if (strlen(l) >= sizeof(c->verify_token)) {
+		snprintf(err, errlen, "[webhook] verify_token: over %zu bytes",
+		         sizeof(c->verify_token) - 1);
+		free(cred);
+		return (-1);
+	}
+	strcpy(c->verify_token, l);
+	free(cred);
 	for (i = 0; i < nitems(keys); i++) {
 		if (conf_get_int("edge", keys[i].key, keys[i].def, keys[i].min,
 		                 keys[i].max, &v, err, errlen) == -1)
@@ -155,7 +170,8 @@ edge_on_stop(struct svc *svc, void *arg)
 static const struct svc_def edge_def = {
         .kind = "edge",
         .summary = "troupe-edge: the HTTP/1.1 API (POST /v1/bot/chat, "
-                   "/v3/chat and friends, /healthz, /readyz)",
+                   "/v3/chat and friends, /api/v1/execute, /healthz, "
+                   "/readyz)",
         .help_extra =
                 "[edge] keys:\n"
                 "  listen           host:port (127.0.0.1:8080); a socket "
@@ -168,7 +184,12 @@ static const struct svc_def edge_def = {
                 "(10000)\n"
                 "  chat_timeout_ms  deadline of a chat (30000)\n"
                 "  drain_ms         on stop, wait for answers this long "
-                "(5000)\n",
+                "(5000)\n"
+                "[webhook] keys:\n"
+                "  verify_token     signing token of POST /api/v1/execute "
+                "(empty:\n"
+                "                   off); the credential "
+                "webhook-verify-token wins\n",
         .on_msg = edge_on_msg,
         .on_reload = edge_on_reload,
         .on_stop = edge_on_stop,

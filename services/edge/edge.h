@@ -23,6 +23,9 @@ struct edge_conf {
 	uint64_t head_timeout_ms; /* a started request must be in by then */
 	uint64_t chat_timeout_ms; /* deadline of a chat, from its arrival */
 	uint64_t drain_ms;        /* on stop: wait this long for answers */
+	/* [webhook] verify_token (or the credential webhook-verify-token):
+	 * the plugin webhook's signing token; empty: the webhook is off. */
+	char verify_token[512];
 };
 
 /* What a dispatch function did with a message. */

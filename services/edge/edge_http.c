@@ -72,6 +72,7 @@
 #include "edge.h"
 #include "edge_pending.h"
 #include "edge_req.h"
+#include "edge_webhook.h"
 
 /*
  * picohttpparser, bundled in and exported by libh2o-evloop 2.2.5 (which
@@ -98,6 +99,17 @@ int phr_parse_request(const char *buf, size_t len, const char **method,
 
 #define EDGE_STREAM_QMAX (1 << 20) /* bytes a slow stream client may owe */
 
+/* A peer that is stopping (a rolling restart) refuses a chat with this
+ * code in its CHAT_REPLY: it did not run it.  The edge sends the request
+ * again, first every EDGE_RESEND_FAST_MS, after EDGE_RESEND_FAST_N tries
+ * every EDGE_RESEND_SLOW_MS, while less than half of chat_timeout_ms has
+ * passed; after that, or past the deadline, the client gets 503/5030.
+ * Never shown to a client. */
+#define EDGE_CODE_STOPPING 5031
+#define EDGE_RESEND_FAST_MS 100
+#define EDGE_RESEND_FAST_N 5
+#define EDGE_RESEND_SLOW_MS 500
+
 enum edge_ep {
 	EP_HEALTHZ,
 	EP_READYZ,
@@ -107,6 +119,7 @@ enum edge_ep {
 	EP_V3RETRIEVE,
 	EP_V3LIST,
 	EP_V3CANCEL,
+	EP_WEBHOOK, /* /api/v1/execute: answers in edge_webhook.c's shape */
 	EP_N
 };
 static const char *const ep_name[EP_N] = {
@@ -118,6 +131,7 @@ static const char *const ep_name[EP_N] = {
         "/v3/chat/retrieve",
         "/v3/chat/message/list",
         "/v3/chat/cancel",
+        "/api/v1/execute",
 };
 
 struct edge_waiter;
@@ -150,6 +164,8 @@ struct edge_waiter {
 	struct edge_pending_ent ent;
 	h2o_req_t *req;
 	h2o_timeout_entry_t to;
+	h2o_timeout_entry_t rto; /* waiting to be sent again */
+	unsigned resends;  /* times sent again after EDGE_CODE_STOPPING */
 	h2o_iovec_t trace; /* = tr */
 	char tr[EDGE_TRACE_LEN];
 	enum edge_ep ep;
@@ -191,6 +207,8 @@ static struct {
 	uint64_t stop_at; /* h2o time the drain gives up */
 
 	h2o_timeout_t pause_to, chat_to, sweep_to, linger_to, drain_to;
+	h2o_timeout_t resend_fast, resend_slow;
+	struct edge_waiter *redo; /* the waiter a new attempt continues */
 	h2o_timeout_entry_t pause_ent, sweep_ent, drain_ent;
 	uint64_t last_pause_log;
 
@@ -204,6 +222,7 @@ static struct {
 	struct histo *dur[EP_N];
 	double *g_pending, *g_conns;
 	uint64_t *c_pauses, *c_head_big, *c_head_slow, *c_gone, *c_dropped;
+	uint64_t *c_resends;
 	uint64_t nconns;
 } E;
 
@@ -214,6 +233,9 @@ static h2o_iovec_t hn_logid = {"x-tt-logid", 10};
 static h2o_iovec_t hn_trace = {"traceparent", 11};
 
 static void conn_kill(struct edge_conn *, int, int64_t, const char *);
+static void route_chat(h2o_req_t *, const char *, h2o_iovec_t);
+static void route_v3chat(h2o_req_t *, const char *, h2o_iovec_t);
+static void waiter_resend(h2o_timeout_entry_t *);
 static void conn_on_close(void *);
 static void drain_check(h2o_timeout_entry_t *);
 static void on_accept(h2o_socket_t *, const char *);
@@ -327,10 +349,15 @@ metrics_setup(struct svc *svc)
 	        svc->metrics, "troupe_edge_stream_drops_total",
 	        "Stream clients dropped for falling more than 1 MiB behind",
 	        lb_svc);
+	E.c_resends = metrics_counter(
+	        svc->metrics, "troupe_edge_resent_requests_total",
+	        "Chats sent again after a stopping peer refused them", lb_svc);
 	if (E.c_gone == NULL)
 		E.c_gone = &ctr_sink;
 	if (E.c_dropped == NULL)
 		E.c_dropped = &ctr_sink;
+	if (E.c_resends == NULL)
+		E.c_resends = &ctr_sink;
 	return (0);
 }
 
@@ -498,8 +525,20 @@ respond_error(h2o_req_t *req, enum edge_ep ep, int status, int64_t code,
               h2o_iovec_t trace, int retry_after, int flags, const char *extra)
 {
 	size_t cap = edge_json_error_max(msglen) + (extra ? strlen(extra) : 0);
-	char *b = h2o_mem_alloc_pool(&req->pool, cap);
-	size_t n = edge_json_error(b, cap, code, msg, msglen, reqid, extra);
+	char *b, *wb;
+	size_t n;
+
+	if (ep == EP_WEBHOOK) {
+		/* The webhook's shape, {"status","message","data":null}. */
+		cap = edge_webhook_json_max(msglen, 0);
+		wb = h2o_mem_alloc_pool(&req->pool, cap);
+		n = edge_webhook_json(wb, cap, status, msg, msglen, NULL, 0);
+		respond(req, ep, status, code, reqid, trace,
+		        h2o_iovec_init(wb, n), retry_after, flags);
+		return;
+	}
+	b = h2o_mem_alloc_pool(&req->pool, cap);
+	n = edge_json_error(b, cap, code, msg, msglen, reqid, extra);
 
 	respond(req, ep, status, code, reqid, trace, h2o_iovec_init(b, n),
 	        retry_after, flags);
@@ -582,6 +621,8 @@ waiter_unlink(struct edge_waiter *w)
 	edge_pending_del(&E.pending, &w->ent);
 	if (h2o_timeout_is_linked(&w->to))
 		h2o_timeout_unlink(&w->to);
+	if (h2o_timeout_is_linked(&w->rto))
+		h2o_timeout_unlink(&w->rto);
 	gauges();
 }
 
@@ -590,6 +631,21 @@ waiter_detach(struct edge_waiter *w)
 {
 	waiter_unlink(w);
 	w->req = NULL;
+}
+
+/* One debug line per answered chat, with the request's REQUEST_ID,
+ * TRACE_ID and BOT_ID fields: `journalctl REQUEST_ID=<X-Tt-Logid>` finds
+ * it.  Nothing at the default level (no log line per request). */
+static void
+waiter_log(const struct edge_waiter *w, int status, int64_t code)
+{
+	if (log_getlevel() < LOG_L_DEBUG)
+		return;
+	log_req(LOG_L_DEBUG, ms(w->ent.reqid, EDGE_REQID_LEN),
+	        ms(w->tr, EDGE_TRACE_LEN), ms(w->bot_id, w->bot_id_len),
+	        "%s answered %d (code %lld) after %llu ms", ep_name[w->ep],
+	        status, (long long)code,
+	        (unsigned long long)(now_wall_ms() - w->received_ms));
 }
 
 /* Tell the dispatcher that the client of w's v3 chat left before its
@@ -827,6 +883,7 @@ waiter_timeout(h2o_timeout_entry_t *to)
 	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, to, to);
 	h2o_req_t *req = w->req;
 
+	waiter_log(w, 504, 5040);
 	if (req != NULL && w->streaming) {
 		stream_fail(w, 5040, H2O_STRLIT("deadline exceeded"));
 	} else {
@@ -854,6 +911,81 @@ waiter_find(struct mstr reqid)
 	return (w);
 }
 
+/*
+ * A stopping peer refused w's chat (EDGE_CODE_STOPPING): keep w pending
+ * and send the request again a little later, unless its answer began or
+ * half its time is gone.  1 if it will be sent again.
+ */
+static int
+waiter_resend_later(struct edge_waiter *w)
+{
+	uint64_t now = now_wall_ms();
+
+	if (w->streaming || w->req == NULL ||
+	    (w->ep != EP_CHAT && w->ep != EP_V3CHAT) ||
+	    now - w->received_ms >= E.conf.chat_timeout_ms / 2 ||
+	    now >= w->deadline_ms || h2o_timeout_is_linked(&w->rto))
+		return (0);
+	h2o_timeout_link(E.loop,
+	                 w->resends < EDGE_RESEND_FAST_N ? &E.resend_fast
+	                                                 : &E.resend_slow,
+	                 &w->rto);
+	return (1);
+}
+
+/* Send w's request again: the route handler runs once more on the same
+ * h2o request, with the same request id and trace, and makes the waiter
+ * that continues this one (E.redo: same received time and deadline);
+ * this one ends without answering. */
+static void
+waiter_resend(h2o_timeout_entry_t *to)
+{
+	struct edge_waiter *w =
+	        H2O_STRUCT_FROM_MEMBER(struct edge_waiter, rto, to);
+	h2o_req_t *req = w->req;
+	h2o_iovec_t tr = h2o_iovec_init(w->tr, EDGE_TRACE_LEN);
+
+	if (req == NULL || w->ended)
+		return;
+	++*E.c_resends;
+	log_req(LOG_L_DEBUG, ms(w->ent.reqid, EDGE_REQID_LEN),
+	        ms(w->tr, EDGE_TRACE_LEN), ms(w->bot_id, w->bot_id_len),
+	        "%s: sent again (%u) after a stopping peer refused it",
+	        ep_name[w->ep], w->resends + 1);
+	w->ended = 1;
+	waiter_detach(w);
+	E.redo = w;
+	if (w->ep == EP_CHAT)
+		route_chat(req, w->ent.reqid, tr);
+	else
+		route_v3chat(req, w->ent.reqid, tr);
+	E.redo = NULL;
+	if (E.stopping)
+		drain_check(NULL);
+}
+
+/* Answer a webhook call: a raw reply's data is the whole body; a plain
+ * 200's data goes into {"status":200,"message":"ok","data":...}. */
+static void
+webhook_reply(h2o_req_t *req, struct edge_waiter *w, int status, int64_t code,
+              const struct chat_reply *r)
+{
+	int raw = r->raw && r->data.n > 0;
+	size_t cap = raw ? r->data.n + 1 : edge_webhook_json_max(2, r->data.n);
+	char *b = h2o_mem_alloc_pool(&req->pool, cap);
+	size_t n;
+
+	if (raw) {
+		memcpy(b, r->data.p, r->data.n);
+		n = r->data.n;
+	} else
+		n = edge_webhook_json(b, cap, status, "ok", 2, r->data.p,
+		                      r->data.n);
+	respond(req, w->ep, status, code, w->ent.reqid, w->trace,
+	        h2o_iovec_init(b, n),
+	        r->retry_after > 86400 ? 86400 : (int)r->retry_after, 0);
+}
+
 int
 edge_http_reply(struct mstr reqid, const struct chat_reply *r)
 {
@@ -871,6 +1003,11 @@ edge_http_reply(struct mstr reqid, const struct chat_reply *r)
 	}
 	if (code == 0)
 		code = 5000;
+	if (code == EDGE_CODE_STOPPING && waiter_resend_later(w))
+		goto out;
+	if (code == EDGE_CODE_STOPPING)
+		code = 5030;
+	waiter_log(w, status, r->status == 200 ? 0 : code);
 	if (w->streaming) {
 		/* The stream has begun: say it in the stream. */
 		if (r->status == 200) {
@@ -886,6 +1023,11 @@ edge_http_reply(struct mstr reqid, const struct chat_reply *r)
 	}
 	w->ended = 1;
 	waiter_detach(w);
+	if (w->ep == EP_WEBHOOK &&
+	    (r->status == 200 || (r->raw && r->data.n > 0))) {
+		webhook_reply(req, w, status, r->status == 200 ? 0 : code, r);
+		goto out;
+	}
 	if (r->status == 200) {
 		size_t cap = edge_json_ok_max(r->data.n);
 		char *b = h2o_mem_alloc_pool(&req->pool, cap);
@@ -964,6 +1106,13 @@ waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
 	w->to.cb = waiter_timeout;
 	w->received_ms = now;
 	w->deadline_ms = now + E.conf.chat_timeout_ms;
+	w->rto.cb = waiter_resend;
+	if (E.redo != NULL) {
+		/* Another attempt at the same request: its first clock. */
+		w->received_ms = E.redo->received_ms;
+		w->deadline_ms = E.redo->deadline_ms;
+		w->resends = E.redo->resends + 1;
+	}
 	return (w);
 }
 
@@ -983,6 +1132,7 @@ waiter_send(struct edge_waiter *w, struct chat_request *body, h2o_iovec_t tok)
 	body->sub = MSTR_NULL;
 	body->received_ms = w->received_ms;
 	if (msg_send_chat_request(E.svc->ipc, "auth", &head, body) == -1) {
+		waiter_log(w, 503, 5030);
 		w->req = NULL;
 		respond_error(
 		        req, w->ep, 503, 5030,
@@ -1033,6 +1183,10 @@ route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 		return;
 	}
 	w = waiter_new(req, EP_CHAT, id, tr, now_wall_ms());
+	w->bot_id = h2o_mem_alloc_pool(&req->pool, c.bot_id_len + 1);
+	memcpy(w->bot_id, c.bot_id, c.bot_id_len);
+	w->bot_id[c.bot_id_len] = '\0';
+	w->bot_id_len = c.bot_id_len;
 	body.route = MSTR_LIT("v1.chat");
 	body.bot_id = ms(c.bot_id, c.bot_id_len);
 	body.user_id = ms(c.user_id, c.user_id_len);
@@ -1160,6 +1314,75 @@ route_v3ids(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr)
 	waiter_send(w, &body, tok);
 }
 
+/* The value of the header name (lower case), or p NULL if absent. */
+static struct mstr
+hdr_of(h2o_req_t *req, const char *name, size_t n)
+{
+	ssize_t i = h2o_find_header_by_str(&req->headers, name, n, -1);
+
+	if (i == -1)
+		return ((struct mstr){NULL, 0});
+	return (ms(req->headers.entries[i].value.base,
+	           req->headers.entries[i].value.len));
+}
+
+/* POST /api/v1/execute?plugin=<name>: checked by edge_webhook.c, then
+ * route webhook.execute to auth (no token: the signature is checked
+ * here). */
+static void
+route_webhook(h2o_req_t *req, const char *id, h2o_iovec_t tr)
+{
+	struct edge_webhook_in in = {0};
+	struct edge_webhook wh;
+	struct edge_waiter *w;
+	struct chat_request body = {0};
+	h2o_iovec_t q = query_of(req);
+	char msg[160], plugin[EDGE_WEBHOOK_PLUGIN_MAX + 2];
+	int64_t code;
+	int st, r;
+
+	if (!method_is(req, H2O_STRLIT("POST"))) {
+		method_not_allowed(req, EP_WEBHOOK, "POST", id, tr);
+		return;
+	}
+	in.bot_id = hdr_of(req, H2O_STRLIT("x-coze-bot-id"));
+	in.timestamp = hdr_of(req, H2O_STRLIT("x-coze-timestamp"));
+	in.nonce = hdr_of(req, H2O_STRLIT("x-coze-nonce"));
+	in.signature = hdr_of(req, H2O_STRLIT("x-coze-signature"));
+	r = edge_query_get(q.base, q.len, "plugin", plugin, sizeof(plugin));
+	if (r == 1)
+		in.plugin = MSTR(plugin);
+	else if (r == -1)
+		in.plugin = MSTR_LIT("?"); /* malformed or too long */
+	in.body = body_text(req);
+	in.body_len = req->entity.len;
+	st = edge_webhook_check(E.conf.verify_token, now_wall_ms() / 1000, &in,
+	                        &wh, msg, sizeof(msg));
+	if (st != 0) {
+		/* The body has no code; metrics count these. */
+		code = st == 401 ? 4100 : st == 403 ? 4101 : 4000;
+		ERR(req, EP_WEBHOOK, st, st == 500 ? 5000 : code, msg, id, tr,
+		    0);
+		return;
+	}
+	w = waiter_new(req, EP_WEBHOOK, id, tr, now_wall_ms());
+	w->bot_id = h2o_mem_alloc_pool(&req->pool, wh.bot_id.n + 1);
+	memcpy(w->bot_id, wh.bot_id.p, wh.bot_id.n);
+	w->bot_id[wh.bot_id.n] = '\0';
+	w->bot_id_len = wh.bot_id.n;
+	body.route = MSTR_LIT("webhook.execute");
+	body.bot_id = wh.bot_id;
+	body.user_id = ms(wh.user_id, wh.user_id_len);
+	body.query = wh.plugin;
+	body.history_id = MSTR_NULL;
+	body.chat_id = MSTR_NULL;
+	body.messages = ms(wh.arguments, wh.arguments_len);
+	body.scopes = MSTR_NULL;
+	body.nonce = wh.nonce;
+	waiter_send(w, &body, h2o_iovec_init("", 0));
+	edge_webhook_free(&wh);
+}
+
 /* The size of a parsed head as h2o rebuilds it (request line, Host,
  * headers; Content-Length and the like are not kept, a few bytes). */
 static size_t
@@ -1184,6 +1407,8 @@ ep_of(h2o_iovec_t path)
 		return (EP_CHAT);
 	if (h2o_memis(path.base, path.len, H2O_STRLIT("/readyz")))
 		return (EP_READYZ);
+	if (h2o_memis(path.base, path.len, H2O_STRLIT("/api/v1/execute")))
+		return (EP_WEBHOOK);
 	/* The Coze SDK with a base URL ending in '/' asks for //v3/...: the
 	 * v3 routes take extra leading slashes. */
 	while (path.len > 1 && path.base[1] == '/') {
@@ -1235,6 +1460,9 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 	case EP_V3LIST:
 	case EP_V3CANCEL:
 		route_v3ids(req, ep, id, tr);
+		break;
+	case EP_WEBHOOK:
+		route_webhook(req, id, tr);
 		break;
 	default:
 		ERR(req, EP_OTHER, 404, 4000, "no such route", id, tr, 0);
@@ -1303,12 +1531,17 @@ err_filter(h2o_filter_t *self, h2o_req_t *req, h2o_ostream_t **slot)
 	id = req_ids(req, &tr);
 	ep = ep_of(req->path_normalized);
 	cap = edge_json_error_max(strlen(msg));
+	if (ep == EP_WEBHOOK)
+		cap = edge_webhook_json_max(strlen(msg), 0);
 	b = h2o_mem_alloc_pool(&req->pool, cap);
 	o = (struct err_ostream *)h2o_add_ostream(req, sizeof(*o), slot);
 	o->super.do_send = err_ostream_send;
 	o->body = h2o_iovec_init(
-	        b, edge_json_error(b, cap, st >= 500 ? 5000 : 4000, msg,
-	                           strlen(msg), id, NULL));
+	        b, ep == EP_WEBHOOK
+	                   ? edge_webhook_json(b, cap, st, msg, strlen(msg),
+	                                       NULL, 0)
+	                   : edge_json_error(b, cap, st >= 500 ? 5000 : 4000,
+	                                     msg, strlen(msg), id, NULL));
 	memset(&req->res.headers, 0, sizeof(req->res.headers));
 	h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE,
 	               "Content-Type", H2O_STRLIT("application/json"));
@@ -1811,6 +2044,8 @@ edge_http_init(struct svc *svc, const struct edge_conf *c, int listen_fd,
 	h2o_timeout_init(E.loop, &E.sweep_to, sweep_every(c->head_timeout_ms));
 	h2o_timeout_init(E.loop, &E.linger_to, EDGE_LINGER_MS);
 	h2o_timeout_init(E.loop, &E.drain_to, EDGE_DRAIN_CHECK_MS);
+	h2o_timeout_init(E.loop, &E.resend_fast, EDGE_RESEND_FAST_MS);
+	h2o_timeout_init(E.loop, &E.resend_slow, EDGE_RESEND_SLOW_MS);
 	E.pause_ent.cb = accept_resume;
 	E.sweep_ent.cb = sweep;
 	E.drain_ent.cb = drain_check;
@@ -1847,6 +2082,8 @@ edge_http_reconf(const struct edge_conf *c)
 	E.conf.head_timeout_ms = c->head_timeout_ms;
 	E.conf.chat_timeout_ms = c->chat_timeout_ms;
 	E.conf.drain_ms = c->drain_ms;
+	memcpy(E.conf.verify_token, c->verify_token,
+	       sizeof(E.conf.verify_token));
 	E.gconf.max_request_entity_size = c->max_body;
 	/* Every entry of an h2o timeout list has the same duration, so the
 	 * list stays in order when the duration changes. */

@@ -223,6 +223,13 @@ json_object(const char *text, size_t len, char *msg, size_t msglen)
 		snprintf(msg, msglen, "invalid JSON body");
 		return (NULL);
 	}
+	/* JSON text is UTF-8 (RFC 8259); storage keeps only UTF-8, so a
+	 * chat it would refuse after the run is refused here, before. */
+	if (!utf8_valid(text, len)) {
+		snprintf(msg, msglen, "invalid JSON body: not UTF-8");
+		cJSON_Delete(root);
+		return (NULL);
+	}
 	if (!cJSON_IsObject(root)) {
 		snprintf(msg, msglen, "invalid JSON body: not an object");
 		cJSON_Delete(root);
@@ -287,11 +294,12 @@ v3_message(const cJSON *m, size_t i, struct buf *out, int *is_user,
 	type_s = *is_user ? "question" : "answer";
 	if (type != NULL) {
 		if (!cJSON_IsString(type) || type->valuestring == NULL ||
-		    type->valuestring[0] == '\0') {
+		    type->valuestring[0] == '\0' ||
+		    strlen(type->valuestring) > EDGE_V3_TYPE_MAX) {
 			snprintf(msg, msglen,
 			         "additional_messages[%zu].type must be a "
-			         "non-empty string",
-			         i);
+			         "non-empty string of at most %d bytes",
+			         i, EDGE_V3_TYPE_MAX);
 			return (-1);
 		}
 		type_s = type->valuestring;
@@ -349,6 +357,12 @@ edge_v3chat_parse(const char *text, size_t len, struct edge_v3chat *c,
 	}
 	if (buf_adds(&out, "[") == -1) {
 		snprintf(msg, msglen, "out of memory");
+		goto fail;
+	}
+	if (cJSON_GetArraySize(am) > EDGE_V3_MESSAGES_MAX) {
+		snprintf(msg, msglen,
+		         "additional_messages: at most %d messages",
+		         EDGE_V3_MESSAGES_MAX);
 		goto fail;
 	}
 	cJSON_ArrayForEach(m, am)

@@ -59,6 +59,12 @@ int edge_chat_parse(const char *text, size_t len, struct edge_chat *,
                     char *msg, size_t msglen);
 void edge_chat_free(struct edge_chat *);
 
+/* Limits of a /v3/chat body, below what storage keeps of a chat (1000
+ * messages with the answer and up to 5 rounds of tool calls, a type of 32
+ * bytes), so nothing accepted here is refused after the run. */
+#define EDGE_V3_MESSAGES_MAX 100
+#define EDGE_V3_TYPE_MAX 32
+
 /* The fields of a /v3/chat body (Coze's chat API).  Strings point into
  * root, except messages, which is allocated. */
 struct edge_v3chat {
@@ -72,10 +78,11 @@ struct edge_v3chat {
 };
 
 /* Parse and check a /v3/chat body: text must be NUL-terminated at
- * text[len].  bot_id and user_id non-empty strings, stream absent or a
- * boolean, additional_messages a non-empty array of objects {role "user"
- * or "assistant", content a non-empty string, content_type absent or
- * "text", type absent or a non-empty string}, at least one of them from
+ * text[len] and UTF-8.  bot_id and user_id non-empty strings, stream
+ * absent or a boolean, additional_messages a non-empty array of at most
+ * EDGE_V3_MESSAGES_MAX objects {role "user" or "assistant", content a
+ * non-empty string, content_type absent or "text", type absent or a
+ * non-empty string of at most EDGE_V3_TYPE_MAX bytes}, at least one from
  * the user; auto_save_history, custom_variables, meta_data and unknown
  * members are ignored.  query is the content of the last user message;
  * messages is

@@ -20,6 +20,11 @@
  * handle, their results go back to the model, at most max_tool_rounds
  * times; every function_call and tool_response is streamed and stored.
  *
+ * A webhook.execute run (POST /api/v1/execute) sends CTX_GET with the
+ * caller's nonce (storage refuses a replay with 409), calls the one
+ * plugin named in query with the arguments in messages, and answers the
+ * edge with a raw CHAT_REPLY: the whole {"status","message","data"} body.
+ *
  * Runs are found by request id in a chained hash table; a RUN_ASSIGN for a
  * request id already running is a resend and is ignored, a CTX_REPLY for
  * none is late or a resend and is counted.  Each run holds one allocation
@@ -95,6 +100,9 @@ struct run {
 	unsigned rounds; /* tool rounds run */
 	uint64_t ptok, ctok;
 	struct mstr chat_id, messages;
+	/* webhook.execute: query names the plugin, messages holds the
+	 * arguments; the answer is a raw CHAT_REPLY. */
+	int wh;
 	char strs[]; /* the strings above, NUL-terminated */
 };
 
@@ -422,6 +430,7 @@ worker_run_assign(struct worker *w, const struct msg *m,
 	struct msg_head h;
 	uint64_t now = now_wall_ms(), deadline;
 	int v3 = mstr_eq(q->route, "v3.chat");
+	int wh = mstr_eq(q->route, "webhook.execute");
 	struct run *r;
 
 	if (m->reqid.n == 0 || peer_name(m->reply_to, edge) == -1) {
@@ -449,7 +458,7 @@ worker_run_assign(struct worker *w, const struct msg *m,
 		reject(w, m, 504, 5040, "deadline exceeded", 0);
 		return;
 	}
-	if (q->history_id.n == 0 &&
+	if (!wh && q->history_id.n == 0 &&
 	    (v3 ? coze_conv_id_new(conv) : worker_run_conv_id(conv)) == -1) {
 		log_warn("%s: no random conversation id", __func__);
 		reject(w, m, 500, 5000, "internal error", 0);
@@ -465,8 +474,11 @@ worker_run_assign(struct worker *w, const struct msg *m,
 		}
 		msgs = q->messages;
 	}
-	if ((r = run_new(w, m, q, deadline, q->history_id.n == 0 ? conv : NULL,
-	                 cid, msgs)) == NULL) {
+	if (wh)
+		msgs = q->messages;
+	if ((r = run_new(w, m, q, deadline,
+	                 q->history_id.n == 0 && !wh ? conv : NULL, cid,
+	                 msgs)) == NULL) {
 		log_warn("%s: run", __func__);
 		reject(w, m, 500, 5000, "internal error", 0);
 		return;
@@ -480,6 +492,13 @@ worker_run_assign(struct worker *w, const struct msg *m,
 	h.reply_to = MSTR(w->svc.name);
 	cg.bot_id = r->bot_id;
 	cg.conversation_id = r->conv_id;
+	if (wh) {
+		/* The bot and its plugins; storage refuses a nonce it has
+		 * seen (409).  No conversation, no lock. */
+		r->wh = 1;
+		cg.conversation_id = MSTR_NULL;
+		cg.nonce = q->nonce;
+	}
 	if (v3) {
 		r->v3 = 1;
 		r->stream = q->stream != 0;
@@ -497,6 +516,143 @@ worker_run_assign(struct worker *w, const struct msg *m,
 }
 
 static void run_upstream_done(void *, struct upstream_answer *);
+
+/*
+ * webhook.execute (POST /api/v1/execute): storage answered with the bot
+ * and its plugins (having refused a replayed nonce); call the plugin the
+ * caller named with its arguments, as a tool call in a run is made, and
+ * answer the edge with the whole response body (raw):
+ * {"status":N,"message":"...","data":<the plugin's JSON or null>}.
+ */
+
+/* CHAT_REPLY raw to the edge with that body, then RUN_DONE. */
+static void
+wh_reply(struct run *r, uint64_t status, int64_t code, const char *msg,
+         const char *data, size_t datalen, uint64_t retry_after)
+{
+	struct worker *w = r->w;
+	struct msg_head h = r->head;
+	struct chat_reply rep = {0};
+	struct buf b = {0};
+
+	if (buf_addf(&b, "{\"status\":%" PRIu64 ",\"message\":", status) ==
+	            -1 ||
+	    buf_add_json_str(&b, msg, strlen(msg)) == -1 ||
+	    buf_adds(&b, ",\"data\":") == -1 ||
+	    (datalen > 0 ? buf_add(&b, data, datalen)
+	                 : buf_adds(&b, "null")) == -1 ||
+	    buf_adds(&b, "}") == -1) {
+		buf_free(&b);
+		log_warnx("%s: out of memory", __func__);
+		run_fail(r, 500, 5000, MSTR_LIT("internal error"), 0);
+		return;
+	}
+	rep.status = status;
+	rep.code = code;
+	rep.msg = MSTR(msg);
+	rep.data = (struct mstr){b.b, (uint32_t)b.len};
+	rep.retry_after = retry_after;
+	rep.raw = 1;
+	h.reply_to = MSTR_NULL;
+	log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent, r->bot_id,
+	        "webhook %s: %" PRIu64 " %s", r->query.p, status, msg);
+	if (msg_send_chat_reply(w->svc.ipc, r->head.reply_to.p, &h, &rep) ==
+	    -1)
+		warn_refused(w, r->head.reply_to.p, r->head.reqid);
+	buf_free(&b);
+	run_end(r, status);
+}
+
+static void
+wh_done(void *arg, struct upstream_answer *a)
+{
+	struct run *r = arg;
+	struct worker *w = r->w;
+	uint64_t status;
+	char msg[256];
+
+	r->call = NULL;
+	r->upstream_status = a->http_status;
+	r->upstream_us = a->elapsed_us;
+	if (a->status == 200) {
+		if (w->m_tool_ok != NULL)
+			(*w->m_tool_ok)++;
+		wh_reply(r, 200, 0, "ok", a->content, a->content_len, 0);
+	} else {
+		if (w->m_tool_err != NULL)
+			(*w->m_tool_err)++;
+		(void)snprintf(msg, sizeof(msg), "plugin %s %s", r->query.p,
+		               a->msg);
+		/* 504 timed out, 500 ours, else 502 (the plugin failed). */
+		status =
+		        a->status == 504 || a->status == 500 ? a->status : 502;
+		wh_reply(r, status, a->code ? a->code : 5020, msg, NULL, 0, 0);
+	}
+	free(a->content);
+}
+
+static void
+wh_ctx(struct run *r, const struct ctx_reply *c)
+{
+	struct worker *w = r->w;
+	const struct plugin *pl;
+	const char *lines[2];
+	struct buf body = {0}, hdrs = {0};
+	uint64_t now = now_wall_ms();
+	int64_t left, timeout;
+	size_t skipped = 0;
+	char msg[200];
+	int nh;
+
+	if (c->status != 200) {
+		(void)snprintf(msg, sizeof(msg), "%.*s", (int)c->msg.n,
+		               c->msg.p);
+		wh_reply(r, c->status, c->code, msg, NULL, 0,
+		         c->status == 503 || c->status == 429 ? 1 : 0);
+		return;
+	}
+	if (worker_plugin_parse(&r->plugins, c->plugins,
+	                        w->plugin_timeout_ms ? w->plugin_timeout_ms
+	                                             : WORKER_PLUGIN_MS,
+	                        &skipped) == -1) {
+		log_warnx("%s: out of memory", __func__);
+		wh_reply(r, 500, 5000, "internal error", NULL, 0, 0);
+		return;
+	}
+	pl = worker_plugin_find(&r->plugins, r->query.p, r->query.n);
+	if (pl == NULL) {
+		wh_reply(r, 404, 4004, "plugin not found", NULL, 0, 0);
+		return;
+	}
+	if (!worker_plugin_args_ok(r->messages.p, r->messages.n)) {
+		wh_reply(r, 400, 4000, "arguments must be a JSON object", NULL,
+		         0, 0);
+		return;
+	}
+	if (r->head.deadline_ms <= now) {
+		wh_reply(r, 504, 5040, "deadline exceeded", NULL, 0, 0);
+		return;
+	}
+	left = (int64_t)(r->head.deadline_ms - now);
+	timeout = pl->timeout_ms < left ? pl->timeout_ms : left;
+	if (strspn(r->messages.p, " \t\r\n") == r->messages.n)
+		(void)buf_adds(&body, "{}");
+	else
+		(void)buf_add(&body, r->messages.p, r->messages.n);
+	if ((r->url = strdup(pl->url)) == NULL || body.len == 0 ||
+	    (nh = worker_plugin_headers(pl, body.b, body.len, now / 1000,
+	                                &hdrs, lines)) == -1 ||
+	    (r->call = worker_upstream_post(
+	             w->up, pl->url, &body, r->head.traceparent, lines,
+	             (size_t)nh, timeout, wh_done, r)) == NULL) {
+		buf_free(&body);
+		buf_free(&hdrs);
+		log_warnx("%s: cannot start the plugin call", __func__);
+		wh_reply(r, 500, 5000, "internal error", NULL, 0, 0);
+		return;
+	}
+	buf_free(&hdrs);
+}
 
 void
 worker_run_ctx(struct worker *w, const struct msg *m,
@@ -517,6 +673,10 @@ worker_run_ctx(struct worker *w, const struct msg *m,
 	}
 	if (c == NULL) {
 		run_fail(r, 500, 5000, MSTR_LIT("internal error"), 0);
+		return;
+	}
+	if (r->wh) {
+		wh_ctx(r, c);
 		return;
 	}
 	if (c->status != 200) {

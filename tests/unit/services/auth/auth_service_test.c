@@ -485,6 +485,19 @@ t_flow(void)
 	T_ASSERT(log_has("undecodable CHAT_REQUEST from edge"));
 	T_ASSERT(log_has("unknown message (0x7777)"));
 
+	/* The plugin webhook carries no token (the edge checked its
+	 * signature): a CHAT_RUN with sub "webhook", whatever it says. */
+	nreplies = nruns = 0;
+	send_route("wh", "webhook.execute", "", 0);
+	send_route("wh-tok", "webhook.execute", "garbage", 0);
+	pump(3000, &nruns, 2);
+	T_EQ_INT(nruns, 2);
+	T_EQ_INT(nreplies, 0);
+	T_ASSERT((g = find(runs, nruns, "wh")) != NULL);
+	T_EQ_STR(g->sub, "webhook");
+	T_EQ_STR(g->token, "");
+	T_EQ_STR(g->reply_to, "edge");
+
 	/* Reload: a short secret is refused and the old one kept... */
 	write_conf("short", NULL);
 	kill(child, SIGHUP);

@@ -492,7 +492,20 @@ t_v3chat_bad(void)
 	         "additional_messages[0].content_type must be \"text\""},
 	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
 	                 "\"content\":\"a\",\"type\":3}]}",
-	         "additional_messages[0].type must be a non-empty string"},
+	         "additional_messages[0].type must be a non-empty string of "
+	         "at most 32 bytes"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"a\",\"type\":"
+	                 "\"123456789012345678901234567890123\"}]}",
+	         "additional_messages[0].type must be a non-empty string of "
+	         "at most 32 bytes"},
+	        /* what storage would refuse after the run: refused first */
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"caf\xe9\"}]}",
+	         "invalid JSON body: not UTF-8"},
+	        {V3_HEAD "\"additional_messages\":[{\"role\":\"user\","
+	                 "\"content\":\"\xed\xa0\x80\"}]}",
+	         "invalid JSON body: not UTF-8"},
 	};
 	struct edge_v3chat c;
 	char msg[160];
@@ -506,6 +519,22 @@ t_v3chat_bad(void)
 			T_FAIL("case %zu (%s): got \"%s\", want \"%s\"", i,
 			       cases[i].body, msg, cases[i].msg);
 		T_ASSERT(c.root == NULL && c.messages == NULL);
+	}
+	/* Too many messages. */
+	{
+		struct buf b = {0};
+
+		buf_adds(&b, V3_HEAD "\"additional_messages\":[");
+		for (i = 0; i <= EDGE_V3_MESSAGES_MAX; i++)
+			buf_addf(&b, "%s{\"role\":\"user\",\"content\":\"m\"}",
+			         i ? "," : "");
+		buf_adds(&b, "]}");
+		buf_add(&b, "", 1);
+		T_EQ_INT(edge_v3chat_parse(b.b, b.len - 1, &c, msg,
+		                           sizeof(msg)),
+		         -1);
+		T_EQ_STR(msg, "additional_messages: at most 100 messages");
+		buf_free(&b);
 	}
 	/* A NUL inside the body. */
 	{

@@ -295,7 +295,7 @@ static void
 reply(struct ipc *box, const char *reqid, uint64_t status, int64_t code,
       const char *msg, const char *data, uint64_t retry)
 {
-	struct chat_reply r = {status, code, MSTR(msg), MSTR(data), retry};
+	struct chat_reply r = {status, code, MSTR(msg), MSTR(data), retry, 0};
 	struct msg_head h = {MSTR(reqid), MSTR_LIT(TRACE), 0, MSTR_LIT("")};
 
 	T_EQ_INT(msg_send_chat_reply(box, "edge", &h, &r), 0);
