@@ -35,7 +35,11 @@ static const char storage_help[] =
         "  bot_cache_ms      2000     bot_cache_max   10000\n"
         "  batch_max         512      queue_max       65536\n"
         "  read_queue_max    10000    context_ttl_s   86400\n"
-        "  pg_timeout_ms     5000     redis_timeout_ms 1000\n";
+        "  pg_timeout_ms     5000     redis_timeout_ms 1000\n"
+        "  spool_dir         L2 spool directory ($STATE_DIRECTORY, else "
+        "the parent of [ipc] rundir)\n"
+        "  spool_max_bytes   1073741824 (0: no spool, 503 while "
+        "PostgreSQL is down)\n";
 
 /* Peers: who may talk to storage, and through which switch. */
 struct storage_peer {
@@ -141,7 +145,14 @@ storage_status(struct storage *st)
 	storage_gauge(st->m.redis_up, r);
 	storage_gauge(st->m.writer_up, w);
 	storage_gauge(st->m.reader_up, d);
-	if (r && w && d)
+	storage_commit_gauges(st);
+	if (st->spooling)
+		snprintf(s, sizeof(s),
+		         "degraded L2: chats spooled to disk (%s); redis %s, "
+		         "postgres writer %s, reader %s",
+		         st->spool_cause, r ? "up" : "down", w ? "up" : "down",
+		         d ? "up" : "down");
+	else if (r && w && d)
 		snprintf(s, sizeof(s),
 		         "serving: redis up, postgres up "
 		         "(schema v%d)",
@@ -175,9 +186,10 @@ storage_pg_state(struct storage_pg *pg, int up, void *arg)
 {
 	struct storage *st = arg;
 
-	/* Rows waiting for a writer that is gone: 503 now, not later. */
+	/* Rows waiting for a writer that is gone: L2 (spooled), else 503
+	 * now, not later. */
 	if (!up && pg == st->writer)
-		storage_commit_refuse_all(st);
+		storage_commit_writer_down(st);
 	storage_status(st);
 }
 
@@ -194,6 +206,7 @@ storage_idle(struct loop *l, void *arg)
 	storage_gauge(st->m.redis_pending,
 	              (double)storage_redis_pending(st->redis));
 	storage_gauge(st->m.bot_cache_entries, (double)storage_bots_count(st));
+	storage_commit_gauges(st);
 }
 
 void
@@ -265,6 +278,8 @@ storage_conf_numbers(struct storage_conf *c, char *err, size_t errlen)
 	        {"pg_timeout_ms", 5000, 10, 600000, &c->pg_timeout_ms},
 	        {"redis_timeout_ms", 1000, 10, 600000, &c->redis_timeout_ms},
 	        {"context_ttl_s", 86400, 1, 365 * 86400LL, &c->context_ttl_s},
+	        {"spool_max_bytes", 1LL << 30, 0, 1LL << 50,
+	         &c->spool_max_bytes},
 	};
 	size_t i;
 
@@ -274,6 +289,38 @@ storage_conf_numbers(struct storage_conf *c, char *err, size_t errlen)
 		                 errlen) == -1)
 			return (-1);
 	return (0);
+}
+
+/* [storage] spool_dir; else systemd's $STATE_DIRECTORY; else the
+ * parent of [ipc] rundir (var/ under ./troupe run, the test root);
+ * else /var/lib/troupe. */
+static void
+spool_dir_conf(struct storage *st)
+{
+	const char *v = conf_get("storage", "spool_dir", NULL), *e;
+	char d[1024], *slash;
+
+	if (v != NULL && *v != '\0') {
+		conf_str(&st->conf.spool_dir, "spool_dir", v);
+		return;
+	}
+	if ((e = getenv("STATE_DIRECTORY")) != NULL && *e != '\0')
+		snprintf(d, sizeof(d), "%.*s", (int)strcspn(e, ":"), e);
+	else if ((e = conf_get("ipc", "rundir", NULL)) != NULL && *e != '\0') {
+		snprintf(d, sizeof(d), "%s", e);
+		while ((slash = strrchr(d, '/')) != NULL && slash[1] == '\0')
+			*slash = '\0'; /* trailing slashes */
+		if ((slash = strrchr(d, '/')) == NULL)
+			snprintf(d, sizeof(d), ".");
+		else if (slash == d)
+			d[1] = '\0';
+		else
+			*slash = '\0';
+	} else
+		snprintf(d, sizeof(d), "/var/lib/troupe");
+	free(st->conf.spool_dir);
+	if ((st->conf.spool_dir = strdup(d)) == NULL)
+		fatalx("out of memory");
 }
 
 static int
@@ -295,6 +342,12 @@ storage_on_reload(struct svc *s, void *arg)
 	st->conf.context_ttl_s = c.context_ttl_s;
 	st->conf.pg_timeout_ms = c.pg_timeout_ms;
 	st->conf.redis_timeout_ms = c.redis_timeout_ms;
+	if (st->spool != NULL && c.spool_max_bytes > 0) {
+		st->conf.spool_max_bytes = c.spool_max_bytes;
+		storage_spool_set_max(st->spool, (uint64_t)c.spool_max_bytes);
+	} else if (c.spool_max_bytes != st->conf.spool_max_bytes)
+		log_warnx("reload: turning the spool on or off applies after "
+		          "a restart");
 	storage_pg_set_timeout(st->writer, c.pg_timeout_ms);
 	storage_pg_set_timeout(st->reader, c.pg_timeout_ms);
 	storage_redis_set_timeout(st->redis, c.redis_timeout_ms);
@@ -347,6 +400,32 @@ storage_metrics_init(struct storage *st)
 	m->rows_expired =
 	        metrics_counter(mx, ROWS, ROWS_H,
 	                        LBL("service=\"%s\",result=\"expired\"", svc));
+	m->rows_spooled =
+	        metrics_counter(mx, ROWS, ROWS_H,
+	                        LBL("service=\"%s\",result=\"spooled\"", svc));
+	m->rows_replayed = metrics_counter(
+	        mx, ROWS, ROWS_H,
+	        LBL("service=\"%s\",result=\"replayed\"", svc));
+	m->spool_bytes = metrics_gauge(
+	        mx, "troupe_storage_spool_bytes",
+	        "Bytes of spooled chats not yet replayed to PostgreSQL (L2)",
+	        LBL("service=\"%s\"", svc));
+	m->spool_records = metrics_gauge(
+	        mx, "troupe_storage_spool_records",
+	        "Spooled chats not yet replayed to PostgreSQL (L2)",
+	        LBL("service=\"%s\"", svc));
+	m->degraded_l2 = metrics_gauge(
+	        mx, "troupe_storage_degraded",
+	        "1 while in the degraded tier (L2: chats spooled to disk)",
+	        LBL("service=\"%s\",tier=\"L2\"", svc));
+	m->spool_enter =
+	        metrics_counter(mx, "troupe_storage_degraded_enter_total",
+	                        "Times the degraded tier was entered",
+	                        LBL("service=\"%s\",tier=\"L2\"", svc));
+	m->spool_fsyncs = metrics_counter(
+	        mx, "troupe_storage_spool_fsyncs_total",
+	        "fdatasync calls on the spool (one per spooled batch)",
+	        LBL("service=\"%s\"", svc));
 #define CTX "troupe_storage_ctx_requests_total"
 #define CTX_H "CTX_GET requests by outcome"
 	m->ctx_hit = metrics_counter(
@@ -410,6 +489,13 @@ storage_metrics_init(struct storage *st)
 	m->lock_unavailable = metrics_counter(
 	        mx, LOCK, LOCK_H,
 	        LBL("service=\"%s\",result=\"unavailable\"", svc));
+#define NONCE "troupe_storage_webhook_nonces_total"
+#define NONCE_H "Webhook nonces checked, by outcome (replayed: refused 409)"
+	m->nonce_ok = metrics_counter(
+	        mx, NONCE, NONCE_H, LBL("service=\"%s\",result=\"new\"", svc));
+	m->nonce_replayed = metrics_counter(
+	        mx, NONCE, NONCE_H,
+	        LBL("service=\"%s\",result=\"replayed\"", svc));
 #define CQ "troupe_storage_chat_queries_total"
 #define CQ_H "CHAT_QUERY answers (retrieve, list, cancel) by outcome"
 	m->q_ok = metrics_counter(mx, CQ, CQ_H,
@@ -499,6 +585,7 @@ main(int argc, char **argv)
 	         "host=127.0.0.1 port=5432 dbname=troupe user=troupe");
 	if (storage_conf_numbers(&st->conf, err, sizeof(err)) == -1)
 		fatalx("config: %s", err);
+	spool_dir_conf(st);
 	if (storage_text_redis_addr(st->conf.redis, &st->redis_addr, err,
 	                            sizeof(err)) == -1)
 		fatalx("config: [storage] redis: %s", err);
@@ -518,6 +605,8 @@ main(int argc, char **argv)
 	             st->conf.pg_timeout_ms, (size_t)st->conf.read_queue_max,
 	             &ph)) == NULL)
 		fatalx("out of memory");
+	if (st->conf.spool_max_bytes > 0)
+		(void)storage_commit_spool_open(st);
 	if (loop_idle(st->svc.loop, storage_idle, st) == -1)
 		fatal("loop_idle");
 	storage_status(st);

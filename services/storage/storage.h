@@ -35,6 +35,7 @@
 #include <libpq-fe.h>
 
 #include "proto.h"
+#include "storage_spool.h"
 #include "storage_text.h"
 #include "svc.h"
 
@@ -133,12 +134,14 @@ struct storage_conf {
 	int64_t pg_timeout_ms;
 	int64_t redis_timeout_ms;
 	int64_t context_ttl_s;
+	char *spool_dir;         /* L2 spool directory */
+	int64_t spool_max_bytes; /* bound of the spool file */
 };
 
 struct storage_metrics {
 	uint64_t *batches, *batch_rows;
 	uint64_t *rows_stored, *rows_duplicate, *rows_failed, *rows_refused,
-	        *rows_invalid, *rows_expired;
+	        *rows_invalid, *rows_expired, *rows_spooled, *rows_replayed;
 	uint64_t *ctx_hit, *ctx_miss, *ctx_none, *ctx_unknown_bot,
 	        *ctx_unavailable, *ctx_invalid;
 	uint64_t *bot_hit, *bot_load, *bot_stale;
@@ -147,11 +150,14 @@ struct storage_metrics {
 	        *err_unknown_msg;
 	uint64_t *admin_ok, *admin_failed;
 	uint64_t *lock_taken, *lock_busy, *lock_unavailable;
+	uint64_t *nonce_ok, *nonce_replayed;
 	uint64_t *q_ok, *q_not_found, *q_finished, *q_invalid, *q_unavailable,
 	        *q_error;
 	uint64_t *key_valid, *key_invalid, *key_unavailable;
 	double *redis_up, *writer_up, *reader_up, *schema_version;
 	double *queue_rows, *read_queue, *redis_pending, *bot_cache_entries;
+	double *spool_bytes, *spool_records, *degraded_l2;
+	uint64_t *spool_enter, *spool_fsyncs;
 	struct histo *commit_seconds, *ctx_seconds;
 };
 
@@ -202,6 +208,9 @@ struct storage_ctx_req {
 	/* v3 (chat_id non-empty): the conversation lock and the chat in
 	 * progress (storage_chat.c); NUL-terminated in blob. */
 	struct mstr chat_id, user_id;
+	/* webhook (nonce non-empty): refuse a nonce seen for this bot
+	 * within STORAGE_NONCE_TTL_S; NUL-terminated in blob. */
+	struct mstr nonce;
 	uint64_t lock_ms;
 	uint64_t created_at; /* unix s, from the chat's Redis hash */
 	int locked;          /* the lock is ours: release it on failure */
@@ -219,10 +228,20 @@ struct storage_chat_q;
 TAILQ_HEAD(storage_chat_qs, storage_chat_q);
 struct storage_batch;
 TAILQ_HEAD(storage_rows, storage_row);
+struct storage_spool_ent {
+	char chat_id[40]; /* coze ids: at most 32 digits */
+	uint64_t off;     /* of its record in the spool */
+};
 
 /* Commit epochs per hashed context key: a rebuild queued before a commit
  * touching its key must not write its (older) snapshot back to Redis. */
 #define STORAGE_EPOCH_SLOTS 4096
+
+/* How long a webhook nonce is remembered (troupe:nonce:<bot>:<nonce>):
+ * longer than the edge's +-300 s timestamp window, so a replay is
+ * refused by one or the other. */
+#define STORAGE_NONCE_TTL_S 600
+#define STORAGE_NONCE_MAX 64
 
 struct storage {
 	struct svc svc;
@@ -238,6 +257,18 @@ struct storage {
 	struct storage_batch *batch; /* in flight on the writer */
 	size_t nappending;           /* committed batches awaiting Redis */
 	uint64_t commit_epoch;
+	/* L2 (storage_commit.c): while spooling, persists are appended to
+	 * the spool and answered once synced; when the writer is back the
+	 * spool is replayed from spool_off through the group commit. */
+	struct storage_spool *spool; /* NULL: no spool, 503 as before */
+	int spooling;
+	int replay_solo;         /* replay one record per statement */
+	uint64_t spool_off;      /* next record to replay */
+	uint64_t spool_replayed; /* records replayed so far */
+	/* v3 chats in the spool, for CHAT_QUERY while spooling. */
+	struct storage_spool_ent *spool_idx;
+	size_t nspool_idx, capspool_idx;
+	char spool_cause[160];
 	uint64_t epoch_slot[STORAGE_EPOCH_SLOTS];
 	/* v3 persists queued or in flight, per hashed chat_id: a
 	 * CHAT_QUERY about such a chat waits for its commit
@@ -351,6 +382,21 @@ void storage_commit_kick(struct storage *);
 int storage_commit_busy(const struct storage *);
 /* Refuse every waiting row with 503 (stop, writer lost). */
 void storage_commit_refuse_all(struct storage *);
+/* The writer went down: enter L2 (spool) if there is a spool, else
+ * refuse every waiting row with 503. */
+void storage_commit_writer_down(struct storage *);
+/* Open the spool at [storage] spool_dir (storage.c, at start); a
+ * non-empty spool enters L2 at once.  -1 if it cannot be opened (the
+ * service then runs without L2). */
+int storage_commit_spool_open(struct storage *);
+/* A v3 chat still in the spool (L2): its chat object (list 0) or its
+ * messages as a JSON array (list 1) into out.  1 found, 0 not in the
+ * spool (or of another conversation), -1 on failure. */
+int storage_commit_spooled(struct storage *, const char *chat_id,
+                           const char *conversation_id, int list,
+                           struct buf *out);
+/* Refresh the spool gauges. */
+void storage_commit_gauges(struct storage *);
 
 /* storage_bots.c */
 /* Find the bot of req (cache, else PostgreSQL); calls

@@ -599,7 +599,25 @@ static void
 q_start(struct storage_chat_q *q)
 {
 	const char *values[2];
+	struct buf b = {0};
+	int rc;
 
+	/* L2 (chats spooled, PostgreSQL down): a chat in the spool is
+	 * served from its record, any other from its Redis hash. */
+	if (q->st->spooling && !storage_pg_up(q->st->reader)) {
+		if (q->op != Q_CANCEL) {
+			rc = storage_commit_spooled(q->st, q->chat_id, q->conv,
+			                            q->op == Q_LIST, &b);
+			if (rc == 1)
+				q_reply(q, 200, 0, "",
+				        (struct mstr){b.b, (uint32_t)b.len});
+			buf_free(&b);
+			if (rc == 1)
+				return;
+		}
+		q_ask_redis(q);
+		return;
+	}
 	values[0] = q->chat_id;
 	values[1] = q->conv;
 	if (storage_pg_query(
@@ -669,7 +687,7 @@ storage_chat_query(struct storage *st, const struct msg *m,
 		goto out;
 	}
 	if (st->svc.stopping) {
-		q_send(st, to, &h, 503, 5030, "storage stopping", MSTR_NULL,
+		q_send(st, to, &h, 503, 5031, "storage stopping", MSTR_NULL,
 		       1);
 		goto out;
 	}

@@ -18,21 +18,31 @@
  * Callers: storage_dispatch.c (CHAT_PERSIST), storage.c (kick on every
  * loop turn, refusal when the writer goes down, stop).
  *
- * Failures: writer down, statement failed or timed out: 503/5030
- * "storage unavailable", Retry-After 1, for every row of the batch.  A
- * batch refused for its data (not a transient SQLSTATE) is retried one
- * row per statement, so one bad row cannot fail its neighbours; that row
- * gets 500/5000.  Rows are checked on arrival (valid UTF-8 without NUL,
+ * L2 (a spool configured, storage_spool.c): when the writer is down, or
+ * a batch is lost or fails transiently, rows are appended to the spool
+ * instead, one fdatasync per loop turn, and only then answered as after
+ * a COMMIT (Redis context, v3 status, reply).  When the writer is back
+ * the spool is replayed in order through the same statement (ON CONFLICT
+ * DO NOTHING: exactly once), new rows still going to the spool behind
+ * it, and then emptied.  docs/services/storage.md has the record format.
+ *
+ * Failures without a spool: writer down, statement failed or timed out:
+ * 503/5030 "storage unavailable", Retry-After 1, for every row of the
+ * batch.  A batch refused for its data (not a transient SQLSTATE) is
+ * retried one row per statement, so one bad row cannot fail its
+ * neighbours; that row gets 500/5000.  Rows are checked on arrival (valid UTF-8 without NUL,
  * token counts that fit an int) and refused with 400/4000 so they never
  * reach a batch.  A row whose deadline passed while queued is not written
  * and gets 504/5040: the edge has answered the client with an error, so
  * the turn must not appear in the history either.  A Redis failure after
  * COMMIT does not fail the chat: the key is deleted (now, or when Redis
  * is back) so the next read rebuilds it from PostgreSQL.  It must never
- * acknowledge a row that is not committed.
+ * acknowledge a row that is neither committed nor synced to the spool.
  *
- * DIAGNOSTICS: refused batches and failed statements warn.
+ * DIAGNOSTICS: refused batches and failed statements warn; entering and
+ * leaving L2 are logged with the cause; a full spool warns every 30 s.
  */
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,11 +108,13 @@ struct storage_row {
 	char status[16];     /* completed, failed, canceled */
 	struct mstr last_error;
 	uint64_t created_at;
-	cJSON *msgs;      /* the messages to store, checked */
-	int solo;         /* write alone (its batch was refused) */
-	int inserted;     /* new row (not a resend of a stored one) */
-	int redis_failed; /* the context update failed */
-	char *key;        /* context key, once committed */
+	cJSON *msgs;         /* the messages to store, checked */
+	int solo;            /* write alone (its batch was refused) */
+	int replayed;        /* read back from the spool */
+	uint64_t spooled_at; /* unix s, when it was spooled */
+	int inserted;        /* new row (not a resend of a stored one) */
+	int redis_failed;    /* the context update failed */
+	char *key;           /* context key, once committed */
 	size_t keylen;
 	char blob[];
 };
@@ -111,6 +123,8 @@ struct storage_batch {
 	struct storage *st;
 	struct storage_rows rows;
 	size_t n;
+	int replay;        /* rows read back from the spool */
+	uint64_t next_off; /* the spool offset after them */
 	size_t redis_pending;
 	uint64_t t0_ns;
 };
@@ -364,10 +378,11 @@ storage_commit_persist(struct storage *st, const struct msg *m,
 	}
 	if (st->svc.stopping) {
 		storage_count(st->m.rows_refused);
-		persist_refuse(st, m, b, 503, 5030, "storage stopping", 1);
+		persist_refuse(st, m, b, 503, 5031, "storage stopping", 1);
 		goto out;
 	}
-	if (!storage_pg_accepting(st->writer)) {
+	/* With a spool (L2) a writer that is down is no refusal. */
+	if (!storage_pg_accepting(st->writer) && st->spool == NULL) {
 		storage_count(st->m.rows_refused);
 		persist_refuse(st, m, b, 503, 5030, "storage unavailable", 1);
 		goto out;
@@ -624,6 +639,676 @@ cmp_str(const void *a, const void *b)
 	return (strcmp(*(const char *const *)a, *(const char *const *)b));
 }
 
+/* ---------------------------------------------------------------- L2 */
+
+/*
+ * A spool record is one row: a version byte (1), the flags byte (bit 0:
+ * v3), prompt_tokens, completion_tokens, context_turns, created_at,
+ * spooled_at (unix s) (u64 little endian each), then u32-length-prefixed
+ * strings: chat_id, conversation_id, bot_id, user_id, query, answer,
+ * last_error, status, the messages as JSON ("" for none).
+ */
+#define SPOOL_REC_V1 1
+
+static int
+rec_u64(struct buf *b, uint64_t v)
+{
+	unsigned char p[8];
+	int i;
+
+	for (i = 0; i < 8; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+	return (buf_add(b, p, 8));
+}
+
+static int
+rec_str(struct buf *b, const char *s, size_t n)
+{
+	unsigned char p[4];
+	int i;
+
+	for (i = 0; i < 4; i++)
+		p[i] = (unsigned char)((uint32_t)n >> (8 * i));
+	return (buf_add(b, p, 4) == -1 || buf_add(b, s, n) == -1 ? -1 : 0);
+}
+
+static int
+row_encode(const struct storage_row *r, struct buf *b)
+{
+	unsigned char h[2] = {SPOOL_REC_V1, (unsigned char)(r->v3 ? 1 : 0)};
+	char *msgs = NULL;
+	int ok = 1;
+
+	buf_reset(b);
+	if (r->msgs != NULL &&
+	    (msgs = cJSON_PrintUnformatted(r->msgs)) == NULL)
+		return (-1);
+	ok &= buf_add(b, h, 2) == 0;
+	ok &= rec_u64(b, r->prompt_tokens) == 0;
+	ok &= rec_u64(b, r->completion_tokens) == 0;
+	ok &= rec_u64(b, r->context_turns) == 0;
+	ok &= rec_u64(b, r->created_at) == 0;
+	ok &= rec_u64(b, r->spooled_at) == 0;
+	ok &= rec_str(b, r->chat_id.p, r->chat_id.n) == 0;
+	ok &= rec_str(b, r->conversation_id.p, r->conversation_id.n) == 0;
+	ok &= rec_str(b, r->bot_id.p, r->bot_id.n) == 0;
+	ok &= rec_str(b, r->user_id.p, r->user_id.n) == 0;
+	ok &= rec_str(b, r->query.p, r->query.n) == 0;
+	ok &= rec_str(b, r->answer.p, r->answer.n) == 0;
+	ok &= rec_str(b, r->last_error.p, r->last_error.n) == 0;
+	ok &= rec_str(b, r->status, strlen(r->status)) == 0;
+	ok &= rec_str(b, msgs ? msgs : "", msgs ? strlen(msgs) : 0) == 0;
+	free(msgs);
+	return (ok ? 0 : -1);
+}
+
+struct rec_reader {
+	const unsigned char *p;
+	size_t n;
+	int bad;
+};
+
+static uint64_t
+rd_u64(struct rec_reader *rd)
+{
+	uint64_t v = 0;
+	int i;
+
+	if (rd->n < 8) {
+		rd->bad = 1;
+		return (0);
+	}
+	for (i = 0; i < 8; i++)
+		v |= (uint64_t)rd->p[i] << (8 * i);
+	rd->p += 8;
+	rd->n -= 8;
+	return (v);
+}
+
+static struct mstr
+rd_str(struct rec_reader *rd)
+{
+	struct mstr s = MSTR_NULL;
+	uint32_t len;
+
+	if (rd->n < 4) {
+		rd->bad = 1;
+		return (s);
+	}
+	len = (uint32_t)rd->p[0] | (uint32_t)rd->p[1] << 8 |
+	      (uint32_t)rd->p[2] << 16 | (uint32_t)rd->p[3] << 24;
+	if (rd->n - 4 < len) {
+		rd->bad = 1;
+		return (s);
+	}
+	s = (struct mstr){(const char *)rd->p + 4, len};
+	rd->p += 4 + len;
+	rd->n -= 4 + len;
+	return (s);
+}
+
+/* A row read back from the spool: nobody to answer (reply_kind 2, no
+ * reply_to, no deadline).  NULL if the record does not decode. */
+static struct storage_row *
+row_decode(struct storage *st, const struct buf *b)
+{
+	struct rec_reader rd = {(const unsigned char *)b->b, b->len, 0};
+	struct storage_row *r;
+	struct mstr f[9];
+	uint64_t num[5];
+	cJSON *msgs = NULL;
+	char *text;
+	size_t sz, i;
+	int v3;
+	char *p;
+
+	if (rd.n < 2 || rd.p[0] != SPOOL_REC_V1)
+		return (NULL);
+	v3 = rd.p[1] & 1;
+	rd.p += 2;
+	rd.n -= 2;
+	for (i = 0; i < nitems(num); i++)
+		num[i] = rd_u64(&rd);
+	sz = sizeof(*r) + 3 + 16;
+	for (i = 0; i < nitems(f); i++) {
+		f[i] = rd_str(&rd);
+		sz += f[i].n + 1;
+	}
+	if (rd.bad || rd.n != 0 || f[0].n == 0 || f[7].n >= 16)
+		return (NULL);
+	if (f[8].n > 0) {
+		if ((text = mstr_dup(f[8])) == NULL)
+			return (NULL);
+		msgs = cJSON_Parse(text);
+		free(text);
+		if (!cJSON_IsArray(msgs)) {
+			cJSON_Delete(msgs);
+			return (NULL);
+		}
+	}
+	if ((r = calloc(1, sz)) == NULL) {
+		cJSON_Delete(msgs);
+		return (NULL);
+	}
+	/* Empty request id, trace and reply_to. */
+	r->head.reqid = (struct mstr){r->blob, 0};
+	r->head.traceparent = (struct mstr){r->blob + 1, 0};
+	r->reply_to = r->blob + 2;
+	p = r->blob + 3;
+	p = copy_field(p, &r->chat_id, f[0]);
+	p = copy_field(p, &r->conversation_id, f[1]);
+	p = copy_field(p, &r->bot_id, f[2]);
+	p = copy_field(p, &r->user_id, f[3]);
+	p = copy_field(p, &r->query, f[4]);
+	p = copy_field(p, &r->answer, f[5]);
+	p = copy_field(p, &r->reply, MSTR_LIT(""));
+	(void)copy_field(p, &r->last_error, f[6]);
+	snprintf(r->status, sizeof(r->status), "%.*s", (int)f[7].n, f[7].p);
+	r->prompt_tokens = num[0];
+	r->completion_tokens = num[1];
+	r->context_turns = num[2];
+	r->created_at = num[3];
+	r->spooled_at = num[4];
+	r->v3 = v3;
+	r->reply_kind = 2;
+	r->replayed = 1;
+	r->msgs = msgs;
+	r->st = st;
+	if (r->v3)
+		storage_chat_pending(st, r->chat_id, 1);
+	return (r);
+}
+
+void
+storage_commit_gauges(struct storage *st)
+{
+	uint64_t bytes = 0, recs = 0;
+
+	if (st->spool != NULL) {
+		recs = storage_spool_records(st->spool);
+		recs = recs > st->spool_replayed ? recs - st->spool_replayed
+		                                 : 0;
+		bytes = storage_spool_bytes(st->spool);
+		if (st->spool_off > STORAGE_SPOOL_HDR)
+			bytes -= st->spool_off - STORAGE_SPOOL_HDR;
+		if (st->m.spool_fsyncs != NULL)
+			*st->m.spool_fsyncs = storage_spool_syncs(st->spool);
+	}
+	storage_gauge(st->m.spool_bytes, (double)bytes);
+	storage_gauge(st->m.spool_records, (double)recs);
+	storage_gauge(st->m.degraded_l2, st->spooling);
+}
+
+/* Enter L2: from now on persists go to the spool. */
+static void
+l2_enter(struct storage *st, const char *cause)
+{
+	if (st->spooling || st->spool == NULL)
+		return;
+	st->spooling = 1;
+	st->replay_solo = 0;
+	snprintf(st->spool_cause, sizeof(st->spool_cause), "%s", cause);
+	storage_count(st->m.spool_enter);
+	log_warnx("L2: entering degraded tier L2 (%s): chats are spooled to "
+	          "%s/storage-spool until PostgreSQL is back",
+	          cause, st->conf.spool_dir);
+	storage_commit_gauges(st);
+	storage_status(st);
+}
+
+/* Leave L2: the spool is replayed; empty it. */
+static void
+l2_leave(struct storage *st)
+{
+	static uint64_t warned_ms;
+	uint64_t n = st->spool_replayed;
+
+	if (storage_spool_clear(st->spool) == -1) {
+		/* Stay in L2 (new rows keep going to the spool, behind
+		 * the replayed ones, which replay again harmlessly). */
+		if (now_wall_ms() - warned_ms > 30000) {
+			warned_ms = now_wall_ms();
+			log_warn("L2: emptying the spool");
+		}
+		return;
+	}
+	st->spooling = 0;
+	st->spool_off = 0;
+	st->nspool_idx = 0;
+	st->spool_replayed = 0;
+	st->replay_solo = 0;
+	log_info("L2: leaving degraded tier L2: %llu spooled chats "
+	         "replayed to PostgreSQL (entered on: %s)",
+	         (unsigned long long)n, st->spool_cause);
+	st->spool_cause[0] = '\0';
+	storage_commit_gauges(st);
+	storage_status(st);
+}
+
+/* Remember where a v3 chat's record is (a later record of the same
+ * chat, a resend, wins: lookups go from the end). */
+static int
+idx_add(struct storage *st, const char *chat_id, uint64_t off)
+{
+	struct storage_spool_ent *e;
+	size_t cap;
+
+	if (st->nspool_idx == st->capspool_idx) {
+		cap = st->capspool_idx ? st->capspool_idx * 2 : 256;
+		if ((e = reallocarray(st->spool_idx, cap, sizeof(*e))) == NULL)
+			return (-1);
+		st->spool_idx = e;
+		st->capspool_idx = cap;
+	}
+	e = &st->spool_idx[st->nspool_idx++];
+	snprintf(e->chat_id, sizeof(e->chat_id), "%s", chat_id);
+	e->off = off;
+	return (0);
+}
+
+static void
+spooled_chat(const struct storage_row *r, struct buf *out, int *rc)
+{
+	struct coze_chat c;
+	const cJSON *f;
+	cJSON *err = NULL;
+
+	memset(&c, 0, sizeof(c));
+	c.id = r->chat_id;
+	c.conversation_id = r->conversation_id;
+	c.bot_id = r->bot_id;
+	c.status = r->status;
+	c.created_at = r->created_at;
+	if (strcmp(r->status, "failed") == 0)
+		c.failed_at = r->spooled_at;
+	else
+		c.completed_at = r->spooled_at;
+	if (r->last_error.n > 0 &&
+	    (err = cJSON_Parse(r->last_error.p)) != NULL) {
+		f = cJSON_GetObjectItemCaseSensitive(err, "code");
+		if (cJSON_IsNumber(f))
+			c.error_code = (int64_t)f->valuedouble;
+		f = cJSON_GetObjectItemCaseSensitive(err, "msg");
+		if (cJSON_IsString(f))
+			c.error_msg = MSTR(f->valuestring);
+	}
+	c.input_tokens = r->prompt_tokens;
+	c.output_tokens = r->completion_tokens;
+	if (coze_chat_json(out, &c) == 0)
+		*rc = 1;
+	cJSON_Delete(err);
+}
+
+static const char *
+msg_field(const cJSON *e, const char *name, const char *def)
+{
+	const cJSON *f = cJSON_GetObjectItemCaseSensitive(e, name);
+
+	return (cJSON_IsString(f) ? f->valuestring : def);
+}
+
+static void
+spooled_msgs(const struct storage_row *r, struct buf *out, int *rc)
+{
+	struct coze_msg m;
+	const cJSON *e, *f;
+	int first = 1;
+
+	if (buf_adds(out, "[") == -1)
+		return;
+	cJSON_ArrayForEach(e, r->msgs)
+	{
+		memset(&m, 0, sizeof(m));
+		m.id = MSTR(msg_field(e, "id", ""));
+		m.conversation_id = r->conversation_id;
+		m.bot_id = r->bot_id;
+		m.chat_id = r->chat_id;
+		m.role = MSTR(msg_field(e, "role", ""));
+		m.type = MSTR(msg_field(e, "type", ""));
+		m.content = MSTR(msg_field(e, "content", ""));
+		m.content_type = MSTR(msg_field(e, "content_type", "text"));
+		f = cJSON_GetObjectItemCaseSensitive(e, "created_at");
+		m.created_at = cJSON_IsNumber(f) ? (uint64_t)f->valuedouble
+		                                 : r->created_at;
+		m.updated_at = m.created_at;
+		if ((!first && buf_adds(out, ",") == -1) ||
+		    coze_msg_json(out, &m) == -1)
+			return;
+		first = 0;
+	}
+	if (buf_adds(out, "]") == 0)
+		*rc = 1;
+}
+
+int
+storage_commit_spooled(struct storage *st, const char *chat_id,
+                       const char *conv, int list, struct buf *out)
+{
+	struct storage_row *r;
+	struct buf rec = {0};
+	uint64_t off;
+	size_t i;
+	int rc = -1;
+
+	if (st->spool == NULL || !st->spooling)
+		return (0);
+	for (i = st->nspool_idx; i > 0; i--)
+		if (strcmp(st->spool_idx[i - 1].chat_id, chat_id) == 0)
+			break;
+	if (i == 0)
+		return (0);
+	off = st->spool_idx[i - 1].off;
+	r = storage_spool_next(st->spool, &off, &rec) == 1
+	            ? row_decode(st, &rec)
+	            : NULL;
+	buf_free(&rec);
+	if (r == NULL)
+		return (-1);
+	if (strcmp(r->chat_id.p, chat_id) != 0 ||
+	    strcmp(r->conversation_id.p, conv) != 0)
+		rc = 0;
+	else if (list)
+		spooled_msgs(r, out, &rc);
+	else
+		spooled_chat(r, out, &rc);
+	row_free(r);
+	return (rc);
+}
+
+/* Append the waiting rows to the spool, one fdatasync, then answer them
+ * as after a COMMIT (context update, v3 status, reply). */
+static void
+spool_rows(struct storage *st)
+{
+	static uint64_t warned_ms;
+	struct storage_batch *bt;
+	struct storage_row *r;
+	struct buf rec = {0};
+	uint64_t now = now_wall_ms(), off;
+	int full;
+
+	if ((bt = calloc(1, sizeof(*bt))) == NULL)
+		return;
+	bt->st = st;
+	TAILQ_INIT(&bt->rows);
+	while ((r = TAILQ_FIRST(&st->rows)) != NULL) {
+		TAILQ_REMOVE(&st->rows, r, entry);
+		st->nrows--;
+		if (r->head.deadline_ms != 0 && r->head.deadline_ms < now) {
+			storage_count(st->m.rows_expired);
+			row_reply(st, r, 504, 5040, "deadline exceeded", 0);
+			row_free(r);
+			continue;
+		}
+		r->spooled_at = now / 1000;
+		if (!r->v3)
+			r->created_at = r->spooled_at;
+		off = storage_spool_tail(st->spool);
+		if (row_encode(r, &rec) == -1 ||
+		    storage_spool_append(st->spool, rec.b, rec.len) == -1) {
+			full = errno == ENOSPC;
+			if (now - warned_ms > 30000) {
+				warned_ms = now;
+				if (full)
+					log_warnx("L2: spool full "
+					          "(spool_max_bytes %lld): "
+					          "chats refused with 503",
+					          (long long)st->conf
+					                  .spool_max_bytes);
+				else
+					log_warn("L2: spool append");
+			}
+			storage_count(st->m.rows_refused);
+			row_reply(st, r, 503, 5030,
+			          full ? "storage unavailable (spool full)"
+			               : "storage unavailable",
+			          1);
+			row_free(r);
+			continue;
+		}
+		if (r->v3)
+			(void)idx_add(st, r->chat_id.p, off);
+		r->batch = bt;
+		TAILQ_INSERT_TAIL(&bt->rows, r, entry);
+		bt->n++;
+	}
+	buf_free(&rec);
+	if (bt->n == 0) {
+		free(bt);
+		storage_stop_check(st);
+		return;
+	}
+	if (storage_spool_sync(st->spool) == -1) {
+		log_warn("L2: spool fdatasync (%zu chats refused)", bt->n);
+		batch_fail(bt, 503, 5030, "storage unavailable", 1);
+		storage_stop_check(st);
+		return;
+	}
+	st->commit_epoch++;
+	TAILQ_FOREACH(r, &bt->rows, entry)
+	{
+		/* A resend of a spooled chat adds its turn to the context
+		 * again: the spool cannot tell (PostgreSQL will). */
+		r->inserted = 1;
+		storage_count(st->m.rows_spooled);
+		storage_ctx_committed(st, r->bot_id, r->conversation_id);
+	}
+	storage_commit_gauges(st);
+	batch_append(bt);
+}
+
+/* A batch whose outcome is unknown or transiently failed: with a spool,
+ * enter L2 and put its rows back ahead of the queue, in order (they are
+ * spooled at the end of this loop turn).  -1 without a spool. */
+static int
+batch_to_spool(struct storage_batch *bt, const char *cause)
+{
+	struct storage *st = bt->st;
+	struct storage_row *r;
+
+	if (st->spool == NULL || st->svc.stopping)
+		return (-1);
+	l2_enter(st, cause);
+	while ((r = TAILQ_LAST(&bt->rows, storage_rows)) != NULL) {
+		TAILQ_REMOVE(&bt->rows, r, entry);
+		r->batch = NULL;
+		TAILQ_INSERT_HEAD(&st->rows, r, entry);
+		st->nrows++;
+	}
+	free(bt);
+	return (0);
+}
+
+static void batch_send(struct storage *, struct storage_batch *);
+
+/* Read the next records from the spool into a batch and send it. */
+static void
+replay_next(struct storage *st)
+{
+	static uint64_t warned_ms;
+	struct storage_batch *bt;
+	struct storage_row *r;
+	struct buf rec = {0};
+	uint64_t off = st->spool_off;
+	size_t max = st->replay_solo ? 1 : (size_t)st->conf.batch_max;
+	int rc;
+
+	if ((bt = calloc(1, sizeof(*bt))) == NULL)
+		return;
+	bt->st = st;
+	bt->replay = 1;
+	TAILQ_INIT(&bt->rows);
+	while (bt->n < max &&
+	       (rc = storage_spool_next(st->spool, &off, &rec)) == 1) {
+		if ((r = row_decode(st, &rec)) == NULL) {
+			if (bt->n > 0)
+				break; /* it comes first next time */
+			/* Checked by its CRC yet not a row (or no
+			 * memory): it cannot ever be stored. */
+			log_warnx("L2: spool record at offset %llu does not "
+			          "decode: skipped",
+			          (unsigned long long)st->spool_off);
+			storage_count(st->m.rows_failed);
+			st->spool_off = off;
+			st->spool_replayed++;
+			continue;
+		}
+		r->batch = bt;
+		TAILQ_INSERT_TAIL(&bt->rows, r, entry);
+		bt->n++;
+		bt->next_off = off;
+	}
+	buf_free(&rec);
+	if (rc == -1 && bt->n == 0 && now_wall_ms() - warned_ms > 30000) {
+		warned_ms = now_wall_ms();
+		log_warn("L2: reading the spool at offset %llu",
+		         (unsigned long long)st->spool_off);
+	}
+	if (bt->n == 0) {
+		free(bt);
+		return;
+	}
+	batch_send(st, bt);
+}
+
+/* A replay batch is over: on success move past its records; on a
+ * transient failure retry them later (the rows in PostgreSQL already
+ * are skipped by ON CONFLICT DO NOTHING, so a retry is harmless). */
+static void
+replay_done(struct storage_batch *bt, const PGresult *res)
+{
+	struct storage *st = bt->st;
+	const char *state = NULL;
+	int n;
+
+	if (res == NULL || PQresultStatus(res) != PGRES_TUPLES_OK) {
+		storage_count(st->m.err_pg);
+		if (res != NULL) {
+			state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+			log_warnx("L2: replay of %zu spooled chats refused "
+			          "(SQLSTATE %s): %s",
+			          bt->n, state ? state : "none",
+			          storage_pg_error(res));
+		}
+		if (res == NULL || storage_text_sqlstate_transient(state)) {
+			batch_free(bt);
+			storage_stop_check(st);
+			return;
+		}
+		if (bt->n > 1) {
+			/* One at a time until past this batch. */
+			st->replay_solo = (int)bt->n;
+			batch_free(bt);
+			return;
+		}
+		/* One chat PostgreSQL refuses for its data: it never
+		 * can be stored; skip it so that the rest replays. */
+		log_warnx("L2: spooled chat %s refused by PostgreSQL: "
+		          "dropped from the replay",
+		          TAILQ_FIRST(&bt->rows)->chat_id.p);
+		storage_count(st->m.rows_failed);
+		n = 0;
+	} else {
+		n = PQntuples(res);
+		if (st->m.rows_stored != NULL)
+			*st->m.rows_stored += (uint64_t)n;
+		if (st->m.rows_duplicate != NULL && bt->n > (size_t)n)
+			*st->m.rows_duplicate += bt->n - (size_t)n;
+		if (st->m.rows_replayed != NULL)
+			*st->m.rows_replayed += bt->n;
+		storage_count(st->m.batches);
+		if (st->m.batch_rows != NULL)
+			*st->m.batch_rows += bt->n;
+	}
+	if (st->replay_solo > 0)
+		st->replay_solo--;
+	st->spool_off = bt->next_off;
+	st->spool_replayed += bt->n;
+	log_debug("L2: %zu spooled chats replayed (%d new)", bt->n, n);
+	batch_free(bt);
+	storage_commit_gauges(st);
+	storage_stop_check(st);
+}
+
+/* L2, every loop turn: spool what waits, then replay when the writer
+ * serves; leave L2 once the spool is replayed. */
+static void
+commit_l2(struct storage *st)
+{
+	/* Rows of a batch whose commit is still out come back ahead of
+	 * the queue if it fails: spool nothing before it is over. */
+	if (st->batch != NULL && !st->batch->replay)
+		return;
+	if (st->nrows > 0)
+		spool_rows(st);
+	if (st->batch != NULL || st->svc.stopping ||
+	    !storage_pg_up(st->writer) || !storage_pg_idle(st->writer))
+		return;
+	if (storage_spool_at_end(st->spool, st->spool_off))
+		l2_leave(st);
+	else
+		replay_next(st);
+}
+
+void
+storage_commit_writer_down(struct storage *st)
+{
+	if (st->spool != NULL && !st->svc.stopping)
+		l2_enter(st, "postgres writer down");
+	else
+		storage_commit_refuse_all(st);
+}
+
+int
+storage_commit_spool_open(struct storage *st)
+{
+	char path[1024], err[1200];
+	struct storage_row *r;
+	struct buf rec = {0};
+	uint64_t dropped, off, at;
+
+	if ((size_t)snprintf(path, sizeof(path), "%s/storage-spool",
+	                     st->conf.spool_dir) >= sizeof(path)) {
+		log_warnx("L2: spool_dir too long: running without a spool");
+		return (-1);
+	}
+	st->spool =
+	        storage_spool_open(path, (uint64_t)st->conf.spool_max_bytes,
+	                           &dropped, err, sizeof(err));
+	if (st->spool == NULL) {
+		log_warnx("L2: %s: running without a spool (PostgreSQL "
+		          "down means 503)",
+		          err);
+		return (-1);
+	}
+	if (dropped > 0)
+		log_warnx("L2: %s: cut a torn tail of %llu bytes (a record "
+		          "never acknowledged)",
+		          path, (unsigned long long)dropped);
+	/* Index its v3 chats (CHAT_QUERY while spooling). */
+	off = 0;
+	for (;;) {
+		at = off < STORAGE_SPOOL_HDR ? STORAGE_SPOOL_HDR : off;
+		if (storage_spool_next(st->spool, &off, &rec) != 1)
+			break;
+		if ((r = row_decode(st, &rec)) == NULL)
+			continue;
+		if (r->v3)
+			(void)idx_add(st, r->chat_id.p, at);
+		row_free(r);
+	}
+	buf_free(&rec);
+	if (storage_spool_records(st->spool) > 0) {
+		log_info("L2: %s holds %llu chats from a previous run: "
+		         "replaying",
+		         path,
+		         (unsigned long long)storage_spool_records(st->spool));
+		l2_enter(st, "spool not empty at start");
+	}
+	storage_commit_gauges(st);
+	return (0);
+}
+
 static void
 batch_done(void *arg, const PGresult *res)
 {
@@ -635,10 +1320,19 @@ batch_done(void *arg, const PGresult *res)
 	int i, n;
 
 	st->batch = NULL;
+	if (bt->replay) {
+		replay_done(bt, res);
+		return;
+	}
 	if (res == NULL) {
 		/* Lost or timed out: it may or may not have committed;
-		 * either way nothing is acknowledged (a resend is safe). */
+		 * either way nothing is acknowledged (a resend is safe).
+		 * With a spool: L2, the rows are spooled and answered (a
+		 * replay of a row that did commit inserts nothing). */
 		storage_count(st->m.err_pg);
+		if (batch_to_spool(bt, "commit lost (connection lost or "
+		                       "statement timed out)") == 0)
+			return;
 		batch_fail(bt, 503, 5030, "storage unavailable", 1);
 		storage_stop_check(st);
 		return;
@@ -650,6 +1344,10 @@ batch_done(void *arg, const PGresult *res)
 		          "(SQLSTATE %s): %s",
 		          bt->n, state ? state : "none",
 		          storage_pg_error(res));
+		if (storage_text_sqlstate_transient(state) &&
+		    batch_to_spool(bt, "commit failed (transient SQLSTATE)") ==
+		            0)
+			return;
 		if (!storage_text_sqlstate_transient(state) && bt->n > 1) {
 			/* Retry row by row, in order, ahead of the queue. */
 			while ((r = TAILQ_LAST(&bt->rows, storage_rows)) !=
@@ -743,8 +1441,9 @@ row_arrays(const struct storage_row *r, struct buf *a)
 	ok &= arr_s(&a[9], r->v3 ? "v3.chat" : "v1.chat") == 0;
 	ok &= storage_text_pg_array_str(&a[10], r->last_error.p,
 	                                r->last_error.n) == 0;
-	ok &= storage_text_pg_array_int(&a[11], r->v3 ? r->created_at : 0) ==
-	      0;
+	/* A replayed v1 chat keeps the time it was spooled. */
+	ok &= storage_text_pg_array_int(
+	              &a[11], r->v3 || r->replayed ? r->created_at : 0) == 0;
 	if (!r->v3)
 		return (ok ? 0 : -1);
 	cJSON_ArrayForEach(e, r->msgs)
@@ -782,16 +1481,21 @@ storage_commit_kick(struct storage *st)
 {
 	struct storage_batch *bt;
 	struct storage_row *r;
-	struct buf a[COMMIT_NPARAM];
-	const char *values[COMMIT_NPARAM];
 	uint64_t now = now_wall_ms();
-	int i, ok = 1;
 
 	storage_chat_kick(st);
+	if (st->spooling) {
+		commit_l2(st);
+		return;
+	}
 	if (st->batch != NULL || st->nrows == 0)
 		return;
 	if (!storage_pg_accepting(st->writer)) {
-		storage_commit_refuse_all(st);
+		if (st->spool != NULL && !st->svc.stopping) {
+			l2_enter(st, "postgres writer down");
+			commit_l2(st);
+		} else
+			storage_commit_refuse_all(st);
 		return;
 	}
 	if (!storage_pg_idle(st->writer))
@@ -824,6 +1528,18 @@ storage_commit_kick(struct storage *st)
 		return;
 	}
 
+	batch_send(st, bt);
+}
+
+/* Build the statement's arrays from bt's rows and send it. */
+static void
+batch_send(struct storage *st, struct storage_batch *bt)
+{
+	struct storage_row *r;
+	struct buf a[COMMIT_NPARAM];
+	const char *values[COMMIT_NPARAM];
+	int i, ok = 1;
+
 	memset(a, 0, sizeof(a));
 	for (i = 0; i < COMMIT_NPARAM; i++)
 		ok &= storage_text_pg_array_begin(&a[i]) == 0;
@@ -855,7 +1571,10 @@ storage_commit_kick(struct storage *st)
 	                            values, batch_done, bt) == -1) {
 		if (!ok)
 			log_warnx("%s: out of memory", __func__);
-		batch_fail(bt, 503, 5030, "storage unavailable", 1);
+		if (bt->replay)
+			batch_free(bt); /* retried on a later turn */
+		else
+			batch_fail(bt, 503, 5030, "storage unavailable", 1);
 	} else
 		st->batch = bt;
 	for (i = 0; i < COMMIT_NPARAM; i++)

@@ -26,6 +26,10 @@
  * with RPUSHX, which does nothing when the key is absent, so a partial
  * list is never created.
  *
+ * A webhook's CTX_GET (nonce set, POST /api/v1/execute) records
+ * troupe:nonce:<bot_id>:<nonce> with SET NX EX 600 once the bot is known;
+ * a nonce already there is a replay: 409/4017 "nonce already used".
+ *
  * Failures: unknown bot 404/4006; Redis needed and down or failing
  * 503/5030 "context store unavailable"; PostgreSQL needed and down
  * 503/5030 "storage unavailable".  It must never answer a context it
@@ -142,6 +146,23 @@ ctx_unavailable(struct storage_ctx_req *req, const char *what)
 	ctx_reply(req, 503, 5030, what, NULL, 0);
 }
 
+/* A rebuild PostgreSQL cannot answer: in L2 (a spool, and chats spooled
+ * or the reader down) the run goes on with no history (serve from cache:
+ * the cache has none), else 503. */
+static void
+ctx_rebuild_failed(struct storage_ctx_req *req)
+{
+	struct storage *st = req->st;
+
+	if (st->spool == NULL ||
+	    (!st->spooling && storage_pg_up(st->reader))) {
+		ctx_unavailable(req, "storage unavailable");
+		return;
+	}
+	storage_count(req->st->m.ctx_none);
+	ctx_reply(req, 200, 0, "", "", 0);
+}
+
 /* Refuse a CTX_GET at once: 400/4000 with why, to its reply_to. */
 static void
 ctx_refuse(struct storage *st, const struct msg *m, const char *why)
@@ -195,11 +216,20 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 		ctx_refuse(st, m, "invalid chat, conversation or user id");
 		return;
 	}
+	/* webhook: the nonce names a Redis key (the edge checked it). */
+	if (b->nonce.n > 0 &&
+	    (b->nonce.n > STORAGE_NONCE_MAX ||
+	     !storage_text_utf8_ok(b->nonce.p, b->nonce.n) ||
+	     memchr(b->nonce.p, '\0', b->nonce.n) != NULL ||
+	     memchr(b->bot_id.p, '\0', b->bot_id.n) != NULL)) {
+		ctx_refuse(st, m, "invalid nonce or bot id");
+		return;
+	}
 	if (storage_text_ctx_key(&key, b->bot_id, b->conversation_id) == -1)
 		goto oom;
 	sz = sizeof(*req) + storage_head_size(m) + b->bot_id.n + 1 +
 	     b->conversation_id.n + 1 + b->chat_id.n + 1 + b->user_id.n + 1 +
-	     key.len + 1;
+	     b->nonce.n + 1 + key.len + 1;
 	if ((req = calloc(1, sz)) == NULL)
 		goto oom;
 	req->st = st;
@@ -221,6 +251,10 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	req->user_id = (struct mstr){p, b->user_id.n};
 	p += b->user_id.n;
 	*p++ = '\0';
+	memcpy(p, b->nonce.p, b->nonce.n);
+	req->nonce = (struct mstr){p, b->nonce.n};
+	p += b->nonce.n;
+	*p++ = '\0';
 	req->lock_ms = b->lock_ms;
 	memcpy(p, key.b, key.len);
 	p[key.len] = '\0';
@@ -229,7 +263,7 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	buf_free(&key);
 	st->nctx++;
 	if (st->svc.stopping) {
-		ctx_unavailable(req, "storage stopping");
+		ctx_reply(req, 503, 5031, "storage stopping", NULL, 0);
 		return;
 	}
 	storage_bots_get(st, req);
@@ -242,6 +276,63 @@ oom:
 static void ctx_lrange_done(void *, const redisReply *);
 static void ctx_rebuild_done(void *, const PGresult *);
 static void ctx_read(struct storage_ctx_req *);
+
+/* SET NX answered: OK, the nonce is new; nil, it was seen. */
+static void
+ctx_nonce_done(void *arg, const redisReply *reply)
+{
+	struct storage_ctx_req *req = arg;
+	struct storage *st = req->st;
+
+	if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
+		storage_count(st->m.err_redis);
+		ctx_unavailable(req, "context store unavailable");
+		return;
+	}
+	if (reply->type == REDIS_REPLY_NIL) {
+		storage_count(st->m.nonce_replayed);
+		ctx_reply(req, 409, 4017, "nonce already used", NULL, 0);
+		return;
+	}
+	storage_count(st->m.nonce_ok);
+	ctx_read(req);
+}
+
+/* A webhook's CTX_GET, the bot known: remember its nonce for
+ * STORAGE_NONCE_TTL_S, refusing one already remembered (a replay). */
+static void
+ctx_nonce(struct storage_ctx_req *req)
+{
+	struct storage *st = req->st;
+	struct buf key = {0};
+	char ttl[24];
+	const char *argv[6];
+	size_t argl[6];
+	int i;
+
+	if (buf_addf(&key, "troupe:nonce:%s:", req->bot_id.p) == -1 ||
+	    buf_add(&key, req->nonce.p, req->nonce.n) == -1 ||
+	    buf_add(&key, "", 1) == -1) {
+		buf_free(&key);
+		log_warnx("%s: out of memory", __func__);
+		ctx_reply(req, 500, 5000, "out of memory", NULL, 0);
+		return;
+	}
+	snprintf(ttl, sizeof(ttl), "%d", STORAGE_NONCE_TTL_S);
+	argv[0] = "SET";
+	argv[1] = key.b;
+	argv[2] = "1";
+	argv[3] = "NX";
+	argv[4] = "EX";
+	argv[5] = ttl;
+	for (i = 0; i < 6; i++)
+		argl[i] = strlen(argv[i]);
+	argl[1] = key.len - 1;
+	if (storage_redis_cmd(st->redis, ctx_nonce_done, req, 6, argv, argl) ==
+	    -1)
+		ctx_unavailable(req, "context store unavailable");
+	buf_free(&key);
+}
 
 void
 storage_ctx_have_bot(struct storage_ctx_req *req, struct storage_bot *bot,
@@ -262,6 +353,10 @@ storage_ctx_have_bot(struct storage_ctx_req *req, struct storage_bot *bot,
 	}
 	storage_bot_ref(bot);
 	req->bot = bot;
+	if (req->nonce.n > 0) {
+		ctx_nonce(req);
+		return;
+	}
 	if (req->chat_id.n > 0) {
 		storage_chat_lock(req);
 		return;
@@ -328,7 +423,7 @@ ctx_rebuild(struct storage_ctx_req *req)
 	req->epoch = st->commit_epoch;
 	if (storage_pg_query(st->reader, ctx_rebuild_sql, 3, values,
 	                     ctx_rebuild_done, req) == -1)
-		ctx_unavailable(req, "storage unavailable");
+		ctx_rebuild_failed(req);
 }
 
 static void
@@ -439,7 +534,7 @@ ctx_rebuild_done(void *arg, const PGresult *res)
 	int i, nrow, nmsg;
 
 	if (res == NULL) {
-		ctx_unavailable(req, "storage unavailable");
+		ctx_rebuild_failed(req);
 		return;
 	}
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {

@@ -18,7 +18,11 @@ TIMEOUT_MS = 4000       # [edge] chat_timeout_ms for this file
 
 
 def cluster():
-    t = h.troupe(conf={"edge": {"chat_timeout_ms": TIMEOUT_MS}},
+    # The spool is off: this file checks the clear 503 while PostgreSQL is
+    # down; with the spool on (the default) chats keep answering
+    # (31_pg_spool.py).
+    t = h.troupe(conf={"edge": {"chat_timeout_ms": TIMEOUT_MS},
+                       "storage": {"spool_max_bytes": 0}},
                  workers_min=2, workers_max=4)
     if not getattr(t, "demo_bot", False):
         t.add_bot()

@@ -30,7 +30,10 @@ _names = [0]
 def cluster():
     t = h.troupe(conf={"storage": {"pg_timeout_ms": PG_TIMEOUT_MS,
                                    "redis_timeout_ms": REDIS_TIMEOUT_MS,
-                                   "bot_cache_ms": 300}},
+                                   "bot_cache_ms": 300,
+                                   # the no-spool path: 503 while
+                                   # PostgreSQL is down (L2: 31_pg_spool)
+                                   "spool_max_bytes": 0}},
                  services=["storage"])
     if not getattr(t, "bot_added", False):
         # READY comes before PostgreSQL is connected (by design): the

@@ -14,7 +14,8 @@
  *    "user_id":"u","query":"q","answer":"a","prompt_tokens":1,
  *    "completion_tokens":2,"context_turns":10,"reply":"{}"}
  *   {"cmd":"admin","op":"bot.add","args":{"id":"b","upstream":"http://x"}}
- *   v3: ctx takes "chat_id", "user_id", "lock_ms"; persist takes "route",
+ *   v3: ctx takes "chat_id", "user_id", "lock_ms" (and "nonce", the
+ *   webhook's); persist takes "route",
  *   "status", "reply_kind", "messages" and "last_error" (a string, or
  *   JSON that is sent as its text), "created_at";
  *   {"cmd":"query","route":"v3.retrieve","chat_id":"1",
@@ -268,6 +269,7 @@ main(int argc, char **argv)
 			b.chat_id = jstr(o, "chat_id");
 			b.user_id = jstr(o, "user_id");
 			b.lock_ms = (uint64_t)jnum(o, "lock_ms", 0);
+			b.nonce = jstr(o, "nonce");
 			rc = msg_send_ctx_get(ipc, "storage", &h, &b);
 		} else if (strcmp(cmd, "persist") == 0) {
 			struct chat_persist b = {0};

@@ -9,7 +9,8 @@ the chat is stored, only by its holder), the chat hash, CHAT_PERSIST
 route v3.chat (chat, messages and conversation rows, exactly once, the
 answer by reply_kind, the context only for completed chats), CHAT_QUERY
 (retrieve, list, cancel: running, stored, unknown), API keys (KEY_CHECK
-and the key.* admin ops), and Redis or PostgreSQL down giving 503/5030.
+and the key.* admin ops), the webhook's nonce (SET NX EX 600, a replay
+409/4017), and Redis or PostgreSQL down giving 503/5030.
 """
 import json
 import os
@@ -30,7 +31,8 @@ _n = [0]
 def cluster():
     t = h.troupe(conf={"storage": {"pg_timeout_ms": 1500,
                                    "redis_timeout_ms": 700,
-                                   "bot_cache_ms": 300}},
+                                   "bot_cache_ms": 300,
+                                   "spool_max_bytes": 0}},  # no L2
                  services=["storage"])
     if not getattr(t, "v3_bot", False):
         r = h.wait_for(lambda: (lambda r: r["status"] == 0 and r)(
@@ -447,6 +449,37 @@ def test_keys():
     mine = [k for k in json.loads(admin(t, "key.list")["text"])
             if k["id"] == kid]
     h.check(isinstance(mine[0]["revoked_at"], int), "revoked_at %r" % mine)
+
+
+def test_webhook_nonce():
+    t = cluster()
+    nonce = "n-" + ident()
+    key = "troupe:nonce:%s:%s" % (BOT, nonce)
+    wh = {"cmd": "ctx", "bot_id": BOT, "conversation_id": "",
+          "nonce": nonce}
+    r = ok(one(t, dict(wh)), "a new nonce")
+    h.eq(r["upstream"], t.sim_url, "the bot comes with it")
+    h.eq(r["context"], "", "no context read")
+    h.eq(redis(t, "GET", key), "1", "nonce kept")
+    ttl = redis(t, "TTL", key)
+    h.check(590 <= ttl <= 600, "nonce TTL %r, want 600" % ttl)
+    r = err(one(t, dict(wh)), 409, 4017, "the same nonce again")
+    h.eq(r["msg"], "nonce already used", "msg")
+    # Another bot's nonce space; an unknown bot records nothing.
+    r = err(one(t, dict(wh, bot_id="no-such-bot")), 404, 4006, "unknown bot")
+    h.eq(redis(t, "EXISTS", "troupe:nonce:no-such-bot:" + nonce), 0,
+         "no nonce for an unknown bot")
+    err(one(t, dict(wh, nonce="x" * 65)), 400, 4000, "nonce too long")
+    t.stop_redis()
+    try:
+        r = err(one(t, dict(wh, nonce="n-" + ident())), 503, 5030,
+                "Redis down")
+        h.eq(r["msg"], "context store unavailable", "msg")
+    finally:
+        t.start_redis()
+    # Back: storage reconnects by itself (the next test needs it).
+    h.wait_for(lambda: one(t, dict(wh, nonce="n-" + ident()))["status"] ==
+               200, 15, 0.2, "nonces again once Redis is back")
 
 
 def test_redis_down():
