@@ -4,6 +4,8 @@
  * each service's main().  It may log and exit: it is where a process meets
  * its environment (bad command line or config: fatal, exit 1).
  */
+#include <sys/resource.h>
+
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -100,46 +102,68 @@ watchdog_cb(struct loop *l, void *arg)
 	loop_timer_set(svc_t.watchdog, (int64_t)svc_t.watchdog_ms);
 }
 
+/* A counter set from a cumulative value kept elsewhere (ipc's stats). */
+static void
+svc_set_counter(struct svc *s, const char *family, const char *help,
+    const char *labels, uint64_t v)
+{
+	uint64_t *c;
+
+	if ((c = metrics_counter(s->metrics, family, help, labels)) != NULL)
+		*c = v;
+}
+
+static void
+svc_set_gauge(struct svc *s, const char *family, const char *help,
+    const char *labels, double v)
+{
+	double *g;
+
+	if ((g = metrics_gauge(s->metrics, family, help, labels)) != NULL)
+		*g = v;
+}
+
 static void
 render_ipc(struct svc *s)
 {
+	static const char env[] = "troupe_ipc_envelopes_total";
+	static const char env_h[] =
+	    "Envelopes received (in) or sent (out) by this process";
+	static const char nng[] = "troupe_ipc_nng_messages_total";
+	static const char nng_h[] =
+	    "nng messages (batches of envelopes) received by this process";
 	struct ipc_stats st;
 	char lb[128];
 
 	ipc_stats(s->ipc, &st);
 	snprintf(lb, sizeof(lb), "service=\"%s\",direction=\"in\"", s->name);
-	*metrics_gauge(s->metrics, "troupe_ipc_envelopes",
-	    "Envelopes received or sent by this process since it started",
-	    lb) = (double)st.env_in;
-	*metrics_gauge(s->metrics, "troupe_ipc_nng_messages",
-	    "nng messages (batches of envelopes) since start", lb) =
-	    (double)st.nngmsg_in;
+	svc_set_counter(s, env, env_h, lb, st.env_in);
+	svc_set_counter(s, nng, nng_h, lb, st.nngmsg_in);
 	snprintf(lb, sizeof(lb), "service=\"%s\",direction=\"out\"", s->name);
-	*metrics_gauge(s->metrics, "troupe_ipc_envelopes",
-	    "Envelopes received or sent by this process since it started",
-	    lb) = (double)st.env_out;
+	svc_set_counter(s, env, env_h, lb, st.env_out);
 	snprintf(lb, sizeof(lb), "service=\"%s\"", s->name);
-	*metrics_gauge(s->metrics, "troupe_ipc_duplicates_dropped",
-	    "Duplicate envelopes dropped since start", lb) =
-	    (double)st.dup_in;
-	*metrics_gauge(s->metrics, "troupe_ipc_bad_messages",
-	    "Undecodable messages dropped since start", lb) =
-	    (double)st.bad_in;
-	*metrics_gauge(s->metrics, "troupe_ipc_resent_envelopes",
-	    "Envelopes sent again after a silence or reconnection", lb) =
-	    (double)st.resent;
-	*metrics_gauge(s->metrics, "troupe_ipc_send_refused",
-	    "Sends refused because a peer's backlog was full", lb) =
-	    (double)st.send_refused;
-	*metrics_gauge(s->metrics, "troupe_ipc_refused_peers",
-	    "Mailbox connections closed: the peer was another user", lb) =
-	    (double)st.refused_peers;
-	*metrics_gauge(s->metrics, "troupe_ipc_listener_restarts",
-	    "Mailbox listeners re-created after they stopped accepting", lb) =
-	    (double)st.listener_restarts;
-	*metrics_gauge(s->metrics, "troupe_ipc_redials",
-	    "Dialers re-created for peers without a connection", lb) =
-	    (double)st.redials;
+	svc_set_counter(s, "troupe_ipc_duplicates_dropped_total",
+	    "Duplicate envelopes dropped", lb, st.dup_in);
+	svc_set_counter(s, "troupe_ipc_bad_messages_total",
+	    "Undecodable messages dropped", lb, st.bad_in);
+	svc_set_counter(s, "troupe_ipc_resent_envelopes_total",
+	    "Envelopes sent again after a silence or reconnection", lb,
+	    st.resent);
+	svc_set_counter(s, "troupe_ipc_send_refused_total",
+	    "Sends refused because a peer's backlog was full", lb,
+	    st.send_refused);
+	svc_set_counter(s, "troupe_ipc_refused_peers_total",
+	    "Mailbox connections closed: the peer was another user", lb,
+	    st.refused_peers);
+	svc_set_counter(s, "troupe_ipc_listener_restarts_total",
+	    "Mailbox listeners re-created after they stopped accepting", lb,
+	    st.listener_restarts);
+	svc_set_counter(s, "troupe_ipc_redials_total",
+	    "Dialers re-created for peers without a connection", lb,
+	    st.redials);
+	svc_set_gauge(s, "troupe_ipc_backlog",
+	    "Envelopes sent and not yet acknowledged, all peers together", lb,
+	    (double)ipc_total_backlog(s->ipc));
 	if (st.listener_restarts > s->seen_listener_restarts)
 		log_warnx("ipc: mailbox %s stopped accepting connections "
 		    "(nng #1518); listener re-created (%llu so far)",
@@ -151,31 +175,95 @@ render_ipc(struct svc *s)
 	s->seen_redials = st.redials;
 }
 
+/* This process's CPU time (user + system of all its threads, from
+ * getrusage: microseconds, where /proc/self/stat counts 10 ms ticks) and
+ * resident memory (/proc/self/statm), named as Prometheus's client
+ * libraries name them; telemetry labels them with the sender. */
+static int
+render_process(struct buf *b)
+{
+	unsigned long long size = 0, rss = 0;
+	long pg = sysconf(_SC_PAGESIZE);
+	struct rusage ru;
+	FILE *f;
+
+	if (getrusage(RUSAGE_SELF, &ru) == -1 || pg <= 0)
+		return (0);
+	if (buf_addf(b,
+	    "# HELP process_cpu_seconds_total Total user and system CPU "
+	    "time spent in seconds.\n"
+	    "# TYPE process_cpu_seconds_total counter\n"
+	    "process_cpu_seconds_total %.6f\n",
+	    (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+	    ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) /
+	    1e6) == -1)
+		return (-1);
+	if ((f = fopen("/proc/self/statm", "r")) == NULL)
+		return (0);
+	if (fscanf(f, "%llu %llu", &size, &rss) != 2) {
+		fclose(f);
+		return (0);
+	}
+	fclose(f);
+	return (buf_addf(b,
+	    "# HELP process_resident_memory_bytes Resident memory size in "
+	    "bytes.\n"
+	    "# TYPE process_resident_memory_bytes gauge\n"
+	    "process_resident_memory_bytes %llu\n",
+	    rss * (unsigned long long)pg));
+}
+
 static void
 metrics_cb(struct loop *l, void *arg)
 {
+	static const char un[] = "troupe_telemetry_reports_unsent_total";
+	static const char un_h[] =
+	    "Metrics reports this process did not send to telemetry: "
+	    "backlog (4 reports unacknowledged) or refused (ipc refused it)";
 	struct svc *s = arg;
 	struct buf b = { 0 };
 	struct msg_head h = { MSTR_NULL, MSTR_NULL, 0, MSTR_NULL };
 	struct metrics_report mr;
+	char lb[128];
+	uint64_t *c_backlog, *c_refused;
+	int self = strcmp(s->def->kind, "telemetry") == 0;
 
 	(void)l;
 	loop_timer_set(svc_t.metrics, SVC_METRICS_MS);
 	render_ipc(s);
+	c_backlog = c_refused = NULL;
+	if (!self) {
+		snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"backlog\"",
+		    s->name);
+		c_backlog = metrics_counter(s->metrics, un, un_h, lb);
+		snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"refused\"",
+		    s->name);
+		c_refused = metrics_counter(s->metrics, un, un_h, lb);
+	}
 	if (metrics_render(s->metrics, &b) == -1)
 		goto done;
 	if (s->def->on_metrics)
 		s->def->on_metrics(s, &b, s->def->arg);
-	/* Telemetry renders its own.  Others send theirs unless telemetry is
-	 * not taking them: they are cumulative, so a lost one costs nothing,
-	 * and a backlog of stale ones would. */
-	if (strcmp(s->def->kind, "telemetry") == 0 ||
-	    ipc_backlog(s->ipc, "telemetry") >= 4)
+	/* Telemetry renders its own (and its own process series).  Others
+	 * send theirs unless telemetry is not taking them: they are
+	 * cumulative, so a lost one costs nothing, and a backlog of stale
+	 * ones would.  Never wait: a report not sent is counted, and the
+	 * count leaves with the next one. */
+	if (self)
+		goto done;
+	if (ipc_backlog(s->ipc, "telemetry") >= 4) {
+		if (c_backlog != NULL)
+			++*c_backlog;
+		goto done;
+	}
+	if (render_process(&b) == -1)
 		goto done;
 	mr.service = MSTR(s->name);
 	mr.text = (struct mstr){ b.b ? b.b : "", (uint32_t)b.len };
 	h.deadline_ms = now_wall_ms() + 10000;
-	(void)msg_send_metrics(s->ipc, "telemetry", &h, &mr);
+	if (msg_send_metrics(s->ipc, "telemetry", &h, &mr) == -1 &&
+	    c_refused != NULL)
+		++*c_refused;
 done:
 	buf_free(&b);
 }

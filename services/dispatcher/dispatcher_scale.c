@@ -126,9 +126,39 @@ dispatcher_scale_tick(struct dispatcher *d)
 	scale_run(d, 0);
 }
 
+/* The concurrency limits as gauges: what the ready children can hold
+ * now, what all d_max could, and the queue's bound. */
+static void
+scale_limit_gauges(struct dispatcher *d)
+{
+	char lb[128];
+	double *g;
+
+	snprintf(lb, sizeof(lb), "service=\"%s\"", d->d_svc->name);
+	if ((g = metrics_gauge(d->d_svc->metrics,
+	                       "troupe_dispatch_concurrency_limit",
+	                       "Runs the ready worker children can hold now "
+	                       "(runs_per_worker x ready children)",
+	                       lb)) != NULL)
+		*g = (double)d->d_per_child * d->d_ready;
+	if ((g = metrics_gauge(d->d_svc->metrics,
+	                       "troupe_dispatch_concurrency_max",
+	                       "Runs at most in flight (runs_per_worker x "
+	                       "workers_max)",
+	                       lb)) != NULL)
+		*g = (double)d->d_per_child * d->d_max;
+	if ((g = metrics_gauge(d->d_svc->metrics,
+	                       "troupe_dispatch_queue_limit",
+	                       "Runs that may wait for room before the "
+	                       "dispatcher answers 503",
+	                       lb)) != NULL)
+		*g = (double)d->d_queue_max;
+}
+
 void
 dispatcher_scale_refresh(struct dispatcher *d, int urgent)
 {
+	scale_limit_gauges(d);
 	if (d->m_children)
 		*d->m_children = d->d_live;
 	if (d->m_ready)

@@ -3,9 +3,10 @@
  * telemetry_merge: many processes' Prometheus texts into one page.
  *
  * Every process renders its own registry (common/metrics.c) and the
- * families repeat from one process to the next (troupe_ipc_envelopes, the
- * request histograms of several workers).  The page must still name each
- * family once, with its samples together, and no sample twice, or
+ * families repeat from one process to the next
+ * (troupe_ipc_envelopes_total, the request histograms of several
+ * workers).  The page must still name each family once, with its samples
+ * together, and no sample twice, or
  * Prometheus refuses the whole scrape.  So each text is read line by line
  * ("# HELP name text", "# TYPE name type", "name{labels} value [ts]"),
  * every sample is filed under its family (a histogram's _bucket, _sum and

@@ -169,13 +169,45 @@ store_fresh(const struct telemetry_store *st, const struct telemetry_peer *p,
 	return (p->text != NULL && age < st->stale_ms);
 }
 
+/* The highest degradation tier a service's text reports: the largest N of
+ * a `troupe_storage_degraded{...tier="LN"...} V` line with V not 0 (storage
+ * exports its L2 that way); 0 if none. */
+static int
+store_tier(const char *t, size_t len)
+{
+	static const char fam[] = "troupe_storage_degraded{";
+	const char *e = t + len, *l, *nl, *tier, *close;
+	int best = 0, n;
+	double v;
+	char *end;
+
+	for (l = t; l < e; l = nl + 1) {
+		if ((nl = memchr(l, '\n', (size_t)(e - l))) == NULL)
+			break;
+		if ((size_t)(nl - l) <= sizeof(fam) - 1 ||
+		    memcmp(l, fam, sizeof(fam) - 1) != 0 ||
+		    (close = memchr(l, '}', (size_t)(nl - l))) == NULL)
+			continue;
+		for (tier = l; tier + 8 < close; tier++)
+			if (memcmp(tier, "tier=\"L", 7) == 0)
+				break;
+		if (tier + 8 >= close || tier[7] < '0' || tier[7] > '9')
+			continue;
+		n = tier[7] - '0';
+		v = strtod(close + 1, &end);
+		if (end > close + 1 && end <= nl && v != 0 && n > best)
+			best = n;
+	}
+	return (best);
+}
+
 /* Telemetry's own series about the services it hears from. */
 static int
 store_series(struct telemetry_store *st, const char *self, uint64_t now_ms,
              struct buf *b)
 {
 	size_t i;
-	int r;
+	int r, t, tier = 0;
 
 	r = buf_adds(b, "# HELP troupe_service_up Whether the service sent "
 	                "its metrics "
@@ -187,6 +219,19 @@ store_series(struct telemetry_store *st, const char *self, uint64_t now_ms,
 		r = buf_addf(b, "troupe_service_up{service=\"%s\"} %d\n",
 		             st->peers[i].name,
 		             store_fresh(st, &st->peers[i], now_ms));
+	for (i = 0; i < st->npeers; i++)
+		if (store_fresh(st, &st->peers[i], now_ms) &&
+		    (t = store_tier(st->peers[i].text, st->peers[i].len)) >
+		            tier)
+			tier = t;
+	if (r == 0 && self != NULL)
+		r = buf_addf(b,
+		             "# HELP troupe_degradation_tier The highest "
+		             "degradation tier any service reports (0: none; "
+		             "2: storage spools chats to disk, L2).\n"
+		             "# TYPE troupe_degradation_tier gauge\n"
+		             "troupe_degradation_tier{service=\"%s\"} %d\n",
+		             self, tier);
 	if (r == 0)
 		r = buf_adds(
 		        b, "# HELP troupe_telemetry_reports_total Metrics "

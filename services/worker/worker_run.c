@@ -82,6 +82,8 @@ struct run {
 	int announced;   /* CTX_REPLY 200 came: the chat exists */
 	int canceled;    /* RUN_CANCEL came before CTX_REPLY */
 	int got_content; /* the upstream's first content came */
+	uint64_t
+	        start_ns; /* monotonic: CHAT_RUN taken (time to first token) */
 	struct loop_timer *first_timer; /* time to the first content */
 	uint64_t end_ms;     /* wall: the upstream's answer by then */
 	uint64_t created_at; /* unix s */
@@ -215,9 +217,47 @@ run_free(struct run *r)
 	free(r);
 }
 
+/* Per-run series of this worker's registry, created by worker_run_init()
+ * so they are on the page before the first run (NULL-safe). */
+static struct histo *m_ttft;
+static uint64_t *m_rate_429, *m_rate_503;
+
+static void
+run_metrics_init(struct worker *w)
+{
+	static const char rl[] = "troupe_upstream_rate_limit_signals_total";
+	static const char rl_h[] = "Upstream answers that asked us to slow "
+	                           "down, by kind (HTTP 429 or 503)";
+	char lb[WORKER_PEER_MAX + 48];
+
+	(void)snprintf(lb, sizeof(lb), "service=\"%s\"", w->svc.name);
+	m_ttft = metrics_histo(
+	        w->metrics, "troupe_time_to_first_token_seconds",
+	        "Time from a run's start (CHAT_RUN taken) to the upstream's "
+	        "first content or tool call (v3 chats)",
+	        lb);
+	(void)snprintf(lb, sizeof(lb), "service=\"%s\",kind=\"upstream_429\"",
+	               w->svc.name);
+	m_rate_429 = metrics_counter(w->metrics, rl, rl_h, lb);
+	(void)snprintf(lb, sizeof(lb), "service=\"%s\",kind=\"upstream_503\"",
+	               w->svc.name);
+	m_rate_503 = metrics_counter(w->metrics, rl, rl_h, lb);
+}
+
+/* An upstream's 429 or 503 counts as a rate-limit signal. */
+static void
+run_count_rate_limit(long http_status)
+{
+	if (http_status == 429 && m_rate_429 != NULL)
+		++*m_rate_429;
+	else if (http_status == 503 && m_rate_503 != NULL)
+		++*m_rate_503;
+}
+
 int
 worker_run_init(struct worker *w)
 {
+	run_metrics_init(w);
 	w->nbuckets = 64;
 	if ((w->buckets = calloc(w->nbuckets, sizeof(*w->buckets))) == NULL)
 		return (-1);
@@ -400,6 +440,7 @@ run_new(struct worker *w, const struct msg *m, const struct chat_request *q,
 	if ((r = calloc(1, sizeof(*r) + len)) == NULL)
 		return (NULL);
 	r->w = w;
+	r->start_ns = now_mono_ns();
 	p = r->strs;
 	p = put_str(p, &r->head.reqid, m->reqid);
 	p = put_str(p, &r->head.traceparent, m->traceparent);
@@ -734,6 +775,7 @@ run_upstream_done(void *arg, struct upstream_answer *a)
 	r->upstream_us = a->elapsed_us;
 	if (w->m_upstream != NULL)
 		histo_observe(w->m_upstream, (double)a->elapsed_us / 1e6);
+	run_count_rate_limit(a->http_status);
 	if (a->status != 200) {
 		log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent,
 		        r->bot_id, "upstream %s: %s", r->url, a->msg);
@@ -990,6 +1032,8 @@ v3_delta(void *arg, const char *content, size_t len)
 
 	if (!r->got_content) {
 		r->got_content = 1; /* content or a tool call */
+		histo_observe(m_ttft,
+		              (double)(now_mono_ns() - r->start_ns) / 1e9);
 		if (r->first_timer != NULL)
 			loop_timer_stop(r->first_timer);
 	}
@@ -1029,6 +1073,7 @@ v3_upstream_done(void *arg, struct upstream_answer *a)
 	r->ctok += a->completion_tokens;
 	if (w->m_upstream != NULL)
 		histo_observe(w->m_upstream, (double)a->elapsed_us / 1e6);
+	run_count_rate_limit(a->http_status);
 	if (a->status == 200 && a->ntools > 0)
 		v3_tools(r, a);
 	else if (a->status == 200)

@@ -70,7 +70,7 @@ t_gauge(void)
 	g = metrics_gauge(m, "troupe_q", "Queue depth.", "peer=\"auth\"");
 	g2 = metrics_gauge(m, "troupe_q", NULL, "peer=\"storage\"");
 	g3 = metrics_gauge(m, "troupe_r", "A \\ back\nslash", NULL);
-	g4 = metrics_gauge(m, "troupe_s", "", "");
+	g4 = metrics_gauge(m, "troupe_special", "", "");
 	T_ASSERT(g && g2 && g3 && g4);
 	*g = 0.5;
 	*g2 = 12;
@@ -84,14 +84,14 @@ t_gauge(void)
 	              "# HELP troupe_r A \\\\ back\\nslash\n"
 	              "# TYPE troupe_r gauge\n"
 	              "troupe_r 0.1\n"
-	              "# HELP troupe_s troupe_s\n"
-	              "# TYPE troupe_s gauge\n"
-	              "troupe_s +Inf\n");
+	              "# HELP troupe_special troupe_special\n"
+	              "# TYPE troupe_special gauge\n"
+	              "troupe_special +Inf\n");
 	check_valid(b.b);
 	*g4 = NAN;
 	*g3 = -1e-300;
 	render(m, &b);
-	T_ASSERT(strstr(b.b, "troupe_s NaN\n") != NULL);
+	T_ASSERT(strstr(b.b, "troupe_special NaN\n") != NULL);
 	T_ASSERT(strstr(b.b, "troupe_r -1e-300\n") != NULL);
 	*g3 = 1.0 / 3;
 	render(m, &b);
