@@ -24,6 +24,11 @@ enum proc {
 	PROC_TOOL, /* troupectl */
 };
 
+/* The code of a CHAT_REPLY or CTX_REPLY refusing work because the sender
+ * is stopping (a rolling restart): nothing was run, and the edge sends the
+ * request again instead of answering the client (never shown to one). */
+#define MSG_CODE_STOPPING 5031
+
 enum msg_type {
 #define MSG(name, id, fn, body, from, to) MSG_##name = id,
 #include "messages.def"

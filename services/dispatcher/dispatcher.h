@@ -40,7 +40,7 @@
 /* The code of a refusal while stopping: the run was not started, and the
  * edge sends the request again (it reaches our successor after a restart)
  * instead of answering 503 (5030) to the client. */
-#define DISPATCHER_CODE_STOPPING 5031
+#define DISPATCHER_CODE_STOPPING MSG_CODE_STOPPING
 
 /* What dispatch functions return (relayd's proc_dispatch convention). */
 enum dispatch_result {

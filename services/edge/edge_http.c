@@ -105,7 +105,7 @@ int phr_parse_request(const char *buf, size_t len, const char **method,
  * every EDGE_RESEND_SLOW_MS, while less than half of chat_timeout_ms has
  * passed; after that, or past the deadline, the client gets 503/5030.
  * Never shown to a client. */
-#define EDGE_CODE_STOPPING 5031
+#define EDGE_CODE_STOPPING MSG_CODE_STOPPING
 #define EDGE_RESEND_FAST_MS 100
 #define EDGE_RESEND_FAST_N 5
 #define EDGE_RESEND_SLOW_MS 500

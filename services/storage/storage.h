@@ -399,6 +399,11 @@ int storage_commit_spooled(struct storage *, const char *chat_id,
 void storage_commit_gauges(struct storage *);
 
 /* storage_bots.c */
+/* Answer an ADMIN_REQUEST (status 0: done) to mailbox to ("": nobody),
+ * count it, and finish a stop that waited for it. */
+void storage_admin_reply(struct storage *, const char *to,
+                         const struct msg_head *, uint64_t status,
+                         const char *text, size_t n);
 /* Find the bot of req (cache, else PostgreSQL); calls
  * storage_ctx_have_bot() now or later. */
 void storage_bots_get(struct storage *, struct storage_ctx_req *);

@@ -390,9 +390,10 @@ static const char admin_list_sql[] =
 static const char admin_rm_sql[] =
         "DELETE FROM bots WHERE id = $1 RETURNING id";
 
-static void
-admin_send(struct storage *st, const char *to, const struct msg_head *h,
-           uint64_t status, const char *text, size_t n)
+void
+storage_admin_reply(struct storage *st, const char *to,
+                    const struct msg_head *h, uint64_t status,
+                    const char *text, size_t n)
 {
 	struct admin_reply r;
 
@@ -425,28 +426,28 @@ admin_done(void *arg, const PGresult *res)
 		storage_bots_invalidate(st, a->id);
 	if (res == NULL) {
 		text = "storage unavailable: PostgreSQL did not answer";
-		admin_send(st, a->reply_to, &a->head, 503, text, strlen(text));
+		storage_admin_reply(st, a->reply_to, &a->head, 503, text, strlen(text));
 	} else if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		storage_count(st->m.err_pg);
 		text = storage_pg_error(res);
 		log_warnx("admin: %s", text);
-		admin_send(st, a->reply_to, &a->head, 500, text, strlen(text));
+		storage_admin_reply(st, a->reply_to, &a->head, 500, text, strlen(text));
 	} else if (a->op == ADMIN_RM) {
 		if (PQntuples(res) == 0) {
 			text = "bot not found";
-			admin_send(st, a->reply_to, &a->head, 404, text,
+			storage_admin_reply(st, a->reply_to, &a->head, 404, text,
 			           strlen(text));
 		} else {
 			log_info("admin: bot %s removed", a->id);
 			text = "{\"removed\":true}";
-			admin_send(st, a->reply_to, &a->head, 0, text,
+			storage_admin_reply(st, a->reply_to, &a->head, 0, text,
 			           strlen(text));
 		}
 	} else {
 		if (a->op == ADMIN_ADD)
 			log_info("admin: bot %s stored", a->id);
 		text = PQntuples(res) > 0 ? PQgetvalue(res, 0, 0) : "null";
-		admin_send(st, a->reply_to, &a->head, 0, text, strlen(text));
+		storage_admin_reply(st, a->reply_to, &a->head, 0, text, strlen(text));
 	}
 	free(a->id);
 	free(a);
@@ -460,7 +461,7 @@ storage_bots_admin_bad(struct storage *st, const struct msg *m)
 	char *to = mstr_dup(m->reply_to.n ? m->reply_to : m->sender);
 
 	if (to != NULL)
-		admin_send(st, to, &h, 400, text, strlen(text));
+		storage_admin_reply(st, to, &h, 400, text, strlen(text));
 	free(to);
 }
 
@@ -565,14 +566,14 @@ storage_bots_admin(struct storage *st, const struct msg *m,
 	return;
 
 fail400:
-	admin_send(st, to, &h, 400, err, strlen(err));
+	storage_admin_reply(st, to, &h, 400, err, strlen(err));
 	goto out;
 fail503:
-	admin_send(st, to ? to : "", &h, 503, err, strlen(err));
+	storage_admin_reply(st, to ? to : "", &h, 503, err, strlen(err));
 	goto out;
 fail500:
 	log_warnx("%s: %s", __func__, err);
-	admin_send(st, to ? to : "", &h, 500, err, strlen(err));
+	storage_admin_reply(st, to ? to : "", &h, 500, err, strlen(err));
 out:
 	storage_text_bot_args_free(&args);
 	if (a != NULL)

@@ -687,7 +687,7 @@ storage_chat_query(struct storage *st, const struct msg *m,
 		goto out;
 	}
 	if (st->svc.stopping) {
-		q_send(st, to, &h, 503, 5031, "storage stopping", MSTR_NULL,
+		q_send(st, to, &h, 503, MSG_CODE_STOPPING, "storage stopping", MSTR_NULL,
 		       1);
 		goto out;
 	}

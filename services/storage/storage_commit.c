@@ -378,7 +378,7 @@ storage_commit_persist(struct storage *st, const struct msg *m,
 	}
 	if (st->svc.stopping) {
 		storage_count(st->m.rows_refused);
-		persist_refuse(st, m, b, 503, 5031, "storage stopping", 1);
+		persist_refuse(st, m, b, 503, MSG_CODE_STOPPING, "storage stopping", 1);
 		goto out;
 	}
 	/* With a spool (L2) a writer that is down is no refusal. */

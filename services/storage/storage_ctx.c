@@ -263,7 +263,7 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	buf_free(&key);
 	st->nctx++;
 	if (st->svc.stopping) {
-		ctx_reply(req, 503, 5031, "storage stopping", NULL, 0);
+		ctx_reply(req, 503, MSG_CODE_STOPPING, "storage stopping", NULL, 0);
 		return;
 	}
 	storage_bots_get(st, req);

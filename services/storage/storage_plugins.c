@@ -90,18 +90,7 @@ static void
 plugin_send(struct storage *st, const char *to, const struct msg_head *h,
             uint64_t status, const char *text)
 {
-	struct admin_reply r;
-
-	r.status = status;
-	r.text = MSTR(text);
-	storage_count(status == 0 ? st->m.admin_ok : st->m.admin_failed);
-	if (to[0] == '\0')
-		return;
-	if (msg_send_admin_reply(st->svc.ipc, to, h, &r) == -1) {
-		storage_count(st->m.err_send);
-		log_warnx("%s: ADMIN_REPLY to %s refused (backlog full)",
-		          __func__, to);
-	}
+	storage_admin_reply(st, to, h, status, text, strlen(text));
 }
 
 /* A refused statement: the data (class 22, 23) is the operator's to fix
