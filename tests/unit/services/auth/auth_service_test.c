@@ -461,7 +461,7 @@ t_flow(void)
 	/* A message the edge may not send, and an undecodable body, are
 	 * dropped and logged once; the service goes on. */
 	{
-		struct run_done rd = {200, MSTR_NULL, 0, 0};
+		struct run_done rd = {.status = 200, .upstream = MSTR_NULL};
 		struct ipc_ack ack = {1, 2};
 		struct msg_head h = {MSTR_LIT("x"), MSTR_NULL, 0,
 		                     MSTR_LIT("edge")};

@@ -227,7 +227,10 @@ static void
 done(struct ipc *w, const char *reqid)
 {
 	struct msg_head h = head(reqid, "");
-	struct run_done rd = {200, MSTR_NULL, 200, 10};
+	struct run_done rd = {.status = 200,
+	                      .upstream = MSTR_NULL,
+	                      .upstream_status = 200,
+	                      .upstream_us = 10};
 
 	T_EQ_INT(msg_send_run_done(w, "dispatcher", &h, &rd), 0);
 }

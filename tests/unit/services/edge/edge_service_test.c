@@ -295,7 +295,11 @@ static void
 reply(struct ipc *box, const char *reqid, uint64_t status, int64_t code,
       const char *msg, const char *data, uint64_t retry)
 {
-	struct chat_reply r = {status, code, MSTR(msg), MSTR(data), retry, 0};
+	struct chat_reply r = {.status = status,
+	                       .code = code,
+	                       .msg = MSTR(msg),
+	                       .data = MSTR(data),
+	                       .retry_after = retry};
 	struct msg_head h = {MSTR(reqid), MSTR_LIT(TRACE), 0, MSTR_LIT("")};
 
 	T_EQ_INT(msg_send_chat_reply(box, "edge", &h, &r), 0);
@@ -1082,7 +1086,7 @@ t_bad_messages(void)
 {
 	struct resp r;
 	struct ipc_ack ack = {1, 2};
-	struct run_done rd = {200, MSTR_NULL, 0, 0};
+	struct run_done rd = {.status = 200, .upstream = MSTR_NULL};
 	struct msg_head h = {MSTR_LIT("x"), MSTR_NULL, 0, MSTR_LIT("")};
 
 	/* An undecodable CHAT_REPLY, a message the edge never gets, and a
