@@ -35,6 +35,9 @@ static const struct dispatcher_peer peers[] = {
         {PROC_AUTH, dispatcher_dispatch_auth},
         {PROC_WORKER, dispatcher_dispatch_worker},
         {PROC_EDGE, dispatcher_dispatch_edge},
+        {PROC_STORAGE, dispatcher_dispatch_storage},
+        {PROC_TELEMETRY, dispatcher_dispatch_telemetry},
+        {PROC_TOOL, dispatcher_dispatch_tool},
 };
 
 static const char help_extra[] =

@@ -11,6 +11,9 @@
  *                          cancels and gone clients
  *   dispatcher_spawn.c     fork/exec, reaping, back-off, hello, retire
  *   dispatcher_scale.c     the child count (mechanism and default policy)
+ *   dispatcher_tier.c      the degradation tier (L1-L3) from measured
+ *                          signals, published to the edge as TIER_STATE
+ *   dispatcher_status.c    troupectl status (ADMIN_REQUEST "status")
  *
  * Everything runs on the loop thread.  Only dispatcher.c knows the svc
  * skeleton's callbacks; the other files take a struct dispatcher.
@@ -146,6 +149,7 @@ struct dispatcher {
 
 	struct runtab d_runs;
 	struct scale_policy d_policy;
+	int d_tier; /* 0 normal, 1-3: L1-L3 (dispatcher_tier.c) */
 	int d_stopping, d_stop_done;
 	int d_status_dirty;
 	uint64_t d_status_ms;
@@ -171,6 +175,12 @@ int dispatcher_dispatch_auth(struct dispatcher *, const struct msg *);
 int dispatcher_dispatch_worker(struct dispatcher *, const struct msg *);
 /* Handle an envelope from an edge (CLIENT_GONE). */
 int dispatcher_dispatch_edge(struct dispatcher *, const struct msg *);
+/* Handle an envelope from troupe-storage (HEALTH). */
+int dispatcher_dispatch_storage(struct dispatcher *, const struct msg *);
+/* Handle an envelope from troupe-telemetry (SLA_SIGNAL). */
+int dispatcher_dispatch_telemetry(struct dispatcher *, const struct msg *);
+/* Handle an envelope from troupectl (ADMIN_REQUEST). */
+int dispatcher_dispatch_tool(struct dispatcher *, const struct msg *);
 
 /* dispatcher_run.c */
 
@@ -289,5 +299,23 @@ void dispatcher_scale_tick(struct dispatcher *);
 void dispatcher_scale_refresh(struct dispatcher *, int urgent);
 /* Send STATUS= if it changed and a second passed (or force). */
 void dispatcher_scale_status(struct dispatcher *, int force);
+
+/* dispatcher_tier.c */
+
+/* The current degradation tier: 0 normal, 1-3 for L1-L3.  In L3 the run
+ * queue takes nothing: a run that cannot start at once is refused with
+ * 503 and Retry-After. */
+int dispatcher_tier_now(const struct dispatcher *);
+/* HEALTH from troupe-storage. */
+void dispatcher_tier_health(struct dispatcher *, const struct health_report *);
+/* SLA_SIGNAL from troupe-telemetry. */
+void dispatcher_tier_sla(struct dispatcher *, const struct sla_signal *);
+
+/* dispatcher_status.c */
+
+/* ADMIN_REQUEST from troupectl: op "status" is answered with the JSON of
+ * every upstream's and bot's limit state; anything else 400. */
+void dispatcher_status_admin(struct dispatcher *, const struct msg *,
+                             const struct admin_request *);
 
 #endif
