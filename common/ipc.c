@@ -41,19 +41,19 @@
 #include "mpk.h"
 
 #define IPC_TYPE_ACK 1
-#define IPC_RECVMAX (64u << 20)	  /* bytes per nng message */
-#define IPC_BATCH_MAX (1u << 20)  /* seal a batch at this size */
+#define IPC_RECVMAX (64u << 20)          /* bytes per nng message */
+#define IPC_BATCH_MAX (1u << 20)         /* seal a batch at this size */
 #define IPC_ENV_MAX (IPC_RECVMAX - 4096) /* largest envelope */
-#define IPC_RESEND_MS 1000	  /* no ack progress: send again, */
-#define IPC_RESEND_MAX_MS 8000	  /* backing off to this */
-#define IPC_PROCESS_MAX 256	  /* nng messages handled per call */
-#define IPC_INQ_MAX 4096	  /* stop receiving past this many */
-#define IPC_PROBE_EVERY_MS 2000	  /* listener health check */
+#define IPC_RESEND_MS 1000               /* no ack progress: send again, */
+#define IPC_RESEND_MAX_MS 8000           /* backing off to this */
+#define IPC_PROCESS_MAX 256              /* nng messages handled per call */
+#define IPC_INQ_MAX 4096                 /* stop receiving past this many */
+#define IPC_PROBE_EVERY_MS 2000          /* listener health check */
 #define IPC_PROBE_WAIT_MS 1000
-#define IPC_REDIAL_MS 2000	  /* no pipe this long: a new dialer */
-#define IPC_RECONN_MAX_MS 250	  /* nng's reconnect back-off ceiling */
-#define IPC_PEER_GC_MS 60000	  /* forget a peer unreachable this long */
-#define IPC_WINDOW 8192		  /* dedup window, in envelopes */
+#define IPC_REDIAL_MS 2000    /* no pipe this long: a new dialer */
+#define IPC_RECONN_MAX_MS 250 /* nng's reconnect back-off ceiling */
+#define IPC_PEER_GC_MS 60000  /* forget a peer unreachable this long */
+#define IPC_WINDOW 8192       /* dedup window, in envelopes */
 #define IPC_HASH 128
 
 struct batch {
@@ -65,29 +65,29 @@ struct batch {
 
 struct peer {
 	struct peer *hnext;
-	struct peer *dnext;	/* on the dirty list (loop thread) */
+	struct peer *dnext; /* on the dirty list (loop thread) */
 	int dirty;
 	char name[64];
 	struct ipc *ipc;
-	uint64_t inc;		/* this link's incarnation (immutable) */
+	uint64_t inc; /* this link's incarnation (immutable) */
 	nng_socket sock;
 	nng_dialer dialer;
 	nng_aio *aio;
 	pthread_mutex_t mu;
 	/* under mu */
-	struct buf out;		/* packed, not yet a batch */
-	size_t out_count;	/* reliable envelopes in out */
+	struct buf out;   /* packed, not yet a batch */
+	size_t out_count; /* reliable envelopes in out */
 	struct batch *head, *tail, *cursor;
-	size_t backlog;		/* reliable envelopes queued or unacked */
+	size_t backlog; /* reliable envelopes queued or unacked */
 	int inflight;
-	int closing;		/* being freed: start no more sends */
+	int closing; /* being freed: start no more sends */
 	uint64_t next_seq;
 	uint64_t acked;
 	/* loop thread */
-	uint64_t progress_ms;	/* last ack progress, or first unacked */
-	uint64_t resend_ms;	/* current resend interval */
-	uint64_t down_since;	/* no pipe since (0: up) */
-	uint64_t redial_at;	/* make a new dialer then, if still down */
+	uint64_t progress_ms; /* last ack progress, or first unacked */
+	uint64_t resend_ms;   /* current resend interval */
+	uint64_t down_since;  /* no pipe since (0: up) */
+	uint64_t redial_at;   /* make a new dialer then, if still down */
 	atomic_int pipes;
 	atomic_int rewind;
 };
@@ -96,9 +96,9 @@ struct sender {
 	struct sender *hnext;
 	char name[64];
 	uint64_t incarnation;
-	uint64_t lo;		/* every seq <= lo arrived */
+	uint64_t lo;                   /* every seq <= lo arrived */
 	uint64_t win[IPC_WINDOW / 64]; /* bit i: lo + 1 + i arrived */
-	size_t ahead;		/* bits set in win */
+	size_t ahead;                  /* bits set in win */
 	int need_ack;
 	uint64_t last_seen_ms;
 };
@@ -121,13 +121,13 @@ struct ipc {
 	int lockfd;
 	pthread_mutex_t qmu;
 	struct inq q, work;
-	size_t wi;		/* next message of work to handle */
-	int paused;		/* under qmu: receiving stopped (q full) */
+	size_t wi;  /* next message of work to handle */
+	int paused; /* under qmu: receiving stopped (q full) */
 	struct peer *peers[IPC_HASH];
 	struct sender *senders[IPC_HASH];
 	int64_t max_backlog;
-	struct peer *dirty;	/* peers with envelopes to flush */
-	uint16_t lazy[8];	/* types that wait for the next flush */
+	struct peer *dirty; /* peers with envelopes to flush */
+	uint16_t lazy[8];   /* types that wait for the next flush */
 	int nlazy;
 	void (*flush_hook)(void *);
 	void *flush_arg;
@@ -163,7 +163,7 @@ ipc_url(const char *name, char *out, size_t outlen)
 		n = snprintf(out, outlen, "%s", v);
 	else
 		n = snprintf(out, outlen, "ipc://%s/%s.ipc", conf_rundir(),
-		    name);
+		             name);
 	return (n < 0 || (size_t)n >= outlen ? -1 : 0);
 }
 
@@ -262,8 +262,8 @@ lock_mailbox(struct ipc *ipc, char *err, size_t errlen)
 	}
 	if (flock(ipc->lockfd, LOCK_EX | LOCK_NB) == -1) {
 		snprintf(err, errlen,
-		    "%s: another process already owns mailbox %s", path,
-		    ipc->name);
+		         "%s: another process already owns mailbox %s", path,
+		         ipc->name);
 		close(ipc->lockfd);
 		ipc->lockfd = -1;
 		return (-1);
@@ -272,8 +272,7 @@ lock_mailbox(struct ipc *ipc, char *err, size_t errlen)
 }
 
 struct ipc *
-ipc_open(const char *name, ipc_handler h, void *arg, char *err,
-    size_t errlen)
+ipc_open(const char *name, ipc_handler h, void *arg, char *err, size_t errlen)
 {
 	struct ipc *ipc;
 	int rv;
@@ -290,7 +289,7 @@ ipc_open(const char *name, ipc_handler h, void *arg, char *err,
 	ipc->efd = -1;
 	pthread_mutex_init(&ipc->qmu, NULL);
 	if (conf_get_int("ipc", "max_backlog", 100000, 16, 100000000, &mb, e2,
-	    sizeof(e2)) == -1) {
+	                 sizeof(e2)) == -1) {
 		snprintf(err, errlen, "%s", e2);
 		goto fail;
 	}
@@ -311,16 +310,17 @@ ipc_open(const char *name, ipc_handler h, void *arg, char *err,
 		goto fail;
 	if ((rv = nng_pull0_open(&ipc->pull)) != 0 ||
 	    (rv = nng_socket_set_size(ipc->pull, NNG_OPT_RECVMAXSZ,
-	    IPC_RECVMAX)) != 0 ||
+	                              IPC_RECVMAX)) != 0 ||
 	    (rv = nng_aio_alloc(&ipc->raio, recv_cb, ipc)) != 0) {
 		snprintf(err, errlen, "nng: %s", nng_strerror(rv));
 		goto fail;
 	}
 	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_POST, mailbox_pipe_cb, ipc);
-	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_PRE, mailbox_check_peer, ipc);
+	nng_pipe_notify(ipc->pull, NNG_PIPE_EV_ADD_PRE, mailbox_check_peer,
+	                ipc);
 	if ((rv = listen_mailbox(ipc)) != 0) {
 		snprintf(err, errlen, "listen %s: %s", ipc->url,
-		    nng_strerror(rv));
+		         nng_strerror(rv));
 		goto fail;
 	}
 	nng_recv_aio(ipc->pull, ipc->raio);
@@ -466,10 +466,12 @@ pack_header(struct buf *b, const struct peer *p, uint64_t base)
 
 	mpk_packer_init(&pk, b);
 	return (msgpack_pack_array(&pk, 5) || mpk_pack_cstr(&pk, "trp") ||
-	    msgpack_pack_uint16(&pk, IPC_VERSION) ||
-	    mpk_pack_cstr(&pk, p->ipc->name) ||
-	    msgpack_pack_uint64(&pk, p->inc) ||
-	    msgpack_pack_uint64(&pk, base) ? -1 : 0);
+	                        msgpack_pack_uint16(&pk, IPC_VERSION) ||
+	                        mpk_pack_cstr(&pk, p->ipc->name) ||
+	                        msgpack_pack_uint64(&pk, p->inc) ||
+	                        msgpack_pack_uint64(&pk, base)
+	                ? -1
+	                : 0);
 }
 
 static void
@@ -489,7 +491,7 @@ static nng_msg *
 next_msg(struct peer *p, uint64_t *nsent)
 {
 	struct batch *bt = NULL;
-	struct buf hdr = { 0 };
+	struct buf hdr = {0};
 	nng_msg *m;
 	int fresh = 0;
 
@@ -568,9 +570,10 @@ send_cb(void *arg)
 
 static int
 pack_envelope(msgpack_packer *pk, uint16_t type, uint64_t seq,
-    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+              const struct msg_head *h, ipc_pack_fn fn, const void *body)
 {
-	if (msgpack_pack_array(pk, 8) || msgpack_pack_uint16(pk, IPC_VERSION) ||
+	if (msgpack_pack_array(pk, 8) ||
+	    msgpack_pack_uint16(pk, IPC_VERSION) ||
 	    msgpack_pack_uint16(pk, type) || msgpack_pack_uint64(pk, seq) ||
 	    mpk_pack_mstr(pk, h->reqid) || mpk_pack_mstr(pk, h->traceparent) ||
 	    msgpack_pack_uint64(pk, h->deadline_ms) ||
@@ -602,7 +605,7 @@ seal_out(struct peer *p)
 
 static int
 send_to(struct ipc *ipc, struct peer *p, uint16_t type,
-    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+        const struct msg_head *h, ipc_pack_fn fn, const void *body)
 {
 	msgpack_packer pk;
 	size_t mark;
@@ -619,7 +622,8 @@ send_to(struct ipc *ipc, struct peer *p, uint16_t type,
 	mark = p->out.len;
 	mpk_packer_init(&pk, &p->out);
 	if (pack_envelope(&pk, type, reliable ? p->next_seq : 0, h, fn,
-	    body) == -1 || p->out.len - mark > IPC_ENV_MAX) {
+	                  body) == -1 ||
+	    p->out.len - mark > IPC_ENV_MAX) {
 		p->out.len = mark;
 		pthread_mutex_unlock(&p->mu);
 		ipc->st.send_refused++;
@@ -685,7 +689,7 @@ ipc_set_flush_hook(struct ipc *ipc, void (*fn)(void *), void *arg)
 
 int
 ipc_send(struct ipc *ipc, const char *peer, uint16_t type,
-    const struct msg_head *h, ipc_pack_fn fn, const void *body)
+         const struct msg_head *h, ipc_pack_fn fn, const void *body)
 {
 	struct peer *p;
 
@@ -704,8 +708,10 @@ ack_pack(msgpack_packer *pk, const void *v)
 	const struct ack *a = v;
 
 	return (msgpack_pack_array(pk, 2) ||
-	    msgpack_pack_uint64(pk, a->incarnation) ||
-	    msgpack_pack_uint64(pk, a->seq) ? -1 : 0);
+	                        msgpack_pack_uint64(pk, a->incarnation) ||
+	                        msgpack_pack_uint64(pk, a->seq)
+	                ? -1
+	                : 0);
 }
 
 /* The peer acknowledged everything up to seq: free those batches. */
@@ -820,9 +826,10 @@ void
 ipc_stats(const struct ipc *ipc, struct ipc_stats *st)
 {
 	*st = ipc->st;
-	st->nngmsg_in = atomic_load(&((struct ipc *)(uintptr_t)ipc)->nngmsg_in);
+	st->nngmsg_in =
+	        atomic_load(&((struct ipc *)(uintptr_t)ipc)->nngmsg_in);
 	st->refused_peers =
-	    atomic_load(&((struct ipc *)(uintptr_t)ipc)->refused_peers);
+	        atomic_load(&((struct ipc *)(uintptr_t)ipc)->refused_peers);
 }
 
 /* Receiving, on the loop thread. */
@@ -862,8 +869,10 @@ sender_get(struct ipc *ipc, struct mstr name, uint64_t inc, uint64_t base)
 		if (s->win[0] & 1)
 			s->ahead--;
 		for (size_t i = 0; i < nitems(s->win); i++)
-			s->win[i] = (s->win[i] >> 1) |
-			    (i + 1 < nitems(s->win) ? s->win[i + 1] << 63 : 0);
+			s->win[i] =
+			        (s->win[i] >> 1) |
+			        (i + 1 < nitems(s->win) ? s->win[i + 1] << 63
+			                                : 0);
 		s->lo++;
 	}
 	return (s);
@@ -891,72 +900,89 @@ sender_accept(struct sender *s, uint64_t seq)
 	while (s->win[0] & 1) {
 		s->ahead--;
 		for (size_t i = 0; i < nitems(s->win); i++)
-			s->win[i] = (s->win[i] >> 1) |
-			    (i + 1 < nitems(s->win) ? s->win[i + 1] << 63 : 0);
+			s->win[i] =
+			        (s->win[i] >> 1) |
+			        (i + 1 < nitems(s->win) ? s->win[i + 1] << 63
+			                                : 0);
 		s->lo++;
 	}
 	return (1);
 }
 
+int
+ipc_parse_head(struct mpk_cur *c, struct ipc_batch_head *bh)
+{
+	struct mstr magic;
+	uint64_t ver;
+	uint32_t n;
+
+	if (mpk_read_array(c, &n) == -1 || n < 5 ||
+	    mpk_read_str(c, &magic) == -1 || !mstr_eq(magic, "trp") ||
+	    mpk_read_u64(c, &ver) == -1 || ver != IPC_VERSION ||
+	    mpk_read_str(c, &bh->sender) == -1 ||
+	    mpk_read_u64(c, &bh->incarnation) == -1 ||
+	    mpk_read_u64(c, &bh->base) == -1)
+		return (-1);
+	for (uint32_t i = 5; i < n; i++)
+		if (mpk_skip(c) == -1)
+			return (-1);
+	return (0);
+}
+
+int
+ipc_parse_envelope(struct mpk_cur *c, struct msg *m)
+{
+	uint64_t v, t;
+	uint32_t n;
+	const char *b0;
+
+	memset(m, 0, sizeof(*m));
+	if (mpk_read_array(c, &n) == -1 || n < 8 ||
+	    mpk_read_u64(c, &v) == -1 || mpk_read_u64(c, &t) == -1 ||
+	    t > UINT16_MAX || mpk_read_u64(c, &m->seq) == -1 ||
+	    mpk_read_str(c, &m->reqid) == -1 ||
+	    mpk_read_str(c, &m->traceparent) == -1 ||
+	    mpk_read_u64(c, &m->deadline_ms) == -1 ||
+	    mpk_read_str(c, &m->reply_to) == -1)
+		return (-1);
+	b0 = (const char *)c->p;
+	if (mpk_skip(c) == -1)
+		return (-1);
+	for (uint32_t i = 8; i < n; i++)
+		if (mpk_skip(c) == -1)
+			return (-1);
+	m->version = (uint16_t)v;
+	m->type = (uint16_t)t;
+	m->body = b0;
+	m->body_len = (size_t)((const char *)c->p - b0);
+	return (0);
+}
+
 static void
 handle_nngmsg(struct ipc *ipc, nng_msg *nm)
 {
+	struct ipc_batch_head bh;
 	struct mpk_cur c;
-	struct mstr magic, sname;
 	struct sender *s;
-	uint64_t ver, inc, base;
-	uint32_t n;
 	struct msg m;
 
 	mpk_cur_init(&c, nng_msg_body(nm), nng_msg_len(nm));
-	if (mpk_read_array(&c, &n) == -1 || n < 5 ||
-	    mpk_read_str(&c, &magic) == -1 || !mstr_eq(magic, "trp") ||
-	    mpk_read_u64(&c, &ver) == -1 || ver != IPC_VERSION ||
-	    mpk_read_str(&c, &sname) == -1 || mpk_read_u64(&c, &inc) == -1 ||
-	    mpk_read_u64(&c, &base) == -1) {
+	if (ipc_parse_head(&c, &bh) == -1) {
 		ipc->st.bad_in++;
 		return;
 	}
-	for (uint32_t i = 5; i < n; i++)
-		if (mpk_skip(&c) == -1) {
-			ipc->st.bad_in++;
-			return;
-		}
-	if ((s = sender_get(ipc, sname, inc, base)) == NULL) {
+	if ((s = sender_get(ipc, bh.sender, bh.incarnation, bh.base)) ==
+	    NULL) {
 		ipc->st.bad_in++;
 		return;
 	}
 	s->last_seen_ms = now_mono_ms();
 	while (mpk_left(&c) > 0) {
-		uint64_t v, t;
-		const uint8_t *b0;
-
-		memset(&m, 0, sizeof(m));
-		if (mpk_read_array(&c, &n) == -1 || n < 8 ||
-		    mpk_read_u64(&c, &v) == -1 || mpk_read_u64(&c, &t) == -1 ||
-		    t > UINT16_MAX || mpk_read_u64(&c, &m.seq) == -1 ||
-		    mpk_read_str(&c, &m.reqid) == -1 ||
-		    mpk_read_str(&c, &m.traceparent) == -1 ||
-		    mpk_read_u64(&c, &m.deadline_ms) == -1 ||
-		    mpk_read_str(&c, &m.reply_to) == -1) {
+		if (ipc_parse_envelope(&c, &m) == -1) {
 			ipc->st.bad_in++;
 			return; /* cannot resynchronise: drop the rest */
 		}
-		b0 = c.p;
-		if (mpk_skip(&c) == -1) {
-			ipc->st.bad_in++;
-			return;
-		}
-		for (uint32_t i = 8; i < n; i++)
-			if (mpk_skip(&c) == -1) {
-				ipc->st.bad_in++;
-				return;
-			}
-		m.version = (uint16_t)v;
-		m.type = (uint16_t)t;
-		m.sender = (struct mstr){ s->name, (uint32_t)strlen(s->name) };
-		m.body = (const char *)b0;
-		m.body_len = (size_t)(c.p - b0);
+		m.sender = (struct mstr){s->name, (uint32_t)strlen(s->name)};
 		if (m.type == IPC_TYPE_ACK) {
 			struct mpk_cur ac;
 			uint32_t an;
@@ -1084,7 +1110,7 @@ void
 ipc_tick(struct ipc *ipc)
 {
 	uint64_t now = now_mono_ms();
-	struct msg_head h = { MSTR_NULL, MSTR_NULL, 0, MSTR_NULL };
+	struct msg_head h = {MSTR_NULL, MSTR_NULL, 0, MSTR_NULL};
 
 	/* Acknowledge what arrived since the last tick; forget senders
 	 * silent for long (troupectl-<pid> mailboxes come and go). */
@@ -1092,7 +1118,7 @@ ipc_tick(struct ipc *ipc)
 		struct sender **sp = &ipc->senders[i], *s;
 
 		while ((s = *sp) != NULL) {
-			struct ack a = { s->incarnation, s->lo };
+			struct ack a = {s->incarnation, s->lo};
 			struct peer *p;
 
 			if (!s->need_ack && now > s->last_seen_ms &&
@@ -1106,8 +1132,8 @@ ipc_tick(struct ipc *ipc)
 				continue;
 			s->need_ack = 0;
 			if ((p = peer_get(ipc, s->name, strlen(s->name))))
-				(void)send_to(ipc, p, IPC_TYPE_ACK, &h, ack_pack,
-				    &a);
+				(void)send_to(ipc, p, IPC_TYPE_ACK, &h,
+				              ack_pack, &a);
 		}
 	}
 	/* Resend after a reconnection or a silence; forget the long gone. */
@@ -1132,10 +1158,12 @@ ipc_tick(struct ipc *ipc)
 			if (p->head != NULL && atomic_exchange(&p->rewind, 0))
 				again = 1; /* a new pipe: send it all again */
 			else if (p->head != NULL &&
-			    now - p->progress_ms >= p->resend_ms) {
+			         now - p->progress_ms >= p->resend_ms) {
 				again = 1; /* silence: again, backing off */
-				p->resend_ms = p->resend_ms * 2 > IPC_RESEND_MAX_MS ?
-				    IPC_RESEND_MAX_MS : p->resend_ms * 2;
+				p->resend_ms =
+				        p->resend_ms * 2 > IPC_RESEND_MAX_MS
+				                ? IPC_RESEND_MAX_MS
+				                : p->resend_ms * 2;
 			}
 			if (again) {
 				for (struct batch *b = p->head; b; b = b->next)
@@ -1144,7 +1172,8 @@ ipc_tick(struct ipc *ipc)
 				p->progress_ms = now;
 			}
 			if (p->out.len > 0)
-				again = 1; /* lazy envelopes wait for the tick */
+				again = 1; /* lazy envelopes wait for the tick
+				            */
 			pthread_mutex_unlock(&p->mu);
 			if (again)
 				kick(p);

@@ -45,12 +45,12 @@ struct msg {
 	uint16_t version;
 	uint16_t type;
 	uint64_t seq;
-	struct mstr sender;	 /* mailbox name of the sender */
-	struct mstr reqid;	 /* request id (the client's X-Tt-Logid) */
+	struct mstr sender;      /* mailbox name of the sender */
+	struct mstr reqid;       /* request id (the client's X-Tt-Logid) */
 	struct mstr traceparent; /* W3C traceparent, may be empty */
-	uint64_t deadline_ms;	 /* absolute, wall clock ms; 0: none */
-	struct mstr reply_to;	 /* mailbox name for the answer */
-	const char *body;	 /* msgpack body, body_len bytes */
+	uint64_t deadline_ms;    /* absolute, wall clock ms; 0: none */
+	struct mstr reply_to;    /* mailbox name for the answer */
+	const char *body;        /* msgpack body, body_len bytes */
 	size_t body_len;
 };
 
@@ -67,21 +67,37 @@ typedef void (*ipc_handler)(void *arg, const struct msg *);
 /* Packs a body; 0 or -1. */
 typedef int (*ipc_pack_fn)(msgpack_packer *, const void *body);
 
+/* The head of one nng message: a batch of envelopes from one sender. */
+struct ipc_batch_head {
+	struct mstr sender; /* the sender's mailbox name */
+	uint64_t incarnation;
+	uint64_t base;
+};
+
+struct mpk_cur;
+/* Read a batch's head from c (the start of an nng message); 0, or -1 if
+ * it is not one of ours.  Pure: for ipc itself, its tests and fuzzing. */
+int ipc_parse_head(struct mpk_cur *c, struct ipc_batch_head *);
+/* Read the next envelope of a batch from c into m (strings and body
+ * point into c's bytes; m->sender is left empty); 0, or -1 if it does
+ * not decode (the rest of the batch cannot be read then). */
+int ipc_parse_envelope(struct mpk_cur *c, struct msg *m);
+
 struct ipc_stats {
-	uint64_t env_in, env_out;    /* envelopes received / queued */
+	uint64_t env_in, env_out;       /* envelopes received / queued */
 	uint64_t nngmsg_in, nngmsg_out; /* nng messages (batches) */
-	uint64_t dup_in;	     /* duplicates dropped */
-	uint64_t bad_in;	     /* undecodable messages dropped */
-	uint64_t resent;	     /* envelopes sent again */
-	uint64_t send_refused;	     /* ipc_send -1: peer backlog full */
-	uint64_t listener_restarts;  /* our listener had died: re-created */
-	uint64_t redials;	     /* a peer's dialer replaced (no pipe) */
-	uint64_t refused_peers;	     /* pipes from another user, closed */
+	uint64_t dup_in;                /* duplicates dropped */
+	uint64_t bad_in;                /* undecodable messages dropped */
+	uint64_t resent;                /* envelopes sent again */
+	uint64_t send_refused;          /* ipc_send -1: peer backlog full */
+	uint64_t listener_restarts;     /* our listener had died: re-created */
+	uint64_t redials;       /* a peer's dialer replaced (no pipe) */
+	uint64_t refused_peers; /* pipes from another user, closed */
 };
 
 /* Open the mailbox "name" (URL from ipc_url()).  NULL and an error text. */
 struct ipc *ipc_open(const char *name, ipc_handler, void *arg, char *err,
-    size_t errlen);
+                     size_t errlen);
 void ipc_close(struct ipc *);
 const char *ipc_name(const struct ipc *);
 
@@ -100,7 +116,7 @@ void ipc_tick(struct ipc *);
 /* Queue one envelope for peer (a mailbox name).  -1 if the peer's backlog
  * is full (the peer is gone or far behind): answer the client 503. */
 int ipc_send(struct ipc *, const char *peer, uint16_t type,
-    const struct msg_head *, ipc_pack_fn, const void *body);
+             const struct msg_head *, ipc_pack_fn, const void *body);
 /* Send what ipc_send() queued: call at the end of every loop turn (svc
  * does, through the flush hook).  ipc_tick() flushes too.  Without a
  * flush hook, ipc_send() sends at once. */
