@@ -11,6 +11,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export TROUPE_BUILD=${TROUPE_BUILD:-$here/../../build}
 export PYTHONDONTWRITEBYTECODE=1
+if [ "${1:-}" = soak ]; then # issue 7's soak (soak.py): 10 min by default
+	shift
+	exec timeout --signal=TERM --kill-after=30 \
+		$((${BENCH_SOAK_S:-600} + 300)) python3 "$here/soak.py" "$@"
+fi
 if [ "${1:-}" = streams ]; then # streaming scale (streams.py)
 	shift
 	exec timeout --signal=TERM --kill-after=30 900 \
