@@ -63,20 +63,22 @@ struct {
 	__type(value, struct troupe_hist);
 } troupe_offcpu SEC(".maps");
 
-/* thread id -> when it became runnable / left the CPU (ns). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TROUPE_SCHED_THREADS);
-	__type(key, __u32);
-	__type(value, __u64);
-} runq_start SEC(".maps");
+/* Per thread: when it became runnable / left the CPU (ns, 0: not
+ * noted).  Task-local storage, not a hash keyed by thread id: a lookup
+ * is a pointer away and nothing is inserted or deleted per context
+ * switch (the probes' cost is paid on every switch of a Troupe thread),
+ * and an exited thread's entry goes with it. */
+struct troupe_ts {
+	__u64 runq;
+	__u64 off;
+};
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TROUPE_SCHED_THREADS);
-	__type(key, __u32);
-	__type(value, __u64);
-} offcpu_start SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct troupe_ts);
+} troupe_start SEC(".maps");
 
 /* task_struct::state became __state in 5.14. */
 struct task_struct___o {
@@ -163,13 +165,14 @@ hist_add(void *map, __u32 svc, __u64 delta_ns)
 static __always_inline void
 runnable(struct task_struct *p)
 {
-	__u32 pid = BPF_CORE_READ(p, pid);
-	__u64 ts;
+	struct troupe_ts *s;
 
-	if (pid == 0 || service_of(p) == 0)
+	if (BPF_CORE_READ(p, pid) == 0 || service_of(p) == 0)
 		return;
-	ts = bpf_ktime_get_ns();
-	bpf_map_update_elem(&runq_start, &pid, &ts, BPF_ANY);
+	s = bpf_task_storage_get(&troupe_start, p, 0,
+	                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (s != NULL)
+		s->runq = bpf_ktime_get_ns();
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -193,28 +196,28 @@ int
 BPF_PROG(troupe_switch, bool preempt, struct task_struct *prev,
          struct task_struct *next)
 {
-	__u64 now = bpf_ktime_get_ns(), *tsp;
-	__u32 pid, svc;
+	__u64 now = bpf_ktime_get_ns();
+	struct troupe_ts *s;
+	__u32 svc;
 
-	pid = BPF_CORE_READ(prev, pid);
-	if (pid != 0 && service_of(prev) != 0) {
+	if (BPF_CORE_READ(prev, pid) != 0 && service_of(prev) != 0 &&
+	    (s = bpf_task_storage_get(&troupe_start, prev, 0,
+	                              BPF_LOCAL_STORAGE_GET_F_CREATE)) !=
+	            NULL) {
 		if (task_state(prev) == TASK_RUNNING)
-			bpf_map_update_elem(&runq_start, &pid, &now, BPF_ANY);
-		bpf_map_update_elem(&offcpu_start, &pid, &now, BPF_ANY);
+			s->runq = now;
+		s->off = now;
 	}
 
-	pid = BPF_CORE_READ(next, pid);
-	if (pid == 0 || (svc = service_of(next)) == 0)
+	if (BPF_CORE_READ(next, pid) == 0 || (svc = service_of(next)) == 0)
 		return 0;
-	if ((tsp = bpf_map_lookup_elem(&runq_start, &pid)) != NULL) {
-		if (now > *tsp)
-			hist_add(&troupe_runq, svc, now - *tsp);
-		bpf_map_delete_elem(&runq_start, &pid);
-	}
-	if ((tsp = bpf_map_lookup_elem(&offcpu_start, &pid)) != NULL) {
-		if (now > *tsp)
-			hist_add(&troupe_offcpu, svc, now - *tsp);
-		bpf_map_delete_elem(&offcpu_start, &pid);
-	}
+	if ((s = bpf_task_storage_get(&troupe_start, next, 0, 0)) == NULL)
+		return 0;
+	if (s->runq != 0 && now > s->runq)
+		hist_add(&troupe_runq, svc, now - s->runq);
+	if (s->off != 0 && now > s->off)
+		hist_add(&troupe_offcpu, svc, now - s->off);
+	s->runq = 0;
+	s->off = 0;
 	return 0;
 }

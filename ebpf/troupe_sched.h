@@ -18,7 +18,8 @@
 /* Entries of troupe_tgid (processes) and troupe_cgroup (unit cgroups). */
 #define TROUPE_SCHED_PIDS 4096
 #define TROUPE_SCHED_CGROUPS 256
-/* Threads waiting to run or off the CPU at once (start times). */
+/* Threads waiting to run or off the CPU at once (start times): unused
+ * since they live in task-local storage (troupe_start). */
 #define TROUPE_SCHED_THREADS 32768
 
 /* One service's histogram, cumulative since the program was loaded. */

@@ -5,10 +5,11 @@
  * and message list to storage (docs/services/auth.md).
  *
  * This file holds main(), the peer table and the configuration: it reads
- * [auth] at start and on reload, runs the tick that gives up on silent key
- * checks, and hands every envelope to the dispatch function of the peer
- * that sent it (auth_dispatch.c).  The token work is auth_token.c's, the
- * API key table auth_key.c's.
+ * [auth] and [limits] at start and on reload, runs the tick that gives up
+ * on silent key checks and the timer of limit checks, and hands every
+ * envelope to the dispatch function of the peer that sent it
+ * (auth_dispatch.c).  The token work is auth_token.c's, the API key table
+ * auth_key.c's, the inbound limits auth_limit.c's.
  *
  * DIAGNOSTICS: a missing, short or unusable secret, or an invalid [auth]
  * key, is fatal at start; on reload it is logged and the previous settings
@@ -29,6 +30,7 @@
 #include "proto.h"
 #include "svc.h"
 #include "util.h"
+#include "trace.h"
 
 struct auth_peer {
 	const char *name;
@@ -83,7 +85,22 @@ static const struct svc_def auth_def = {
                 "                        (default 10000)\n"
                 "  key_cache_max         API keys remembered, at most "
                 "(default\n"
-                "                        100000)\n",
+                "                        100000)\n"
+                "Config keys, section [limits] (env TROUPE_LIMITS_<KEY>):\n"
+                "  mode           off, shadow or enforce (default)\n"
+                "  rate           requests per window per (tenant, bot, "
+                "route);\n"
+                "                 0 (default): no limit, no round trip\n"
+                "  window_ms      the window (default 1000)\n"
+                "  burst          extra requests at once (default 0)\n"
+                "  rate.<route>, window_ms.<route>, burst.<route>  "
+                "overrides for\n"
+                "                 v1.chat, v3.chat, v3.retrieve, v3.list,\n"
+                "                 v3.cancel, webhook.execute\n"
+                "  on_redis_down  open (default: admit) or closed (503)\n"
+                "  check_ms       wait for storage's answer (default 50)\n"
+                "  park_max       requests waiting for it (default "
+                "10000)\n",
         .on_msg = auth_msg,
         .on_reload = auth_reload,
         .on_metrics = auth_metrics,
@@ -157,6 +174,34 @@ auth_key_conf(struct auth_key_conf *kc, char *err, size_t errlen)
 }
 
 static void
+auth_lim_timer(struct loop *l, void *arg)
+{
+	(void)l;
+	auth_dispatch_limit_timer(arg);
+}
+
+static void
+auth_limits_log(const char *what, const struct auth_limit_conf *c)
+{
+	static const char *const modes[] = {"off", "shadow", "enforce"};
+	char b[512];
+	size_t n = 0;
+
+	b[0] = '\0';
+	for (int r = 0; r < AUTH_LIMIT_NROUTES && n < sizeof(b); r++)
+		if (c->route[r].rate > 0)
+			n += (size_t)snprintf(
+			        b + n, sizeof(b) - n, " %s=%llu/%llums+%llu",
+			        auth_limit_routes[r],
+			        (unsigned long long)c->route[r].rate,
+			        (unsigned long long)c->route[r].window_ms,
+			        (unsigned long long)c->route[r].burst);
+	log_info("%s limits: %s,%s; on Redis down %s", what, modes[c->mode],
+	         b[0] != '\0' ? b : " no route limited",
+	         c->fail_open ? "open" : "closed");
+}
+
+static void
 auth_tick(struct loop *l, void *arg)
 {
 	struct auth *a = arg;
@@ -185,10 +230,16 @@ auth_reload(struct svc *svc, void *arg)
 	struct auth *a = arg;
 	struct auth_token_conf *c;
 	struct auth_key_conf kc;
+	struct auth_limit_conf lc;
 	const char *src;
 	char err[256];
 
 	(void)svc;
+	if (auth_limit_conf_read(&lc, err, sizeof(err)) == -1) {
+		log_warnx("%s: keeping the previous settings: %s", __func__,
+		          err);
+		return (-1);
+	}
 	if (auth_key_conf(&kc, err, sizeof(err)) == -1) {
 		log_warnx("%s: keeping the previous settings: %s", __func__,
 		          err);
@@ -202,7 +253,9 @@ auth_reload(struct svc *svc, void *arg)
 	auth_token_conf_free(a->tok);
 	a->tok = c;
 	a->keys.kt_conf = kc;
+	a->lims.lt_conf = lc;
 	auth_conf_log("reloaded", src);
+	auth_limits_log("reloaded", &lc);
 	return (0);
 }
 
@@ -286,6 +339,44 @@ auth_stats_init(struct auth *a)
 	        metrics_counter(a->metrics, df, dh, "reason=\"unhandled\"");
 	st->dropped_no_reply =
 	        metrics_counter(a->metrics, df, dh, "reason=\"no_reply_to\"");
+	static const char lf[] = "troupe_auth_limit_checks_total";
+	static const char lh[] = "Inbound limit checks (LIMIT_CHECK), by "
+	                         "result";
+	static const char of[] = "troupe_auth_limit_unknown_total";
+	static const char oh[] = "Limit checks storage could not answer "
+	                         "(Redis down, timeout), by what was done "
+	                         "([limits] on_redis_down)";
+	st->lim_allowed =
+	        metrics_counter(a->metrics, lf, lh, "result=\"allowed\"");
+	st->lim_limited =
+	        metrics_counter(a->metrics, lf, lh, "result=\"limited\"");
+	st->lim_shadow_allowed = metrics_counter(a->metrics, lf, lh,
+	                                         "result=\"shadow_allowed\"");
+	st->lim_shadow_limited = metrics_counter(a->metrics, lf, lh,
+	                                         "result=\"shadow_limited\"");
+	st->lim_unknown =
+	        metrics_counter(a->metrics, lf, lh, "result=\"unknown\"");
+	st->lim_timeout =
+	        metrics_counter(a->metrics, lf, lh, "result=\"timeout\"");
+	st->lim_stray =
+	        metrics_counter(a->metrics, lf, lh, "result=\"stray\"");
+	st->lim_park_full =
+	        metrics_counter(a->metrics, lf, lh, "result=\"park_full\"");
+	st->lim_send_failed =
+	        metrics_counter(a->metrics, lf, lh, "result=\"send_failed\"");
+	st->lim_open =
+	        metrics_counter(a->metrics, of, oh, "action=\"admitted\"");
+	st->lim_closed =
+	        metrics_counter(a->metrics, of, oh, "action=\"refused\"");
+	st->rate_limited =
+	        metrics_counter(a->metrics, rf, rh, "reason=\"rate_limited\"");
+	if (st->lim_allowed == NULL || st->lim_limited == NULL ||
+	    st->lim_shadow_allowed == NULL || st->lim_shadow_limited == NULL ||
+	    st->lim_unknown == NULL || st->lim_timeout == NULL ||
+	    st->lim_stray == NULL || st->lim_park_full == NULL ||
+	    st->lim_send_failed == NULL || st->lim_open == NULL ||
+	    st->lim_closed == NULL || st->rate_limited == NULL)
+		return (-1);
 	if (st->fwd_run == NULL || st->fwd_cancel == NULL ||
 	    st->fwd_query == NULL || st->key_unavailable == NULL ||
 	    st->park_full == NULL || st->scope == NULL ||
@@ -322,6 +413,7 @@ auth_msg(void *arg, const struct msg *m)
 	enum proc from;
 	int r = DISPATCH_UNHANDLED;
 
+	trace_mark();
 	from = proc_of(m->sender);
 	for (size_t i = 0; i < nitems(peers); i++)
 		if (peers[i].proc == from)
@@ -353,27 +445,37 @@ int
 main(int argc, char *argv[])
 {
 	struct auth_key_conf kc;
+	struct auth_limit_conf lc;
 	const char *src;
 	char err[256];
 	int rc;
 
 	svc_init(&auth.svc, &auth_def, argc, argv);
+	(void)TRACE_INIT(&auth.svc);
 	if (auth_stats_init(&auth) == -1)
 		fatalx("%s: out of memory", __func__);
 	if ((auth.tok = auth_conf(&src, err, sizeof(err))) == NULL)
 		fatalx("cannot check tokens: %s", err);
 	if (auth_key_conf(&kc, err, sizeof(err)) == -1)
 		fatalx("cannot check API keys: %s", err);
+	if (auth_limit_conf_read(&lc, err, sizeof(err)) == -1)
+		fatalx("cannot apply limits: %s", err);
+	if (auth_limits_init(&auth.lims, &lc) == -1 ||
+	    (auth.lim_timer = loop_timer_new(auth.svc.loop, auth_lim_timer,
+	                                     &auth)) == NULL)
+		fatalx("%s: out of memory", __func__);
 	if (auth_keys_init(&auth.keys, &kc) == -1 ||
 	    (auth.tick = loop_timer_new(auth.svc.loop, auth_tick, &auth)) ==
 	            NULL)
 		fatalx("%s: out of memory", __func__);
 	loop_timer_set(auth.tick, AUTH_TICK_MS);
 	auth_conf_log("checking", src);
+	auth_limits_log("checking", &lc);
 	svc_ready(&auth.svc, "checking tokens");
 	rc = svc_run(&auth.svc);
 	auth_token_conf_free(auth.tok);
 	auth_keys_free(&auth.keys); /* the tick went with the loop */
+	auth_limits_free(&auth.lims);
 	metrics_free(auth.metrics);
 	return (rc);
 }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "auth_key.h"
+#include "auth_limit.h"
 #include "auth_token.h"
 #include "proto.h"
 #include "svc.h"
@@ -43,6 +44,12 @@ struct auth_stats {
 	uint64_t *dropped_bad;       /* undecodable bodies */
 	uint64_t *dropped_unhandled; /* unknown or misrouted messages */
 	uint64_t *dropped_no_reply;  /* no usable reply_to */
+	/* Inbound limits (troupe_auth_limit_checks_total by result). */
+	uint64_t *lim_allowed, *lim_limited, *lim_shadow_allowed,
+	        *lim_shadow_limited, *lim_unknown, *lim_timeout, *lim_stray,
+	        *lim_park_full, *lim_send_failed;
+	uint64_t *lim_open, *lim_closed; /* unknown: admitted / 503 */
+	uint64_t *rate_limited;          /* refused 429 */
 };
 
 struct auth {
@@ -51,6 +58,9 @@ struct auth {
 	struct metrics *metrics;     /* ours; rendered by on_metrics */
 	struct auth_stats st;
 	struct auth_keys keys;         /* API keys storage told us about */
+	struct auth_limits lims;       /* requests waiting for LIMIT_REPLY */
+	struct loop_timer *lim_timer;  /* the oldest of them is due */
+	int lim_failing;               /* storage cannot tell (logged) */
 	struct loop_timer *tick;       /* overdue checks, expired entries */
 	uint64_t swept_ms;             /* last sweep, monotonic */
 	uint8_t warned_bad[65536 / 8]; /* per type: logged once */
@@ -60,8 +70,12 @@ struct auth {
 
 /* Handle one envelope from an edge; an auth_dispatch value. */
 int auth_dispatch_edge(struct auth *, const struct msg *);
-/* Handle one envelope from storage (KEY_REPLY); an auth_dispatch value. */
+/* Handle one envelope from storage (KEY_REPLY, LIMIT_REPLY); an
+ * auth_dispatch value. */
 int auth_dispatch_storage(struct auth *, const struct msg *);
+/* The oldest limit check is due: settle the overdue ones per [limits]
+ * on_redis_down and re-arm the timer. */
+void auth_dispatch_limit_timer(struct auth *);
 /* Periodic: answer 503 for key checks storage left unanswered, drop
  * expired cache entries. */
 void auth_dispatch_tick(struct auth *);

@@ -23,6 +23,8 @@
 #include <unistd.h>
 
 #include "dispatcher.h"
+#include "dispatcher_tier.h"
+#include "trace.h"
 
 #define SECTION "dispatcher"
 
@@ -47,7 +49,18 @@ static const char help_extra[] =
         "  runs_per_worker  runs in flight per child (default 256)\n"
         "  queue_max        runs waiting for a child (default 10000)\n"
         "  worker_path      the worker program (default: troupe-worker\n"
-        "                   beside this program)\n";
+        "                   beside this program)\n"
+        "  policy           rate limits: fixed or aimd (default aimd)\n"
+        "  limit_quiet_ms   fixed: doubles after this without signals\n"
+        "                   (5000)\n"
+        "  aimd_decrease_pct   aimd: cut to this % on a throttle (70)\n"
+        "  aimd_latency_pct    aimd: x0.9 over this % of the min RTT\n"
+        "                   (200)\n"
+        "  aimd_latency_floor_ms aimd: ... and this many ms over it (50)\n"
+        "  aimd_limit_min   aimd: lowest in-flight limit of a bot (1)\n"
+        "  throttle_retries requeues of a throttled run (1)\n"
+        "  queue_slack_ms   a queued run is refused (503) this long\n"
+        "                   before its deadline (500)\n";
 
 static struct dispatcher dispatcher;
 static struct svc svc;
@@ -88,6 +101,7 @@ dispatcher_on_msg(void *arg, const struct msg *m)
 	const char *name = msg_name(m->type), *what;
 	uint64_t *ctr;
 
+	trace_mark();
 	for (size_t i = 0; i < nitems(peers); i++)
 		if (peers[i].kind == from)
 			p = &peers[i];
@@ -246,6 +260,10 @@ dispatcher_metrics(struct dispatcher *d)
 	d->m_rej_deadline = dispatcher_counter(d, rej, rej_h, "deadline");
 	d->m_rej_stopping = dispatcher_counter(d, rej, rej_h, "stopping");
 	d->m_rej_exited = dispatcher_counter(d, rej, rej_h, "worker_exited");
+	d->m_rej_limit = dispatcher_counter(d, rej, rej_h, "rate_limited");
+	d->m_requeued = dispatcher_counter(
+	        d, "troupe_dispatcher_requeued_total",
+	        "Throttled runs a worker handed back to wait again", NULL);
 	d->m_drop_bad = dispatcher_counter(d, drop, drop_h, "bad");
 	d->m_drop_unhandled = dispatcher_counter(d, drop, drop_h, "unknown");
 	d->m_drop_route = dispatcher_counter(d, drop, drop_h, "route");
@@ -277,10 +295,12 @@ dispatcher_tick(struct loop *l, void *arg)
 	 * leaves no zombie waiting should a signal ever be missed. */
 	dispatcher_spawn_reap(d);
 	dispatcher_run_expire(d);
+	dispatcher_admit_tick(d);
 	if (d->d_runs.rt_qlen > 0)
 		dispatcher_run_drain(d); /* a blocked child may take runs */
 	dispatcher_scale_tick(d);
 	dispatcher_scale_status(d, 0);
+	dispatcher_tier_tick(d);
 }
 
 static int
@@ -290,7 +310,9 @@ dispatcher_on_reload(struct svc *s, void *arg)
 	char err[512];
 
 	(void)s;
-	if (dispatcher_conf(d, err, sizeof(err)) == -1) {
+	if (dispatcher_conf(d, err, sizeof(err)) == -1 ||
+	    dispatcher_admit_init(d, err, sizeof(err)) == -1 ||
+	    dispatcher_tier_init(d, err, sizeof(err)) == -1) {
 		log_warnx("reload: %s", err);
 		return (-1);
 	}
@@ -324,6 +346,7 @@ main(int argc, char **argv)
 	int rc;
 
 	svc_init(&svc, &def, argc, argv);
+	(void)TRACE_INIT(&svc);
 	if (svc.argc > 0)
 		fatalx("unexpected argument: %s", svc.argv[0]);
 	d->d_svc = &svc;
@@ -331,6 +354,10 @@ main(int argc, char **argv)
 	if (dispatcher_conf(d, err, sizeof(err)) == -1)
 		fatalx("config: %s", err);
 	dispatcher_metrics(d);
+	if (dispatcher_tier_init(d, err, sizeof(err)) == -1)
+		fatalx("config: %s", err);
+	if (dispatcher_admit_init(d, err, sizeof(err)) == -1)
+		fatalx("config: %s", err);
 	if (dispatcher_run_init(&d->d_runs) == -1)
 		fatal("run table");
 	if (dispatcher_spawn_init(d) == -1)
@@ -347,6 +374,7 @@ main(int argc, char **argv)
 
 	rc = svc_run(&svc);
 	dispatcher_run_free(&d->d_runs);
+	dispatcher_admit_free(d);
 	free(d->d_envp);
 	return (rc);
 }

@@ -11,6 +11,9 @@
  *                          cancels and gone clients
  *   dispatcher_spawn.c     fork/exec, reaping, back-off, hello, retire
  *   dispatcher_scale.c     the child count (mechanism and default policy)
+ *   dispatcher_admit.c     per upstream and bot rate limits (the fixed
+ *                          and aimd policies of dispatcher_limit.c), the
+ *                          admission of runs and their queues
  *   dispatcher_tier.c      the degradation tier (L1-L3) from measured
  *                          signals, published to the edge as TIER_STATE
  *   dispatcher_status.c    troupectl status (ADMIN_REQUEST "status")
@@ -40,6 +43,9 @@
 #define DISPATCHER_SHRINK_MS 30000        /* low load this long: one less */
 #define DISPATCHER_TICK_MS 250            /* policy, expiry, status */
 #define DISPATCHER_STALE_MS 30000         /* a run this far past deadline */
+#define DISPATCHER_SCAN_MAX                                                   \
+	256 /* queued runs looked at per                                      \
+	       queue and drain */
 /* The code of a refusal while stopping: the run was not started, and the
  * edge sends the request again (it reaches our successor after a restart)
  * instead of answering 503 (5030) to the client. */
@@ -71,6 +77,7 @@ enum child_cause {
 
 struct dispatcher;
 struct run;
+struct admit;
 TAILQ_HEAD(run_list, run);
 
 struct child {
@@ -96,6 +103,13 @@ struct run {
 	uint32_t r_hash, r_chash;
 	int r_slot;
 	int r_gone;             /* CLIENT_GONE seen: RUN_CANCEL sent */
+	int r_up, r_bot;        /* admission keys (dispatcher_admit.c),
+	                           -1: unknown */
+	int r_aup, r_abot;      /* the keys counting it in flight, -1 */
+	int r_tries;            /* requeues after a throttle */
+	struct run_list *r_q;   /* the queue it waits in, NULL: none */
+	size_t *r_qn;           /* that queue's own length, NULL: none */
+	size_t *r_qk;           /* its limit key's queued runs, NULL */
 	uint64_t r_deadline_ms; /* wall clock, 0: none */
 	uint64_t r_since_ms;    /* monotonic: queued or assigned at */
 	struct mstr r_reqid, r_trace, r_chat_id, r_body;
@@ -137,7 +151,10 @@ struct dispatcher {
 	int d_min, d_max;
 	uint32_t d_per_child;
 	size_t d_queue_max;
+	uint64_t d_queue_slack_ms; /* a queued run needs this much time */
+	int d_throttle_retries;    /* requeues of a throttled run */
 	char d_worker_path[4096];
+	struct admit *d_adm; /* rate limits; NULL: admit everything */
 
 	struct child d_child[DISPATCHER_SLOTS_MAX];
 	int d_target;  /* slots [0, target) are wanted */
@@ -160,7 +177,7 @@ struct dispatcher {
 	uint64_t *m_exit_clean, *m_exit_error, *m_exit_signal, *m_exit_exec,
 	        *m_exit_hello, *m_exit_retired, *m_exit_killed;
 	uint64_t *m_rej_overload, *m_rej_deadline, *m_rej_stopping,
-	        *m_rej_exited;
+	        *m_rej_exited, *m_rej_limit, *m_requeued;
 	uint64_t *m_drop_bad, *m_drop_unhandled, *m_drop_route, *m_drop_stale;
 	uint64_t *m_assigned, *m_done, *m_grow, *m_shrink;
 	uint64_t *m_cancel_worker, *m_cancel_storage, *m_cancel_refused;
@@ -208,8 +225,12 @@ struct run *dispatcher_run_find_chat(const struct runtab *,
                                      struct mstr chat_id);
 /* Take r out of the table and the chat index (not out of its list). */
 void dispatcher_run_remove(struct runtab *, struct run *);
-/* Append r to the queue / take the oldest / take r out of it. */
+/* Append r to the queue / take the oldest / take r out of it (out of
+ * whichever queue it waits in). */
 void dispatcher_run_enqueue(struct runtab *, struct run *);
+/* Put r in queue q (length *qn, NULL: none), at its head if head. */
+void dispatcher_run_enqueue_on(struct runtab *, struct run *,
+                               struct run_list *q, size_t *qn, int head);
 struct run *dispatcher_run_dequeue(struct runtab *);
 void dispatcher_run_unqueue(struct runtab *, struct run *);
 /* The ready child with the fewest runs below limit (lowest slot on a
@@ -299,6 +320,52 @@ void dispatcher_scale_tick(struct dispatcher *);
 void dispatcher_scale_refresh(struct dispatcher *, int urgent);
 /* Send STATUS= if it changed and a second passed (or force). */
 void dispatcher_scale_status(struct dispatcher *, int force);
+
+/* dispatcher_admit.c */
+
+/* Read [dispatcher] policy and the limit keys (first call: set up the
+ * tables, the metrics and the wake timer); 0, or -1 with err filled. */
+int dispatcher_admit_init(struct dispatcher *, char *err, size_t errlen);
+/* Free the tables. */
+void dispatcher_admit_free(struct dispatcher *);
+/* Set r's keys from its bot (known bots only): r_up, r_bot. */
+void dispatcher_admit_classify(struct dispatcher *, struct run *,
+                               struct mstr bot_id);
+/* The queue r waits in (and its length counter, NULL for the queue of
+ * runs whose upstream is not known). */
+struct run_list *dispatcher_admit_queue(struct dispatcher *,
+                                        const struct run *, size_t **qn);
+/* The count of queued runs of r's limit key (the upstream under fixed,
+ * the bot under aimd), NULL if r has none: a new run may pass queued
+ * runs of other keys, never of its own. */
+size_t *dispatcher_admit_keyq(struct dispatcher *, const struct run *);
+/* Whether r's upstream and bot let one more run start now. */
+int dispatcher_admit_ok(struct dispatcher *, const struct run *, uint64_t now);
+/* ms until r's keys are no longer paused (0: not paused). */
+uint64_t dispatcher_admit_wait(struct dispatcher *, const struct run *,
+                               uint64_t now);
+/* The i-th queue (0: runs of unknown upstream, then one per upstream)
+ * with its own length counter (NULL for 0); NULL past the last. */
+struct run_list *dispatcher_admit_queue_at(struct dispatcher *, int i,
+                                           size_t **qn);
+/* ms the runs queued before r on its key need at the key's recent rate
+ * of ended runs (0: unknown or none queued). */
+uint64_t dispatcher_admit_estimate(struct dispatcher *, const struct run *);
+/* Ask for a drain in ms (a pause ends then). */
+void dispatcher_admit_wake(struct dispatcher *, uint64_t ms);
+/* r was assigned / left its child: count it in flight on its keys. */
+void dispatcher_admit_start(struct dispatcher *, struct run *);
+void dispatcher_admit_end(struct dispatcher *, struct run *);
+/* RUN_DONE of r: learn its bot's upstream, feed the signals to the
+ * policy; every change of a limit is one log line and the metrics. */
+void dispatcher_admit_done(struct dispatcher *, struct run *,
+                           const struct run_done *);
+/* Every tick: fixed's regrowth, coalesced log lines, gauges. */
+void dispatcher_admit_tick(struct dispatcher *);
+/* The child count the limits allow (workers_max without limits). */
+int dispatcher_admit_ceiling(const struct dispatcher *);
+/* Append the JSON of every upstream's and bot's state. */
+int dispatcher_admit_json(struct dispatcher *, struct buf *);
 
 /* dispatcher_tier.c */
 

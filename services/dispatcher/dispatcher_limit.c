@@ -24,14 +24,25 @@ limit_conf_default(struct limit_conf *c, enum limit_policy p, int per)
 	c->latency_factor = 2.0;
 	c->limit_min = 1;
 	c->limit_max = (double)c->children_max * c->runs_per_child;
+	c->children_start = c->children_min;
+	c->cut_gap_ms = 100;
+	c->latency_floor_ms = 50;
 }
 
 void
 limit_init(struct limit_state *s, const struct limit_conf *c, uint64_t now)
 {
+	int n = c->children_start;
+
+	if (n < c->children_min)
+		n = c->children_min;
+	if (n > c->children_max)
+		n = c->children_max;
 	*s = (struct limit_state){0};
-	s->children = c->children_min;
-	s->limit = (double)c->children_min * c->runs_per_child;
+	s->children = n;
+	s->limit = (double)n * c->runs_per_child;
+	if (c->policy == LIMIT_AIMD && s->limit > c->limit_max)
+		s->limit = c->limit_max;
 	s->last_change = now;
 }
 
@@ -81,10 +92,24 @@ on_aimd(struct limit_state *s, const struct limit_conf *c,
 	uint64_t rtt = o->latency_us;
 
 	if (o->throttled) {
+		uint64_t gap = s->min_rtt_us / 1000;
+		double base = s->limit;
+
+		if (gap < c->cut_gap_ms)
+			gap = c->cut_gap_ms;
 		s->signals++;
 		s->last_signal = now;
 		pause_for(s, o->backoff_ms, now);
-		s->limit = fmax(c->limit_min, s->limit * c->decrease);
+		/* the answers of one round trip are one signal */
+		if (s->last_cut != 0 && now - s->last_cut < gap) {
+			*cause = "the upstream throttled again within a "
+			         "round trip: paused, no second cut";
+			return (o->backoff_ms > 0);
+		}
+		if (o->inflight > 0 && (double)o->inflight < base)
+			base = (double)o->inflight;
+		s->last_cut = now;
+		s->limit = fmax(c->limit_min, base * c->decrease);
 		s->last_change = now;
 		*cause = "the upstream throttled: limit x 0.7";
 		return (1);
@@ -103,7 +128,9 @@ on_aimd(struct limit_state *s, const struct limit_conf *c,
 		}
 		/* the upstream queues: back off gently, once a round trip */
 		if ((double)rtt > c->latency_factor * (double)s->min_rtt_us &&
-		    now - s->last_latency_cut >= rtt / 1000 + 1) {
+		    rtt - s->min_rtt_us >= c->latency_floor_ms * 1000 &&
+		    now - s->last_latency_cut >= rtt / 1000 + 1 &&
+		    now - s->last_latency_cut >= c->cut_gap_ms) {
 			s->last_latency_cut = now;
 			s->limit = fmax(c->limit_min, s->limit * 0.9);
 			s->last_change = now;

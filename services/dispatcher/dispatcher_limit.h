@@ -11,11 +11,16 @@
  * the in-flight limit is children x runs_per_child.
  *
  * Policy LIMIT_AIMD adapts an in-flight limit per key: a throttle signal
- * multiplies it by decrease (0.7) and pauses the key for the backoff; each
+ * multiplies it (or the runs in flight, if fewer) by decrease (0.7), at
+ * most once per cut_gap_ms or round trip (a burst of 429s answering one
+ * round is one signal), and pauses the key for the backoff; each
  * run answered without a signal adds 1/limit (one more run per round trip);
- * a round trip over latency_factor x the smallest one recently seen (the
- * queue building up in the upstream) multiplies it by 0.9, at most once a
- * round trip.  The child count follows the sum of the limits.
+ * a round trip over latency_factor x the smallest one recently seen and
+ * at least latency_floor_ms longer than it (the queue building up in the
+ * upstream; the floor keeps a fast upstream's jitter, and the gateway's
+ * own queueing under load, from reading as one) multiplies it by 0.9, at
+ * most once a round trip and once per cut_gap_ms.  The child count
+ * follows the sum of the limits.
  */
 #ifndef TROUPE_DISPATCHER_LIMIT_H
 #define TROUPE_DISPATCHER_LIMIT_H
@@ -26,15 +31,22 @@ enum limit_policy { LIMIT_FIXED, LIMIT_AIMD };
 
 struct limit_conf {
 	enum limit_policy policy;
-	int children_min;      /* 2 */
-	int children_max;      /* 50 */
-	int runs_per_child;    /* the dispatcher's runs_per_worker */
-	uint64_t quiet_ms;     /* fixed: double after this long, 5000 */
-	double cut;            /* fixed: 0.3 */
-	double decrease;       /* aimd: 0.7 */
-	double latency_factor; /* aimd: 2.0 */
-	double limit_min;      /* aimd: 1 */
-	double limit_max;      /* aimd: children_max x runs_per_child */
+	int children_min;          /* 2 */
+	int children_max;          /* 50 */
+	int runs_per_child;        /* the dispatcher's runs_per_worker */
+	uint64_t quiet_ms;         /* fixed: double after this long, 5000 */
+	double cut;                /* fixed: 0.3 */
+	double decrease;           /* aimd: 0.7 */
+	double latency_factor;     /* aimd: 2.0 */
+	double limit_min;          /* aimd: 1 */
+	double limit_max;          /* aimd: children_max x runs_per_child */
+	int children_start;        /* a fresh key's children (fixed) or
+	                              limit / runs_per_child (aimd); default
+	                              children_min, the dispatcher uses max */
+	uint64_t cut_gap_ms;       /* aimd: at most one throttle cut per this
+	                              long or per smallest round trip, 100 */
+	uint64_t latency_floor_ms; /* aimd: a slower round trip must also
+	                              be this much over the smallest, 50 */
 };
 
 /* What one finished run said about its upstream. */
@@ -43,6 +55,9 @@ struct limit_obs {
 	int timeout;         /* the upstream call timed out */
 	int64_t backoff_ms;  /* Retry-After or an exhausted quota's reset */
 	uint64_t latency_us; /* the upstream call, 0: unknown */
+	uint64_t inflight;   /* aimd: runs of the key in flight when it
+	                        ended, 0: unknown (the cut then starts
+	                        from the limit) */
 };
 
 struct limit_state {
@@ -54,7 +69,8 @@ struct limit_state {
 	uint64_t min_rtt_us;  /* aimd: smallest round trip (decays) */
 	uint64_t min_rtt_at;  /* when it was seen */
 	uint64_t last_latency_cut;
-	uint64_t signals; /* throttle signals seen */
+	uint64_t last_cut; /* aimd: ms of the last throttle cut */
+	uint64_t signals;  /* throttle signals seen */
 };
 
 /* Defaults as documented above (runs_per_child given). */

@@ -26,6 +26,8 @@
 #include <string.h>
 
 #include "dispatcher.h"
+#include "dispatcher_tier.h"
+#include "trace.h"
 
 #define RUN_BUCKETS_MIN 1024
 
@@ -118,6 +120,7 @@ dispatcher_run_new(struct mstr reqid, struct mstr trace, struct mstr edge,
 		return (NULL);
 	memset(r, 0, sizeof(*r));
 	r->r_slot = -1;
+	r->r_up = r->r_bot = r->r_aup = r->r_abot = -1;
 	r->r_deadline_ms = deadline_ms;
 	r->r_hash = run_hash(reqid);
 	p = r->r_buf;
@@ -283,8 +286,22 @@ dispatcher_run_remove(struct runtab *rt, struct run *r)
 void
 dispatcher_run_enqueue(struct runtab *rt, struct run *r)
 {
+	dispatcher_run_enqueue_on(rt, r, &rt->rt_queue, NULL, 0);
+}
+
+void
+dispatcher_run_enqueue_on(struct runtab *rt, struct run *r, struct run_list *q,
+                          size_t *qn, int head)
+{
 	r->r_slot = -1;
-	TAILQ_INSERT_TAIL(&rt->rt_queue, r, r_link);
+	if (head)
+		TAILQ_INSERT_HEAD(q, r, r_link);
+	else
+		TAILQ_INSERT_TAIL(q, r, r_link);
+	r->r_q = q;
+	r->r_qn = qn;
+	if (qn != NULL)
+		(*qn)++;
 	rt->rt_qlen++;
 }
 
@@ -301,7 +318,14 @@ dispatcher_run_dequeue(struct runtab *rt)
 void
 dispatcher_run_unqueue(struct runtab *rt, struct run *r)
 {
-	TAILQ_REMOVE(&rt->rt_queue, r, r_link);
+	TAILQ_REMOVE(r->r_q != NULL ? r->r_q : &rt->rt_queue, r, r_link);
+	if (r->r_qn != NULL)
+		(*r->r_qn)--;
+	if (r->r_qk != NULL && *r->r_qk > 0)
+		(*r->r_qk)--;
+	r->r_q = NULL;
+	r->r_qn = NULL;
+	r->r_qk = NULL;
 	rt->rt_qlen--;
 }
 
@@ -377,7 +401,12 @@ run_assign(struct dispatcher *d, struct run *r, const struct chat_request *req)
 	uint64_t now = loop_now(d->d_loop);
 	struct child *c;
 	int k;
+	char ctp[TRACE_TP_LEN];
 
+	/* salt: an attempt handed back and assigned again is another span */
+	if (trace_enabled &&
+	    trace_child(r->r_trace, "dispatcher", now, ctp) == 0)
+		h.traceparent = (struct mstr){ctp, TRACE_TP_LEN};
 	for (;;) {
 		k = dispatcher_run_pick(d->d_child, d->d_max, d->d_per_child,
 		                        now);
@@ -395,27 +424,68 @@ run_assign(struct dispatcher *d, struct run *r, const struct chat_request *req)
 			c->c_blocked_until = now + DISPATCHER_BLOCK_MS;
 			continue;
 		}
+		if (trace_enabled) { /* queued since r_since_ms, or not */
+			struct trace_span ts = {
+			        .name = "dispatcher",
+			        .kind = TRACE_INTERNAL,
+			        .start_ns = r->r_since_ms
+			                            ? trace_wall_of_mono(
+			                                      r->r_since_ms *
+			                                      1000000ULL)
+			                            : trace_in_ns,
+			        .note = MSTR(c->c_name)};
+			trace_end(h.traceparent, r->r_trace, &ts);
+		}
 		r->r_slot = k;
 		r->r_since_ms = now;
 		TAILQ_INSERT_TAIL(&c->c_runs, r, r_link);
 		c->c_inflight++;
 		d->d_inflight++;
+		dispatcher_admit_start(d, r);
 		run_count(d->m_assigned);
 		return (0);
 	}
 }
 
-/* Forget an assigned run. */
+/* Take an assigned run off its child (it stays in the table). */
 static void
-run_finish(struct dispatcher *d, struct run *r)
+run_detach(struct dispatcher *d, struct run *r)
 {
 	struct child *c = &d->d_child[r->r_slot];
 
 	TAILQ_REMOVE(&c->c_runs, r, r_link);
 	c->c_inflight--;
 	d->d_inflight--;
+	dispatcher_admit_end(d, r);
+	r->r_slot = -1;
+}
+
+/* Forget an assigned run. */
+static void
+run_finish(struct dispatcher *d, struct run *r)
+{
+	run_detach(d, r);
 	dispatcher_run_remove(&d->d_runs, r);
 	free(r);
+}
+
+/* Seconds of a Retry-After for a wait of ms: at least 1. */
+static uint64_t
+run_retry_after(uint64_t ms)
+{
+	uint64_t s = (ms + 999) / 1000;
+
+	return (s < 1 ? 1 : s);
+}
+
+/* Whether r, able to start in wait ms, would still have queue_slack_ms
+ * left before its deadline. */
+static int
+run_in_time(const struct dispatcher *d, const struct run *r, uint64_t wait,
+            uint64_t wall)
+{
+	return (r->r_deadline_ms == 0 ||
+	        wall + wait + d->d_queue_slack_ms < r->r_deadline_ms);
 }
 
 /* Forget a queued run, answering its edge. */
@@ -427,6 +497,72 @@ run_drop_queued(struct dispatcher *d, struct run *r, uint64_t status,
 	dispatcher_run_remove(&d->d_runs, r);
 	run_fail(d, r, status, code, msg, retry_after);
 	free(r);
+}
+
+/* A run that cannot start in time (a pause past its deadline, tier L3,
+ * a full queue): 503 with Retry-After now, never a timeout later. */
+static void
+run_refuse(struct dispatcher *d, struct run *r, uint64_t wait, const char *why)
+{
+	run_count(d->m_rej_limit);
+	if (run_log_now(d->m_rej_limit))
+		log_req(LOG_L_INFO, r->r_reqid, r->r_trace, MSTR_NULL,
+		        "%s: %s: answering 503, retry after %llu s (%llu so "
+		        "far)",
+		        __func__, why,
+		        (unsigned long long)run_retry_after(wait),
+		        (unsigned long long)(d->m_rej_limit ? *d->m_rej_limit
+		                                            : 0));
+	run_fail(d, r, 503, 5030, "upstream rate limited, retry later",
+	         run_retry_after(wait));
+}
+
+/* Queue r (in its upstream's queue) or refuse it: 1 queued, 0 refused
+ * (r is then freed). */
+static int
+run_park(struct dispatcher *d, struct run *r, int head)
+{
+	uint64_t now = loop_now(d->d_loop), wall = now_wall_ms();
+	uint64_t wait = dispatcher_admit_wait(d, r, now);
+	struct run_list *q;
+	size_t *qn;
+
+	if (dispatcher_tier_now(d) == 3) {
+		run_refuse(d, r, dispatcher_tier_retry_after(d) * 1000,
+		           "tier L3: nothing queues");
+		goto drop;
+	}
+	/* The pause, then the runs queued ahead at the recent rate. */
+	if (!run_in_time(d, r, wait + dispatcher_admit_estimate(d, r), wall)) {
+		run_refuse(d, r, wait + dispatcher_admit_estimate(d, r),
+		           "cannot start before its deadline");
+		goto drop;
+	}
+	if (d->d_runs.rt_qlen >= d->d_queue_max) {
+		run_count(d->m_rej_overload);
+		if (run_log_now(d->m_rej_overload))
+			log_warnx(
+			        "%s: queue full (%zu runs, %d workers): "
+			        "answering 503 (%llu so far)",
+			        __func__, d->d_runs.rt_qlen, d->d_ready,
+			        (unsigned long long)(d->m_rej_overload
+			                                     ? *d->m_rej_overload
+			                                     : 0));
+		run_fail(d, r, 503, 5030, "overloaded", run_retry_after(wait));
+		goto drop;
+	}
+	q = dispatcher_admit_queue(d, r, &qn);
+	r->r_since_ms = now;
+	dispatcher_run_enqueue_on(&d->d_runs, r, q, qn, head);
+	if ((r->r_qk = dispatcher_admit_keyq(d, r)) != NULL)
+		(*r->r_qk)++;
+	if (wait > 0)
+		dispatcher_admit_wake(d, wait);
+	return (1);
+drop:
+	dispatcher_run_remove(&d->d_runs, r);
+	free(r);
+	return (0);
 }
 
 void
@@ -473,44 +609,33 @@ dispatcher_run_chat(struct dispatcher *d, const struct msg *m,
 	if (mstr_eq(req->route, "v3.chat"))
 		chat_id = req->chat_id;
 
-	/* Runs wait in order: a new one overtakes no queued one. */
-	if (d->d_runs.rt_qlen == 0) {
-		r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to,
-		                       chat_id, m->deadline_ms, NULL, 0);
-		if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
-			free(r);
-			goto nomem;
-		}
-		if (run_assign(d, r, req) == 0) {
-			dispatcher_scale_refresh(d, 0);
-			return;
-		}
-		dispatcher_run_remove(&d->d_runs, r);
-		free(r);
-	}
-
-	dispatcher_scale_full(d);
-	if (d->d_runs.rt_qlen >= d->d_queue_max) {
-		run_count(d->m_rej_overload);
-		if (run_log_now(d->m_rej_overload))
-			log_warnx(
-			        "%s: queue full (%zu runs, %d workers): "
-			        "answering 503 (%llu so far)",
-			        __func__, d->d_runs.rt_qlen, d->d_ready,
-			        (unsigned long long)(d->m_rej_overload
-			                                     ? *d->m_rej_overload
-			                                     : 0));
-		dispatcher_run_reply(d, edge, &rh, 503, 5030, "overloaded", 1);
-		return;
-	}
+	/* The body stays with the run: it is sent again when the worker
+	 * hands a throttled run back (RUN_DONE status 0). */
 	r = dispatcher_run_new(m->reqid, m->traceparent, m->reply_to, chat_id,
 	                       m->deadline_ms, m->body, m->body_len);
 	if (r == NULL || dispatcher_run_insert(&d->d_runs, r) == -1) {
 		free(r);
 		goto nomem;
 	}
-	r->r_since_ms = loop_now(d->d_loop);
-	dispatcher_run_enqueue(&d->d_runs, r);
+	dispatcher_admit_classify(d, r, req->bot_id);
+	{
+		size_t *qn, *qk = dispatcher_admit_keyq(d, r);
+		struct run_list *q = dispatcher_admit_queue(d, r, &qn);
+		int ok = dispatcher_admit_ok(d, r, loop_now(d->d_loop));
+		/* Runs wait in order: a new one overtakes no queued run of
+		 * its limit key (or of its queue, for an unknown bot); runs
+		 * of other keys wait for their own limits. */
+		int first = qk != NULL ? *qk == 0 : TAILQ_EMPTY(q);
+
+		if (ok && first && run_assign(d, r, req) == 0) {
+			dispatcher_scale_refresh(d, 0);
+			return;
+		}
+		if (ok && first)
+			dispatcher_scale_full(d);
+		if (run_park(d, r, 0) && ok && !first)
+			dispatcher_run_drain(d);
+	}
 	dispatcher_scale_refresh(d, 0);
 	return;
 nomem:
@@ -628,14 +753,113 @@ dispatcher_run_done(struct dispatcher *d, int slot, const struct msg *m,
 		        __func__, slot);
 		return;
 	}
-	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, MSTR_NULL,
-	        "run done on worker-%d: status %llu, upstream %llu in %llu us",
+	log_req(LOG_L_DEBUG, m->reqid, m->traceparent, done->bot_id,
+	        "run done on worker-%d: status %llu, upstream %llu in %llu us"
+	        "%s",
 	        slot, (unsigned long long)done->status,
 	        (unsigned long long)done->upstream_status,
-	        (unsigned long long)done->upstream_us);
-	run_finish(d, r);
+	        (unsigned long long)done->upstream_us,
+	        done->throttled ? ", throttled" : "");
+	dispatcher_admit_done(d, r, done);
 	run_count(d->m_done);
+	if (done->status != 0) {
+		run_finish(d, r);
+		dispatcher_run_drain(d);
+		return;
+	}
+	/* Status 0: the worker answered nobody and hands the run back (the
+	 * upstream throttled it, or the worker holds that upstream back).
+	 * It waits again, first in its upstream's queue, or is refused with
+	 * 503 and Retry-After if it cannot run again in time. */
+	run_detach(d, r);
+	if (r->r_gone) {
+		dispatcher_run_remove(&d->d_runs, r);
+		free(r);
+	} else if (r->r_body.n == 0 || r->r_tries >= d->d_throttle_retries) {
+		uint64_t wait =
+		        dispatcher_admit_wait(d, r, loop_now(d->d_loop));
+
+		if (wait == 0)
+			wait = done->backoff_ms;
+		run_refuse(d, r, wait, "throttled again");
+		dispatcher_run_remove(&d->d_runs, r);
+		free(r);
+	} else {
+		r->r_tries++;
+		run_count(d->m_requeued);
+		(void)run_park(d, r, 1);
+	}
 	dispatcher_run_drain(d);
+}
+
+/* Assign what may start from queue q.  0, or -1 when no child has room
+ * (the other queues need not be tried). */
+static int
+run_drain_queue(struct dispatcher *d, struct run_list *q, uint64_t now,
+                uint64_t wall)
+{
+	struct chat_request req = {0};
+	struct run *r, *next;
+	int scanned = 0;
+
+	for (r = TAILQ_FIRST(q); r != NULL && scanned < DISPATCHER_SCAN_MAX;
+	     r = next) {
+		uint64_t wait;
+
+		next = TAILQ_NEXT(r, r_link);
+		scanned++;
+		if (r->r_deadline_ms != 0 && r->r_deadline_ms <= wall) {
+			run_count(d->m_rej_deadline);
+			run_drop_queued(d, r, 504, 5040, "deadline exceeded",
+			                0);
+			continue;
+		}
+		if (!dispatcher_admit_ok(d, r, now)) {
+			wait = dispatcher_admit_wait(d, r, now);
+			if (!run_in_time(d, r, wait, wall)) {
+				dispatcher_run_unqueue(&d->d_runs, r);
+				run_refuse(d, r, wait,
+				           "cannot start before its deadline");
+				dispatcher_run_remove(&d->d_runs, r);
+				free(r);
+			} else if (wait > 0)
+				dispatcher_admit_wake(d, wait);
+			continue; /* another bot's run may go */
+		}
+		if (!run_in_time(d, r, 0, wall)) {
+			dispatcher_run_unqueue(&d->d_runs, r);
+			run_refuse(d, r, 1000, "waited until its deadline");
+			dispatcher_run_remove(&d->d_runs, r);
+			free(r);
+			continue;
+		}
+		if (dispatcher_run_pick(d->d_child, d->d_max, d->d_per_child,
+		                        now) == -1)
+			return (-1);
+		dispatcher_run_unqueue(&d->d_runs, r);
+		/* The bytes decoded once already (CHAT_RUN); a failure here
+		 * is our bug, but the client still deserves an answer. */
+		if (chat_request_decode(r->r_body.p, r->r_body.n, &req) ==
+		    -1) {
+			log_req(LOG_L_ERR, r->r_reqid, r->r_trace, MSTR_NULL,
+			        "%s: queued run does not decode", __func__);
+			dispatcher_run_remove(&d->d_runs, r);
+			run_fail(d, r, 500, 5000, "internal error", 0);
+			free(r);
+			continue;
+		}
+		if (run_assign(d, r, &req) == -1) {
+			size_t *qn;
+			struct run_list *rq =
+			        dispatcher_admit_queue(d, r, &qn);
+
+			dispatcher_run_enqueue_on(&d->d_runs, r, rq, qn, 1);
+			if ((r->r_qk = dispatcher_admit_keyq(d, r)) != NULL)
+				(*r->r_qk)++;
+			return (-1);
+		}
+	}
+	return (0);
 }
 
 void
@@ -643,38 +867,19 @@ dispatcher_run_drain(struct dispatcher *d)
 {
 	struct runtab *rt = &d->d_runs;
 	uint64_t wall = now_wall_ms(), now = loop_now(d->d_loop);
-	struct chat_request req = {0};
-	struct run *r;
+	struct run_list *q;
+	size_t *qn;
+	int full = 0;
 
-	while ((r = TAILQ_FIRST(&rt->rt_queue)) != NULL) {
-		if (r->r_deadline_ms != 0 && r->r_deadline_ms <= wall) {
-			run_count(d->m_rej_deadline);
-			run_drop_queued(d, r, 504, 5040, "deadline exceeded",
-			                0);
-			continue;
-		}
-		if (dispatcher_run_pick(d->d_child, d->d_max, d->d_per_child,
-		                        now) == -1)
-			break;
-		dispatcher_run_unqueue(rt, r);
-		/* The bytes decoded once already (CHAT_RUN); a failure here
-		 * is our bug, but the client still deserves an answer. */
-		if (chat_request_decode(r->r_body.p, r->r_body.n, &req) ==
-		    -1) {
-			log_req(LOG_L_ERR, r->r_reqid, r->r_trace, MSTR_NULL,
-			        "%s: queued run does not decode", __func__);
-			dispatcher_run_remove(rt, r);
-			run_fail(d, r, 500, 5000, "internal error", 0);
-			free(r);
-			continue;
-		}
-		if (run_assign(d, r, &req) == -1) {
-			TAILQ_INSERT_HEAD(&rt->rt_queue, r, r_link);
-			rt->rt_qlen++;
+	for (int i = 0; rt->rt_qlen > 0 &&
+	                (q = dispatcher_admit_queue_at(d, i, &qn)) != NULL;
+	     i++)
+		if (!TAILQ_EMPTY(q) &&
+		    run_drain_queue(d, q, now, wall) == -1) {
+			full = 1;
 			break;
 		}
-	}
-	if (rt->rt_qlen > 0)
+	if (full)
 		dispatcher_scale_full(d);
 	dispatcher_scale_refresh(d, 0);
 }
@@ -701,13 +906,17 @@ dispatcher_run_child_gone(struct dispatcher *d, struct child *c)
 void
 dispatcher_run_flush_queue(struct dispatcher *d)
 {
+	struct run_list *q;
 	struct run *r;
+	size_t *qn;
 
-	while ((r = TAILQ_FIRST(&d->d_runs.rt_queue)) != NULL) {
-		run_count(d->m_rej_stopping);
-		run_drop_queued(d, r, 503, DISPATCHER_CODE_STOPPING,
-		                "shutting down", 1);
-	}
+	for (int i = 0; (q = dispatcher_admit_queue_at(d, i, &qn)) != NULL;
+	     i++)
+		while ((r = TAILQ_FIRST(q)) != NULL) {
+			run_count(d->m_rej_stopping);
+			run_drop_queued(d, r, 503, DISPATCHER_CODE_STOPPING,
+			                "shutting down", 1);
+		}
 	dispatcher_scale_refresh(d, 0);
 }
 
@@ -716,17 +925,24 @@ dispatcher_run_expire(struct dispatcher *d)
 {
 	uint64_t wall = now_wall_ms();
 	struct run *r, *next;
+	struct run_list *q;
+	size_t *qn;
 	int changed = 0;
 
-	for (r = TAILQ_FIRST(&d->d_runs.rt_queue); r != NULL; r = next) {
-		next = TAILQ_NEXT(r, r_link);
-		if (r->r_deadline_ms != 0 && r->r_deadline_ms <= wall) {
-			run_count(d->m_rej_deadline);
-			run_drop_queued(d, r, 504, 5040, "deadline exceeded",
-			                0);
+	/* Queued runs are refused (503, Retry-After) while they still have
+	 * queue_slack_ms: a client never waits for a timeout in a queue. */
+	for (int i = 0; (q = dispatcher_admit_queue_at(d, i, &qn)) != NULL;
+	     i++)
+		for (r = TAILQ_FIRST(q); r != NULL; r = next) {
+			next = TAILQ_NEXT(r, r_link);
+			if (run_in_time(d, r, 0, wall))
+				continue;
+			dispatcher_run_unqueue(&d->d_runs, r);
+			run_refuse(d, r, 1000, "waited until its deadline");
+			dispatcher_run_remove(&d->d_runs, r);
+			free(r);
 			changed = 1;
 		}
-	}
 	/* A RUN_DONE can only go missing through a bug in a worker, but
 	 * a run that never ends would hold a place in its child for good. */
 	for (int k = 0; k < DISPATCHER_SLOTS_MAX; k++) {

@@ -6,8 +6,10 @@
  * are wanted.  Raising the target starts the new slots; lowering it
  * retires the highest ones (SIGTERM: a retiring child takes no new runs
  * and exits once its runs are done).  Every change is logged with its
- * cause and counts.  Policies only ever call this; rate-limit signals
- * from the workers will drive it later (PRODUCT.md §5).
+ * cause and counts.  Policies only ever call this.  The rate-limit
+ * policies (dispatcher_admit.c) set a ceiling: the target never goes
+ * above dispatcher_admit_ceiling(), and a lower ceiling retires children
+ * at once (PRODUCT.md §5).
  *
  * The default policy (dispatcher_scale_policy, pure): start with
  * workers_min; grow by one when a run finds every ready child full and
@@ -56,8 +58,11 @@ dispatcher_scale_policy(struct scale_policy *p, const struct scale_obs *o,
 int
 dispatcher_scale_set(struct dispatcher *d, int target, const char *cause)
 {
-	int old = d->d_target, k;
+	int old = d->d_target, k, ceiling = dispatcher_admit_ceiling(d);
 
+	/* The rate limits cap the count (never below workers_min). */
+	if (target > ceiling)
+		target = ceiling;
 	if (target < d->d_min)
 		target = d->d_min;
 	if (target > d->d_max)
@@ -90,7 +95,7 @@ scale_observe(const struct dispatcher *d, struct scale_obs *o, int full)
 {
 	o->so_target = d->d_target;
 	o->so_min = d->d_min;
-	o->so_max = d->d_max;
+	o->so_max = dispatcher_admit_ceiling(d);
 	o->so_pending = d->d_pending;
 	o->so_full = full;
 	o->so_queued = d->d_runs.rt_qlen;

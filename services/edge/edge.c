@@ -25,6 +25,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "edge.h"
+#include "trace.h"
 
 static struct svc edge_svc;
 
@@ -210,6 +211,7 @@ main(int argc, char **argv)
 	/* Before anything else: LISTEN_PID must still be ours. */
 	n = sd_listen_fds(0);
 	svc_init(svc, &edge_def, argc, argv);
+	(void)TRACE_INIT(svc);
 	if (n < 0)
 		fatalx("sd_listen_fds: %s", strerror(-n));
 	if (n > 0) {

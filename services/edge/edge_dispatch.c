@@ -14,6 +14,7 @@
 #include <stdio.h>
 
 #include "edge.h"
+#include "edge_tier.h"
 
 static uint64_t *m_late;
 static uint64_t m_sink;
@@ -31,6 +32,7 @@ edge_dispatch_init(struct svc *svc)
 	        lb);
 	if (m_late == NULL)
 		m_late = &m_sink;
+	edge_tier_init(svc);
 }
 
 int
@@ -38,9 +40,15 @@ edge_dispatch_any(struct svc *svc, const struct msg *m)
 {
 	struct chat_reply r;
 	struct chat_event ev;
+	struct tier_state ts;
 
 	(void)svc;
 	switch (m->type) {
+	case MSG_TIER_STATE:
+		if (tier_state_unpack(m, &ts) == -1)
+			return (DISPATCH_BAD);
+		edge_tier_set(&ts, now_mono_ms());
+		break;
 	case MSG_CHAT_REPLY:
 		if (chat_reply_unpack(m, &r) == -1)
 			return (DISPATCH_BAD);

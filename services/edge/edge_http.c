@@ -72,7 +72,9 @@
 #include "edge.h"
 #include "edge_pending.h"
 #include "edge_req.h"
+#include "edge_tier.h"
 #include "edge_webhook.h"
+#include "trace.h"
 
 /*
  * picohttpparser, bundled in and exported by libh2o-evloop 2.2.5 (which
@@ -183,6 +185,7 @@ struct edge_waiter {
 	unsigned inflight : 1;  /* an h2o_send() waits for proceed */
 	unsigned final : 1;     /* the stream ends after q */
 	unsigned dead : 1;      /* dropped; ignore what comes */
+	unsigned tr_client : 1; /* tr is the client's (else ours, a root) */
 	h2o_generator_t gen;
 	struct buf out; /* bytes of the send in flight */
 	struct buf q;   /* bytes waiting for it */
@@ -231,6 +234,8 @@ static double gauge_sink;
 
 static h2o_iovec_t hn_logid = {"x-tt-logid", 10};
 static h2o_iovec_t hn_trace = {"traceparent", 11};
+static h2o_iovec_t hn_ratelimit = {"ratelimit", 9};
+static h2o_iovec_t hn_rl_policy = {"ratelimit-policy", 16};
 
 static void conn_kill(struct edge_conn *, int, int64_t, const char *);
 static void route_chat(h2o_req_t *, const char *, h2o_iovec_t);
@@ -415,6 +420,22 @@ add_hdr(h2o_req_t *req, h2o_iovec_t *name, const char *orig, const char *v,
 	        (h2o_header_t){name, orig, h2o_iovec_init(v, n)};
 }
 
+/* A header whose value (from a message) is copied into the pool; none
+ * if v is empty or not a plain one-line value. */
+static void
+add_hdr_copy(h2o_req_t *req, h2o_iovec_t *name, const char *orig,
+             struct mstr v)
+{
+	char *c;
+
+	if (v.n == 0 || v.n > 256 || memchr(v.p, '\r', v.n) != NULL ||
+	    memchr(v.p, '\n', v.n) != NULL)
+		return;
+	c = h2o_mem_alloc_pool(&req->pool, v.n);
+	memcpy(c, v.p, v.n);
+	add_hdr(req, name, orig, c, v.n);
+}
+
 /* The request id (in the pool) and trace of a request: the client's
  * traceparent if valid, else a new one. */
 static char *
@@ -571,6 +592,44 @@ route_healthz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 	        h2o_iovec_init(ok, sizeof(ok) - 1), 0, 0);
 }
 
+/* /readyz with every peer up: the tier (edge_tier.c); L3 is 503. */
+static void
+readyz_tier(h2o_req_t *req, const char *id, h2o_iovec_t tr, const char *ok,
+            size_t oklen)
+{
+	struct buf b = {0};
+	uint64_t ra = 0;
+	char *p;
+	int st = edge_tier_readyz(&b, now_mono_ms(), &ra);
+
+	if (st == -1) {
+		buf_free(&b);
+		respond(req, EP_READYZ, 200, 0, id, tr,
+		        h2o_iovec_init(ok, oklen), 0, 0);
+		return;
+	}
+	p = h2o_mem_alloc_pool(&req->pool, b.len);
+	memcpy(p, b.b, b.len);
+	respond(req, EP_READYZ, st, st == 200 ? 0 : 5030, id, tr,
+	        h2o_iovec_init(p, b.len), (int)ra, 0);
+	buf_free(&b);
+}
+
+/* Tier L3 and too many chats open: 503 + Retry-After at once (1). */
+static int
+tier_shed(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr)
+{
+	static const char msg[] = "overloaded (degraded tier L3): retry later";
+	uint64_t ra;
+
+	if (!edge_tier_shed(edge_pending_count(&E.pending), now_mono_ms(),
+	                    &ra))
+		return (0);
+	respond_error(req, ep, 503, 5030, msg, sizeof(msg) - 1, id, tr,
+	              (int)ra, 0, NULL);
+	return (1);
+}
+
 static void
 route_readyz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 {
@@ -586,8 +645,7 @@ route_readyz(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 	}
 	if ((n = edge_peers_down(E.svc, down, nitems(down))) == 0 &&
 	    !E.stopping) {
-		respond(req, EP_READYZ, 200, 0, id, tr,
-		        h2o_iovec_init(ok, sizeof(ok) - 1), 0, 0);
+		readyz_tier(req, id, tr, ok, sizeof(ok) - 1);
 		return;
 	}
 	/* Peer names are short mailbox names: this always fits. */
@@ -633,12 +691,45 @@ waiter_detach(struct edge_waiter *w)
 	w->req = NULL;
 }
 
+/* The traceparent w's hop sends on: a child of the client's, or ours. */
+static struct mstr
+waiter_tp(const struct edge_waiter *w, char *buf)
+{
+	if (w->tr_client &&
+	    trace_child(ms(w->tr, EDGE_TRACE_LEN), "edge", 0, buf) == 0)
+		return (ms(buf, TRACE_TP_LEN));
+	return (ms(w->tr, EDGE_TRACE_LEN));
+}
+
+/* The edge's server span of w's request, answered with status: the
+ * trace's local root, which decides its sampling in telemetry. */
+static void
+waiter_span(const struct edge_waiter *w, int status)
+{
+	char buf[TRACE_TP_LEN];
+	struct trace_span s = {.name = "edge",
+	                       .kind = TRACE_SERVER,
+	                       .start_ns = w->received_ms * 1000000ULL,
+	                       .http_status = status,
+	                       .error = status >= 500,
+	                       .flags = TRACE_F_LOCAL_ROOT,
+	                       .route = MSTR(ep_name[w->ep]),
+	                       .bot_id = ms(w->bot_id, w->bot_id_len)};
+
+	if (w->tr_client && strchr("13579bdf", w->tr[EDGE_TRACE_LEN - 1]))
+		s.flags |= TRACE_F_SAMPLED;
+	trace_end(waiter_tp(w, buf),
+	          w->tr_client ? ms(w->tr, EDGE_TRACE_LEN) : MSTR_NULL, &s);
+}
+
 /* One debug line per answered chat, with the request's REQUEST_ID,
  * TRACE_ID and BOT_ID fields: `journalctl REQUEST_ID=<X-Tt-Logid>` finds
  * it.  Nothing at the default level (no log line per request). */
 static void
 waiter_log(const struct edge_waiter *w, int status, int64_t code)
 {
+	if (trace_enabled)
+		waiter_span(w, status);
 	if (log_getlevel() < LOG_L_DEBUG)
 		return;
 	log_req(LOG_L_DEBUG, ms(w->ent.reqid, EDGE_REQID_LEN),
@@ -1038,6 +1129,10 @@ edge_http_reply(struct mstr reqid, const struct chat_reply *r)
 	} else {
 		int ra = r->retry_after > 86400 ? 86400 : (int)r->retry_after;
 
+		/* An inbound limit's refusal (auth): its RateLimit fields. */
+		add_hdr_copy(req, &hn_ratelimit, "RateLimit", r->ratelimit);
+		add_hdr_copy(req, &hn_rl_policy, "RateLimit-Policy",
+		             r->ratelimit_policy);
 		respond_error(req, w->ep, status, code, r->msg.p, r->msg.n,
 		              w->ent.reqid, w->trace, ra, 0, NULL);
 	}
@@ -1059,6 +1154,8 @@ edge_http_event(struct mstr reqid, const struct chat_event *ev)
 	if (ev->last) {
 		w->ended = 1;
 		waiter_unlink(w);
+		if (trace_enabled) /* the stream's end: its span's */
+			waiter_span(w, 200);
 	}
 	stream_push(w, ev->sse.p, ev->sse.n, ev->last != 0);
 	if (E.stopping)
@@ -1100,6 +1197,7 @@ waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
 	memcpy(w->ent.reqid, id, EDGE_REQID_LEN + 1);
 	/* Our own copy: CLIENT_GONE may need it while the pool goes. */
 	memcpy(w->tr, tr.base, EDGE_TRACE_LEN);
+	w->tr_client = trace_enabled && tr.base != id + EDGE_REQID_LEN + 1;
 	w->req = req;
 	w->ep = ep;
 	w->trace = h2o_iovec_init(w->tr, EDGE_TRACE_LEN);
@@ -1112,6 +1210,7 @@ waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
 		w->received_ms = E.redo->received_ms;
 		w->deadline_ms = E.redo->deadline_ms;
 		w->resends = E.redo->resends + 1;
+		w->tr_client = E.redo->tr_client;
 	}
 	return (w);
 }
@@ -1123,9 +1222,10 @@ waiter_send(struct edge_waiter *w, struct chat_request *body, h2o_iovec_t tok)
 {
 	h2o_req_t *req = w->req;
 	struct msg_head head;
+	char ctp[TRACE_TP_LEN];
 
 	head.reqid = ms(w->ent.reqid, EDGE_REQID_LEN);
-	head.traceparent = ms(w->tr, EDGE_TRACE_LEN);
+	head.traceparent = waiter_tp(w, ctp);
 	head.deadline_ms = w->deadline_ms;
 	head.reply_to = MSTR(E.svc->name);
 	body->token = ms(tok.base, tok.len);
@@ -1176,6 +1276,8 @@ route_chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 		ERR(req, EP_CHAT, 401, 4100, "missing token", id, tr, 0);
 		return;
 	}
+	if (tier_shed(req, EP_CHAT, id, tr))
+		return;
 	text = body_text(req);
 	if (edge_chat_parse(text, req->entity.len, &c, msg, sizeof(msg)) ==
 	    -1) {
@@ -1225,6 +1327,8 @@ route_v3chat(h2o_req_t *req, const char *id, h2o_iovec_t tr)
 		ERR(req, EP_V3CHAT, 401, 4100, "missing token", id, tr, 0);
 		return;
 	}
+	if (tier_shed(req, EP_V3CHAT, id, tr))
+		return;
 	r = edge_query_get(q.base, q.len, "conversation_id", conv,
 	                   sizeof(conv));
 	if (r == -1 || (r == 1 && !coze_id_ok(MSTR(conv)))) {

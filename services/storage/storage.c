@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "storage.h"
+#include "trace.h"
 
 static struct storage storage;
 
@@ -98,6 +99,7 @@ storage_on_msg(void *arg, const struct msg *m)
 	size_t i, n;
 	int rc;
 
+	trace_mark();
 	for (i = 0; i < nitems(peers); i++) {
 		n = strlen(peers[i].prefix);
 		if (peers[i].kind == kind && m->sender.n >= n &&
@@ -163,6 +165,7 @@ storage_status(struct storage *st)
 		         "%s, reader %s",
 		         r ? "up" : "down", w ? "up" : "down",
 		         d ? "up" : "down");
+	storage_health_check(st);
 	if (strcmp(s, st->status) == 0)
 		return;
 	snprintf(st->status, sizeof(st->status), "%s", s);
@@ -578,6 +581,7 @@ main(int argc, char **argv)
 	char err[256];
 
 	svc_init(&st->svc, &storage_def, argc, argv);
+	(void)TRACE_INIT(&st->svc);
 	TAILQ_INIT(&st->rows);
 	TAILQ_INIT(&st->chat_waiting);
 	conf_str(&st->conf.redis, "redis", "127.0.0.1:6379");
@@ -590,6 +594,10 @@ main(int argc, char **argv)
 	                            sizeof(err)) == -1)
 		fatalx("config: [storage] redis: %s", err);
 	storage_metrics_init(st);
+	storage_health_init(st);
+	storage_limit_init(st);
+	if (storage_chat_init(st) == -1)
+		fatalx("out of memory");
 	storage_gauge(st->m.schema_version, 0);
 
 	if ((st->stop_timer = loop_timer_new(

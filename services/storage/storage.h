@@ -154,6 +154,14 @@ struct storage_metrics {
 	uint64_t *q_ok, *q_not_found, *q_finished, *q_invalid, *q_unavailable,
 	        *q_error;
 	uint64_t *key_valid, *key_invalid, *key_unavailable;
+	/* Redis down (storage_chat.c registers these): contexts read from
+	 * PostgreSQL, nonces refused, v3 chats kept in memory. */
+	uint64_t *ctx_fallback, *nonce_unavailable;
+	uint64_t *mem_lock, *mem_full, *mem_synced, *mem_sync_failed;
+	double *mem_chats;
+	/* LIMIT_CHECK answers (storage_limit.c). */
+	uint64_t *limit_allowed, *limit_limited, *limit_unknown,
+	        *limit_invalid, *limit_noscript;
 	double *redis_up, *writer_up, *reader_up, *schema_version;
 	double *queue_rows, *read_queue, *redis_pending, *bot_cache_entries;
 	double *spool_bytes, *spool_records, *degraded_l2;
@@ -225,6 +233,7 @@ TAILQ_HEAD(storage_ctx_reqs, storage_ctx_req);
 struct storage_bot_entry;
 struct storage_row;
 struct storage_chat_q;
+struct storage_chat_mem;
 TAILQ_HEAD(storage_chat_qs, storage_chat_q);
 struct storage_batch;
 TAILQ_HEAD(storage_rows, storage_row);
@@ -281,6 +290,11 @@ struct storage {
 	/* Bot cache (storage_bots.c). */
 	struct storage_bot_entry **bot_tab;
 	size_t bot_tabsize, bot_count;
+
+	/* v3 locks and chats while Redis is down (storage_chat.c). */
+	struct storage_chat_mem *chat_mem;
+	/* The GCRA script's SHA-1 once loaded, "" before (storage_limit.c). */
+	char limit_sha[41];
 
 	/* Context keys to delete once Redis is back (storage_ctx.c). */
 	char **forget;
@@ -346,8 +360,9 @@ void storage_ctx_locked(struct storage_ctx_req *, uint64_t status,
 void storage_chat_lock(struct storage_ctx_req *);
 /* Set the chat's Redis hash to status (completed, failed, canceled; ""
  * deletes it) and release the conversation lock if it still holds
- * chat_id, in one EVAL; cb (may be NULL) gets the reply.  -1 if Redis is
- * not connected (cb then never runs). */
+ * chat_id, in one EVAL; cb (may be NULL) gets the reply.  The memory
+ * table (Redis down) is updated at once; -1 if Redis is not connected
+ * (cb then never runs; the finish is replayed once Redis is back). */
 int storage_chat_finish(struct storage *, const char *conversation_id,
                         const char *chat_id, const char *status,
                         storage_redis_cb, void *arg);
@@ -361,6 +376,24 @@ void storage_chat_query(struct storage *, const struct msg *,
                         const struct chat_request *);
 /* Answer an undecodable CHAT_QUERY with 500. */
 void storage_chat_query_bad(struct storage *, const struct msg *);
+
+/* Register the Redis-down metrics and set up the memory table; -1 on
+ * ENOMEM (storage.c, at start). */
+int storage_chat_init(struct storage *);
+/* Redis is (back) up: write what the memory table holds to Redis, and
+ * the finishes of chats it did not know; entries leave memory once Redis
+ * confirmed them (storage_ctx_redis_up calls this). */
+void storage_chat_redis_up(struct storage *);
+
+/* storage_limit.c: inbound rate limits (GCRA, one Lua script). */
+/* Register the limit metrics (storage.c, at start). */
+void storage_limit_init(struct storage *);
+/* Answer a LIMIT_CHECK with LIMIT_REPLY (now or once Redis answered). */
+void storage_limit_check(struct storage *, const struct msg *,
+                         const struct limit_check *);
+/* Redis is (back) up: load the script (storage_ctx_redis_up calls
+ * this). */
+void storage_limit_redis_up(struct storage *);
 
 /* storage_keys.c: API keys (pat_...). */
 /* Answer a KEY_CHECK with KEY_REPLY. */
@@ -432,5 +465,18 @@ void storage_plugins_admin(struct storage *, const struct msg *,
 void storage_schema_setup(struct storage_pg *, void *arg);
 /* The newest schema version this build knows. */
 int storage_schema_latest(void);
+
+/* storage_health.c: HEALTH to the dispatcher, the tier it publishes
+ * (docs/tiers.md). */
+/* Start the periodic HEALTH report (after the metrics). */
+void storage_health_init(struct storage *);
+/* Send HEALTH now if PostgreSQL's writer or Redis changed state. */
+void storage_health_check(struct storage *);
+/* A batch committed in ns nanoseconds (for the commit p99). */
+void storage_health_commit(struct storage *, uint64_t ns);
+/* TIER_STATE from the dispatcher. */
+void storage_health_tier(struct storage *, const struct tier_state *);
+/* 1 while the tier is L1 or above: skip optional work (counted). */
+int storage_health_defer(const struct storage *);
 
 #endif

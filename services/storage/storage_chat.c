@@ -18,11 +18,32 @@
  * no row is the Redis hash read (a chat in progress, or one that ended
  * without being stored).  Objects are rendered with common/coze.h only.
  *
- * Callers: storage_ctx.c (lock), storage_commit.c (finish),
- * storage_dispatch.c (CHAT_QUERY).  Never blocks; a dependency that is
- * down gives 503/5030, never a guess.
+ * Redis down (not connected, or a lock EVAL lost or timed out): storage
+ * is the only Redis client, so its own memory is authoritative meanwhile.
+ * A table of chats (by chat_id, with the conversation lock each holds,
+ * indexed by conversation_id) takes the lock and the hash: the same
+ * answers (409/4016 busy, created_at kept on a duplicate run), finishes
+ * update it, CHAT_QUERY reads it.  A finish of a chat the table does not
+ * know (it started before the outage) is remembered and replayed.  When
+ * Redis is back, before any other command on the new connection, every
+ * entry is written to Redis (the lock with its remaining time, the hash)
+ * and leaves memory once Redis confirmed it; then the remembered finishes
+ * run.  What the switch cannot see: a lock taken in Redis before the
+ * outage is unknown to memory, so a chat started during the outage in a
+ * conversation whose chat was still running may run beside it (at most
+ * until that chat ends); after the switch back, memory's lock replaces
+ * Redis's.  A retrieve of a chat memory does not know while Redis is down
+ * is 503 (it may be in progress in Redis), not 404.  The table holds at
+ * most CHAT_MEM_MAX chats (finished ones are dropped first); full, a lock
+ * is 503.
  *
- * DIAGNOSTICS: statement and script errors warn.
+ * Callers: storage_ctx.c (lock, Redis up), storage_commit.c (finish),
+ * storage_dispatch.c (CHAT_QUERY), storage.c (init).  Never blocks; a
+ * dependency that is down gives 503/5030 or the memory answer, never a
+ * guess.
+ *
+ * DIAGNOSTICS: statement and script errors warn; the switch back logs one
+ * line with what memory held (storage_redis.c logs the switches).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -76,11 +97,435 @@ static const char finish_lua[] =
 static const char read_lua[] = "return {redis.call('HGETALL', KEYS[1]),"
                                " redis.call('GET', KEYS[2])}";
 
+/*
+ * The switch back: KEYS[1] lock, KEYS[2] chat hash; ARGV chat_id, lock ms
+ * ("0": memory holds no lock), status ("" deletes the hash),
+ * conversation_id, bot_id, user_id, created_at, hash ttl ms.
+ */
+static const char sync_lua[] =
+        "if ARGV[2] ~= '0' then "
+        " redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end "
+        "if ARGV[3] == '' then redis.call('DEL', KEYS[2]) else "
+        " redis.call('HSET', KEYS[2], 'status', ARGV[3],"
+        " 'conversation_id', ARGV[4], 'bot_id', ARGV[5],"
+        " 'user_id', ARGV[6], 'created_at', ARGV[7]) "
+        " redis.call('PEXPIRE', KEYS[2], ARGV[8]) end "
+        "return 1";
+
 static void
 chat_keys(char *lock, char *chat, const char *conv, const char *chat_id)
 {
 	snprintf(lock, CHAT_KEY_MAX, CHAT_LOCK_PREFIX "%s", conv);
 	snprintf(chat, CHAT_KEY_MAX, CHAT_KEY_PREFIX "%s", chat_id);
+}
+
+/* The memory table (Redis down). */
+
+#define CHAT_MEM_MAX 65536
+#define CHAT_MEM_BUCKETS 4096
+#define CHAT_FIN_MAX 65536
+#define CHAT_ID_MAX 40 /* ids: at most 32 digits (coze_id_ok) */
+
+struct mem_chat {
+	TAILQ_ENTRY(mem_chat) all; /* oldest first */
+	struct mem_chat *cnext;    /* by chat_id */
+	struct mem_chat *lnext;    /* by conversation, while locked */
+	int locked;
+	uint64_t lock_until, hash_until; /* monotonic ms */
+	uint64_t created_at;             /* unix s */
+	char chat_id[CHAT_ID_MAX], conv[CHAT_ID_MAX];
+	char status[16];
+	char *bot, *user;
+};
+
+struct mem_fin {
+	char conv[CHAT_ID_MAX], chat_id[CHAT_ID_MAX], status[16];
+};
+
+struct storage_chat_mem {
+	struct mem_chat *cb[CHAT_MEM_BUCKETS], *lb[CHAT_MEM_BUCKETS];
+	TAILQ_HEAD(, mem_chat) all;
+	size_t n;
+	struct mem_fin *fin; /* finishes of chats memory did not know */
+	size_t nfin, capfin;
+};
+
+static uint64_t
+mem_now(void)
+{
+	return (now_mono_ns() / 1000000);
+}
+
+static size_t
+mem_slot(const char *s)
+{
+	uint64_t h = 14695981039346656037ULL;
+
+	for (; *s != '\0'; s++) {
+		h ^= (unsigned char)*s;
+		h *= 1099511628211ULL;
+	}
+	return (h % CHAT_MEM_BUCKETS);
+}
+
+static void
+mem_gauge(struct storage *st)
+{
+	storage_gauge(st->m.mem_chats, (double)st->chat_mem->n);
+}
+
+static void
+mem_unlock(struct storage_chat_mem *cm, struct mem_chat *e)
+{
+	struct mem_chat **pp;
+
+	if (!e->locked)
+		return;
+	for (pp = &cm->lb[mem_slot(e->conv)]; *pp != NULL; pp = &(*pp)->lnext)
+		if (*pp == e) {
+			*pp = e->lnext;
+			break;
+		}
+	e->locked = 0;
+	e->lnext = NULL;
+}
+
+static void
+mem_remove(struct storage *st, struct mem_chat *e)
+{
+	struct storage_chat_mem *cm = st->chat_mem;
+	struct mem_chat **pp;
+
+	mem_unlock(cm, e);
+	for (pp = &cm->cb[mem_slot(e->chat_id)]; *pp != NULL;
+	     pp = &(*pp)->cnext)
+		if (*pp == e) {
+			*pp = e->cnext;
+			break;
+		}
+	TAILQ_REMOVE(&cm->all, e, all);
+	cm->n--;
+	free(e->bot);
+	free(e->user);
+	free(e);
+	mem_gauge(st);
+}
+
+/* Drop e's expired parts; whether it is still there. */
+static int
+mem_fresh(struct storage *st, struct mem_chat *e, uint64_t now)
+{
+	if (now >= e->hash_until) {
+		mem_remove(st, e);
+		return (0);
+	}
+	if (e->locked && now >= e->lock_until)
+		mem_unlock(st->chat_mem, e);
+	return (1);
+}
+
+static struct mem_chat *
+mem_find(struct storage *st, const char *chat_id)
+{
+	struct mem_chat *e;
+
+	for (e = st->chat_mem->cb[mem_slot(chat_id)]; e != NULL; e = e->cnext)
+		if (strcmp(e->chat_id, chat_id) == 0)
+			return (mem_fresh(st, e, mem_now()) ? e : NULL);
+	return (NULL);
+}
+
+/* The chat holding conv's lock in memory, or NULL. */
+static struct mem_chat *
+mem_holder(struct storage *st, const char *conv)
+{
+	struct mem_chat *e;
+
+	for (e = st->chat_mem->lb[mem_slot(conv)]; e != NULL; e = e->lnext)
+		if (strcmp(e->conv, conv) == 0) {
+			if (!mem_fresh(st, e, mem_now()) || !e->locked)
+				return (NULL);
+			return (e);
+		}
+	return (NULL);
+}
+
+/* Room for one more entry: expired ones go, then the oldest without a
+ * lock; 0, or -1 if every entry holds a lock. */
+static int
+mem_room(struct storage *st)
+{
+	struct storage_chat_mem *cm = st->chat_mem;
+	struct mem_chat *e, *next;
+	uint64_t now = mem_now();
+
+	if (cm->n < CHAT_MEM_MAX)
+		return (0);
+	for (e = TAILQ_FIRST(&cm->all); e != NULL; e = next) {
+		next = TAILQ_NEXT(e, all);
+		(void)mem_fresh(st, e, now);
+	}
+	for (e = TAILQ_FIRST(&cm->all); e != NULL && cm->n >= CHAT_MEM_MAX;
+	     e = next) {
+		next = TAILQ_NEXT(e, all);
+		if (!e->locked)
+			mem_remove(st, e);
+	}
+	return (cm->n < CHAT_MEM_MAX ? 0 : -1);
+}
+
+/* Take req's lock in memory; calls storage_ctx_locked(). */
+static void
+mem_lock(struct storage_ctx_req *req, uint64_t lock_ms)
+{
+	struct storage *st = req->st;
+	struct storage_chat_mem *cm = st->chat_mem;
+	struct mem_chat *e, *holder;
+	uint64_t now = mem_now();
+	char msg[128];
+	size_t b;
+
+	holder = mem_holder(st, req->conversation_id.p);
+	if (holder != NULL && strcmp(holder->chat_id, req->chat_id.p) != 0) {
+		snprintf(msg, sizeof(msg),
+		         "conversation busy: chat %.32s is running",
+		         holder->chat_id);
+		storage_count(st->m.lock_busy);
+		storage_ctx_locked(req, 409, 4016, msg);
+		return;
+	}
+	if ((e = mem_find(st, req->chat_id.p)) == NULL) {
+		if (mem_room(st) == -1 ||
+		    (e = calloc(1, sizeof(*e))) == NULL ||
+		    (e->bot = strdup(req->bot_id.p)) == NULL ||
+		    (e->user = strdup(req->user_id.p)) == NULL) {
+			if (e != NULL) {
+				free(e->bot);
+				free(e);
+			}
+			storage_count(st->m.mem_full);
+			storage_count(st->m.lock_unavailable);
+			storage_ctx_locked(req, 503, 5030,
+			                   "context store unavailable");
+			return;
+		}
+		snprintf(e->chat_id, sizeof(e->chat_id), "%s", req->chat_id.p);
+		snprintf(e->conv, sizeof(e->conv), "%s",
+		         req->conversation_id.p);
+		snprintf(e->status, sizeof(e->status), "in_progress");
+		e->created_at = now_wall_ms() / 1000;
+		b = mem_slot(e->chat_id);
+		e->cnext = cm->cb[b];
+		cm->cb[b] = e;
+		TAILQ_INSERT_TAIL(&cm->all, e, all);
+		cm->n++;
+		mem_gauge(st);
+	}
+	e->hash_until = now + lock_ms + CHAT_HASH_EXTRA_MS;
+	if (holder == NULL) {
+		e->locked = 1;
+		e->lock_until = now + lock_ms;
+		b = mem_slot(e->conv);
+		e->lnext = cm->lb[b];
+		cm->lb[b] = e;
+	}
+	storage_count(st->m.mem_lock);
+	storage_count(st->m.lock_taken);
+	req->locked = 1;
+	req->created_at = e->created_at;
+	storage_ctx_locked(req, 200, 0, "");
+}
+
+/* A finish in memory; 1 if memory knew the chat. */
+static int
+mem_finish(struct storage *st, const char *conv, const char *chat_id,
+           const char *status)
+{
+	struct mem_chat *e = mem_find(st, chat_id);
+
+	if (e == NULL)
+		return (0);
+	if (status[0] == '\0') {
+		mem_remove(st, e);
+		return (1);
+	}
+	snprintf(e->status, sizeof(e->status), "%s", status);
+	e->hash_until = mem_now() + CHAT_HASH_EXTRA_MS;
+	if (e->locked && strcmp(e->conv, conv) == 0)
+		mem_unlock(st->chat_mem, e);
+	return (1);
+}
+
+/* Remember the finish of a chat memory does not know, for Redis. */
+static void
+mem_fin_add(struct storage *st, const char *conv, const char *chat_id,
+            const char *status)
+{
+	struct storage_chat_mem *cm = st->chat_mem;
+	struct mem_fin *f;
+	size_t c;
+
+	if (cm->nfin == cm->capfin) {
+		c = cm->capfin ? cm->capfin * 2 : 64;
+		if (c > CHAT_FIN_MAX ||
+		    (f = realloc(cm->fin, c * sizeof(*f))) == NULL) {
+			storage_count(st->m.mem_full);
+			return; /* its lock expires by itself */
+		}
+		cm->fin = f;
+		cm->capfin = c;
+	}
+	f = &cm->fin[cm->nfin++];
+	snprintf(f->conv, sizeof(f->conv), "%s", conv);
+	snprintf(f->chat_id, sizeof(f->chat_id), "%s", chat_id);
+	snprintf(f->status, sizeof(f->status), "%s", status);
+}
+
+int
+storage_chat_init(struct storage *st)
+{
+	struct metrics *mx = st->svc.metrics;
+	struct storage_metrics *m = &st->m;
+	static const char ff[] = "troupe_storage_redis_fallback_total";
+	static const char fh[] = "Requests served without Redis (ctx: "
+	                         "context from PostgreSQL; lock: v3 lock "
+	                         "in memory; nonce: refused 503; full: "
+	                         "memory table full, 503)";
+	static const char sf[] = "troupe_storage_memory_synced_total";
+	static const char sh[] = "v3 chats written from memory to Redis "
+	                         "after an outage, by outcome";
+	char l[160];
+
+#define LBL(k, v)                                                             \
+	(snprintf(l, sizeof(l), "service=\"%s\"," k "=\"%s\"", st->svc.name,  \
+	          v),                                                         \
+	 l)
+	m->ctx_fallback = metrics_counter(mx, ff, fh, LBL("kind", "ctx"));
+	m->mem_lock = metrics_counter(mx, ff, fh, LBL("kind", "lock"));
+	m->nonce_unavailable =
+	        metrics_counter(mx, ff, fh, LBL("kind", "nonce"));
+	m->mem_full = metrics_counter(mx, ff, fh, LBL("kind", "full"));
+	m->mem_synced = metrics_counter(mx, sf, sh, LBL("result", "ok"));
+	m->mem_sync_failed =
+	        metrics_counter(mx, sf, sh, LBL("result", "failed"));
+#undef LBL
+	snprintf(l, sizeof(l), "service=\"%s\"", st->svc.name);
+	m->mem_chats = metrics_gauge(
+	        mx, "troupe_storage_memory_chats",
+	        "v3 chats (locks, hashes) held in memory while Redis is or "
+	        "was down",
+	        l);
+	if ((st->chat_mem = calloc(1, sizeof(*st->chat_mem))) == NULL)
+		return (-1);
+	TAILQ_INIT(&st->chat_mem->all);
+	return (0);
+}
+
+struct mem_sync {
+	struct storage *st;
+	char chat_id[CHAT_ID_MAX];
+};
+
+static void
+mem_sync_done(void *arg, const redisReply *reply)
+{
+	struct mem_sync *ms = arg;
+	struct storage *st = ms->st;
+	struct mem_chat *e;
+
+	if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+		storage_count(st->m.mem_sync_failed);
+		if (reply != NULL && reply->type == REDIS_REPLY_ERROR)
+			log_warnx("redis: chat %s from memory: %s",
+			          ms->chat_id, reply->str);
+		free(ms);
+		return;
+	}
+	storage_count(st->m.mem_synced);
+	/* Redis has it now.  A change since (a finish while Redis was up)
+	 * went to Redis after this, on the same connection, so Redis has
+	 * that too: memory may forget the chat either way. */
+	if ((e = mem_find(st, ms->chat_id)) != NULL)
+		mem_remove(st, e);
+	free(ms);
+}
+
+void
+storage_chat_redis_up(struct storage *st)
+{
+	struct storage_chat_mem *cm = st->chat_mem;
+	struct mem_chat *e, *next;
+	struct mem_sync *ms;
+	struct mem_fin *fin;
+	char lock[CHAT_KEY_MAX], chat[CHAT_KEY_MAX], lms[24], created[24],
+	        ttl[24];
+	const char *argv[13];
+	size_t argl[13], i, nfin = cm->nfin, sent = 0;
+	uint64_t now = mem_now();
+	int k;
+
+	if (cm->n == 0 && cm->nfin == 0)
+		return;
+	for (e = TAILQ_FIRST(&cm->all); e != NULL; e = next) {
+		next = TAILQ_NEXT(e, all);
+		if (!mem_fresh(st, e, now))
+			continue;
+		if ((ms = malloc(sizeof(*ms))) == NULL)
+			break;
+		ms->st = st;
+		memcpy(ms->chat_id, e->chat_id, sizeof(ms->chat_id));
+		chat_keys(lock, chat, e->conv, e->chat_id);
+		snprintf(lms, sizeof(lms), "%llu",
+		         (unsigned long long)(e->locked ? e->lock_until - now
+		                                        : 0));
+		snprintf(created, sizeof(created), "%llu",
+		         (unsigned long long)e->created_at);
+		snprintf(ttl, sizeof(ttl), "%llu",
+		         (unsigned long long)(e->hash_until - now));
+		argv[0] = "EVAL";
+		argv[1] = sync_lua;
+		argv[2] = "2";
+		argv[3] = lock;
+		argv[4] = chat;
+		argv[5] = e->chat_id;
+		argv[6] = lms;
+		argv[7] = e->status;
+		argv[8] = e->conv;
+		argv[9] = e->bot;
+		argv[10] = e->user;
+		argv[11] = created;
+		argv[12] = ttl;
+		for (k = 0; k < 13; k++)
+			argl[k] = strlen(argv[k]);
+		if (storage_redis_cmd(st->redis, mem_sync_done, ms, 13, argv,
+		                      argl) == -1) {
+			free(ms);
+			break;
+		}
+		sent++;
+	}
+	log_info("redis: back: writing %zu v3 chats and %zu finishes kept "
+	         "in memory while it was down",
+	         sent, nfin);
+	fin = cm->fin;
+	cm->fin = NULL;
+	cm->nfin = cm->capfin = 0;
+	for (i = 0; i < nfin; i++)
+		(void)storage_chat_finish(st, fin[i].conv, fin[i].chat_id,
+		                          fin[i].status, NULL, NULL);
+	free(fin);
+}
+
+static uint64_t
+chat_lock_ms(const struct storage_ctx_req *req)
+{
+	uint64_t lock_ms = req->lock_ms;
+
+	if (lock_ms == 0)
+		lock_ms = CHAT_LOCK_DEFAULT_MS;
+	if (lock_ms > CHAT_LOCK_MAX_MS)
+		lock_ms = CHAT_LOCK_MAX_MS;
+	return (lock_ms);
 }
 
 static void
@@ -91,10 +536,9 @@ chat_lock_done(void *arg, const redisReply *reply)
 	char msg[128];
 
 	if (reply == NULL) {
+		/* Lost or timed out: memory is authoritative now. */
 		storage_count(req->st->m.err_redis);
-		storage_count(req->st->m.lock_unavailable);
-		storage_ctx_locked(req, 503, 5030,
-		                   "context store unavailable");
+		mem_lock(req, chat_lock_ms(req));
 		return;
 	}
 	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
@@ -131,13 +575,13 @@ storage_chat_lock(struct storage_ctx_req *req)
 	char lock[CHAT_KEY_MAX], chat[CHAT_KEY_MAX], ms[24], now[24], ttl[24];
 	const char *argv[12];
 	size_t argl[12];
-	uint64_t lock_ms = req->lock_ms;
+	uint64_t lock_ms = chat_lock_ms(req);
 	int i;
 
-	if (lock_ms == 0)
-		lock_ms = CHAT_LOCK_DEFAULT_MS;
-	if (lock_ms > CHAT_LOCK_MAX_MS)
-		lock_ms = CHAT_LOCK_MAX_MS;
+	if (!storage_redis_up(st->redis)) {
+		mem_lock(req, lock_ms);
+		return;
+	}
 	chat_keys(lock, chat, req->conversation_id.p, req->chat_id.p);
 	snprintf(ms, sizeof(ms), "%llu", (unsigned long long)lock_ms);
 	snprintf(now, sizeof(now), "%llu",
@@ -159,11 +603,8 @@ storage_chat_lock(struct storage_ctx_req *req)
 	for (i = 0; i < 12; i++)
 		argl[i] = strlen(argv[i]);
 	if (storage_redis_cmd(st->redis, chat_lock_done, req, 12, argv,
-	                      argl) == -1) {
-		storage_count(req->st->m.lock_unavailable);
-		storage_ctx_locked(req, 503, 5030,
-		                   "context store unavailable");
-	}
+	                      argl) == -1)
+		mem_lock(req, lock_ms);
 }
 
 int
@@ -173,8 +614,16 @@ storage_chat_finish(struct storage *st, const char *conv, const char *chat_id,
 	char lock[CHAT_KEY_MAX], chat[CHAT_KEY_MAX], ttl[24];
 	const char *argv[8];
 	size_t argl[8];
-	int i;
+	int i, known;
 
+	/* Memory first (it may hold the chat while Redis is or was
+	 * down), then Redis. */
+	known = mem_finish(st, conv, chat_id, status);
+	if (!storage_redis_up(st->redis)) {
+		if (!known)
+			mem_fin_add(st, conv, chat_id, status);
+		return (-1);
+	}
 	chat_keys(lock, chat, conv, chat_id);
 	snprintf(ttl, sizeof(ttl), "%d", CHAT_HASH_EXTRA_MS);
 	argv[0] = "EVAL";
@@ -315,17 +764,12 @@ q_chat(struct storage_chat_q *q, const struct coze_chat *c)
 	buf_free(&b);
 }
 
+/* The cancel of q is recorded: answer the canceled chat. */
 static void
-q_cancel_done(void *arg, const redisReply *reply)
+q_canceled(struct storage_chat_q *q)
 {
-	struct storage_chat_q *q = arg;
 	struct coze_chat c;
 
-	if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
-		storage_count(q->st->m.err_redis);
-		q_reply(q, 503, 5030, "context store unavailable", MSTR_NULL);
-		return;
-	}
 	memset(&c, 0, sizeof(c));
 	c.id = MSTR(q->chat_id);
 	c.conversation_id = MSTR(q->conv);
@@ -336,43 +780,28 @@ q_cancel_done(void *arg, const redisReply *reply)
 	q_chat(q, &c);
 }
 
-/* The chat's Redis hash and its conversation's lock (PostgreSQL has no
- * row). */
 static void
-q_hash_done(void *arg, const redisReply *reply)
+q_cancel_done(void *arg, const redisReply *reply)
 {
 	struct storage_chat_q *q = arg;
-	struct coze_chat c;
-	const redisReply *hash, *lock;
-	const char *status = NULL, *conv = NULL, *bot = "";
-	size_t i, nconv = 0;
-	uint64_t created = 0;
-	int lost;
 
-	if (reply == NULL || reply->type != REDIS_REPLY_ARRAY ||
-	    reply->elements != 2 ||
-	    (hash = reply->element[0])->type != REDIS_REPLY_ARRAY) {
+	if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
 		storage_count(q->st->m.err_redis);
 		q_reply(q, 503, 5030, "context store unavailable", MSTR_NULL);
 		return;
 	}
-	lock = reply->element[1];
-	for (i = 0; i + 1 < hash->elements; i += 2) {
-		const redisReply *k = hash->element[i],
-		                 *v = hash->element[i + 1];
-		if (k->type != REDIS_REPLY_STRING ||
-		    v->type != REDIS_REPLY_STRING)
-			continue;
-		if (strcmp(k->str, "status") == 0)
-			status = v->str;
-		else if (strcmp(k->str, "conversation_id") == 0) {
-			conv = v->str;
-			nconv = v->len;
-		} else if (strcmp(k->str, "bot_id") == 0)
-			bot = v->str;
-		else if (strcmp(k->str, "created_at") == 0)
-			created = strtoull(v->str, NULL, 10);
-	}
+	q_canceled(q);
+}
+
+/* Answer q from its chat's hash (status, conversation, bot, created_at)
+ * and whether the conversation's lock is held by this chat. */
+static void
+q_hash_answer(struct storage_chat_q *q, const char *status, const char *conv,
+              size_t nconv, const char *bot, uint64_t created, int lock_ours)
+{
+	struct coze_chat c;
+	int lost;
+
 	if (status == NULL || conv == NULL || nconv != strlen(q->conv) ||
 	    memcmp(conv, q->conv, nconv) != 0) {
 		q_not_found(q);
@@ -381,9 +810,7 @@ q_hash_done(void *arg, const redisReply *reply)
 	/* In progress, but its lock is gone (it lasts until the run's
 	 * deadline + 5 s) and PostgreSQL has no row: the run was lost (its
 	 * worker died).  Say failed, so that pollers stop. */
-	lost = strcmp(status, "in_progress") == 0 &&
-	       (lock->type != REDIS_REPLY_STRING ||
-	        strcmp(lock->str, q->chat_id) != 0);
+	lost = strcmp(status, "in_progress") == 0 && !lock_ours;
 	if (lost)
 		status = "failed";
 	switch (q->op) {
@@ -406,8 +833,13 @@ q_hash_done(void *arg, const redisReply *reply)
 		q->created_at = created;
 		if (storage_chat_finish(q->st, q->conv, q->chat_id, "canceled",
 		                        q_cancel_done, q) == -1) {
-			q_reply(q, 503, 5030, "context store unavailable",
-			        MSTR_NULL);
+			/* Redis down: memory has recorded it. */
+			if (!storage_redis_up(q->st->redis))
+				q_canceled(q);
+			else
+				q_reply(q, 503, 5030,
+				        "context store unavailable",
+				        MSTR_NULL);
 		}
 		return;
 	case Q_RETRIEVE:
@@ -429,6 +861,69 @@ q_hash_done(void *arg, const redisReply *reply)
 	q_chat(q, &c);
 }
 
+static void q_ask_memory(struct storage_chat_q *);
+
+/* The chat's Redis hash and its conversation's lock (PostgreSQL has no
+ * row). */
+static void
+q_hash_done(void *arg, const redisReply *reply)
+{
+	struct storage_chat_q *q = arg;
+	const redisReply *hash, *lock;
+	const char *status = NULL, *conv = NULL, *bot = "";
+	size_t i, nconv = 0;
+	uint64_t created = 0;
+
+	if (reply == NULL) {
+		storage_count(q->st->m.err_redis);
+		q_ask_memory(q);
+		return;
+	}
+	if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
+	    (hash = reply->element[0])->type != REDIS_REPLY_ARRAY) {
+		storage_count(q->st->m.err_redis);
+		q_reply(q, 503, 5030, "context store unavailable", MSTR_NULL);
+		return;
+	}
+	lock = reply->element[1];
+	for (i = 0; i + 1 < hash->elements; i += 2) {
+		const redisReply *k = hash->element[i],
+		                 *v = hash->element[i + 1];
+		if (k->type != REDIS_REPLY_STRING ||
+		    v->type != REDIS_REPLY_STRING)
+			continue;
+		if (strcmp(k->str, "status") == 0)
+			status = v->str;
+		else if (strcmp(k->str, "conversation_id") == 0) {
+			conv = v->str;
+			nconv = v->len;
+		} else if (strcmp(k->str, "bot_id") == 0)
+			bot = v->str;
+		else if (strcmp(k->str, "created_at") == 0)
+			created = strtoull(v->str, NULL, 10);
+	}
+	q_hash_answer(q, status, conv, nconv, bot, created,
+	              lock->type == REDIS_REPLY_STRING &&
+	                      strcmp(lock->str, q->chat_id) == 0);
+}
+
+/* Redis down: the memory table answers; a chat it does not know may be
+ * in progress in Redis, so that is 503, not 404. */
+static void
+q_ask_memory(struct storage_chat_q *q)
+{
+	struct mem_chat *e = mem_find(q->st, q->chat_id);
+	struct mem_chat *h;
+
+	if (e == NULL) {
+		q_reply(q, 503, 5030, "context store unavailable", MSTR_NULL);
+		return;
+	}
+	h = mem_holder(q->st, e->conv);
+	q_hash_answer(q, e->status, e->conv, strlen(e->conv), e->bot,
+	              e->created_at, h == e);
+}
+
 static void
 q_ask_redis(struct storage_chat_q *q)
 {
@@ -445,9 +940,10 @@ q_ask_redis(struct storage_chat_q *q)
 	argv[4] = lock;
 	for (i = 0; i < 5; i++)
 		argl[i] = strlen(argv[i]);
-	if (storage_redis_cmd(q->st->redis, q_hash_done, q, 5, argv, argl) ==
-	    -1)
-		q_reply(q, 503, 5030, "context store unavailable", MSTR_NULL);
+	if (!storage_redis_up(q->st->redis) ||
+	    storage_redis_cmd(q->st->redis, q_hash_done, q, 5, argv, argl) ==
+	            -1)
+		q_ask_memory(q);
 }
 
 /* Fill the error of c from a stored last_error ({code, msg}); the
@@ -687,8 +1183,8 @@ storage_chat_query(struct storage *st, const struct msg *m,
 		goto out;
 	}
 	if (st->svc.stopping) {
-		q_send(st, to, &h, 503, MSG_CODE_STOPPING, "storage stopping", MSTR_NULL,
-		       1);
+		q_send(st, to, &h, 503, MSG_CODE_STOPPING, "storage stopping",
+		       MSTR_NULL, 1);
 		goto out;
 	}
 	sz = sizeof(*q) + storage_head_size(m) + b->chat_id.n + 1 +

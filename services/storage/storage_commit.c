@@ -30,12 +30,12 @@
  * 503/5030 "storage unavailable", Retry-After 1, for every row of the
  * batch.  A batch refused for its data (not a transient SQLSTATE) is
  * retried one row per statement, so one bad row cannot fail its
- * neighbours; that row gets 500/5000.  Rows are checked on arrival (valid UTF-8 without NUL,
- * token counts that fit an int) and refused with 400/4000 so they never
- * reach a batch.  A row whose deadline passed while queued is not written
- * and gets 504/5040: the edge has answered the client with an error, so
- * the turn must not appear in the history either.  A Redis failure after
- * COMMIT does not fail the chat: the key is deleted (now, or when Redis
+ * neighbours; that row gets 500/5000.  Rows are checked on arrival (valid
+ * UTF-8 without NUL, token counts that fit an int) and refused with 400/4000
+ * so they never reach a batch.  A row whose deadline passed while queued is
+ * not written and gets 504/5040: the edge has answered the client with an
+ * error, so the turn must not appear in the history either.  A Redis failure
+ * after COMMIT does not fail the chat: the key is deleted (now, or when Redis
  * is back) so the next read rebuilds it from PostgreSQL.  It must never
  * acknowledge a row that is neither committed nor synced to the spool.
  *
@@ -52,6 +52,7 @@
 
 #include "coze.h"
 #include "storage.h"
+#include "trace.h"
 
 #define COMMIT_ID_MAX 256
 
@@ -114,6 +115,7 @@ struct storage_row {
 	uint64_t spooled_at; /* unix s, when it was spooled */
 	int inserted;        /* new row (not a resend of a stored one) */
 	int redis_failed;    /* the context update failed */
+	uint64_t trace_ns;   /* unix ns: CHAT_PERSIST taken (its span) */
 	char *key;           /* context key, once committed */
 	size_t keylen;
 	char blob[];
@@ -167,6 +169,19 @@ row_reply(struct storage *st, struct storage_row *r, uint64_t status,
 		        r->head.reqid, r->head.traceparent, r->bot_id,
 		        "chat %s not stored: %llu %s", r->chat_id.p,
 		        (unsigned long long)status, msg);
+	if (trace_enabled && r->trace_ns != 0) {
+		struct trace_span ts = {.name = "storage.commit",
+		                        .kind = TRACE_INTERNAL,
+		                        .start_ns = r->trace_ns,
+		                        .http_status = (int)status,
+		                        .error = status >= 500,
+		                        .bot_id = r->bot_id};
+		char ctp[TRACE_TP_LEN];
+
+		if (trace_child(r->head.traceparent, ts.name, 0, ctp) == 0)
+			trace_end((struct mstr){ctp, TRACE_TP_LEN},
+			          r->head.traceparent, &ts);
+	}
 	if (r->reply_to[0] == '\0' || r->reply_kind == 2)
 		return;
 	if (status == 200 && r->reply_kind == 1) {
@@ -191,7 +206,7 @@ reply_now(struct storage *st, const struct msg *m, uint64_t status,
           int64_t code, const char *msg, uint64_t retry_after)
 {
 	struct msg_head h = msg_head_reply(m, NULL);
-	struct chat_reply cr;
+	struct chat_reply cr = {0};
 	char *to;
 
 	if (m->reply_to.n == 0 || (to = mstr_dup(m->reply_to)) == NULL)
@@ -378,7 +393,8 @@ storage_commit_persist(struct storage *st, const struct msg *m,
 	}
 	if (st->svc.stopping) {
 		storage_count(st->m.rows_refused);
-		persist_refuse(st, m, b, 503, MSG_CODE_STOPPING, "storage stopping", 1);
+		persist_refuse(st, m, b, 503, MSG_CODE_STOPPING,
+		               "storage stopping", 1);
 		goto out;
 	}
 	/* With a spool (L2) a writer that is down is no refusal. */
@@ -402,6 +418,7 @@ storage_commit_persist(struct storage *st, const struct msg *m,
 		goto out;
 	}
 	p = storage_head_copy(m, &r->head, &r->reply_to, r->blob, 0);
+	r->trace_ns = trace_in_ns;
 	p = copy_field(p, &r->chat_id, b->chat_id);
 	p = copy_field(p, &r->conversation_id, b->conversation_id);
 	p = copy_field(p, &r->bot_id, b->bot_id);
@@ -1372,6 +1389,7 @@ batch_done(void *arg, const PGresult *res)
 	if (st->m.commit_seconds != NULL)
 		histo_observe(st->m.commit_seconds,
 		              (double)(now_mono_ns() - bt->t0_ns) / 1e9);
+	storage_health_commit(st, now_mono_ns() - bt->t0_ns);
 	log_debug("batch of %zu rows committed in %.2f ms", bt->n,
 	          (double)(now_mono_ns() - bt->t0_ns) / 1e6);
 	storage_count(st->m.batches);

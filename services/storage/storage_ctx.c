@@ -30,10 +30,18 @@
  * troupe:nonce:<bot_id>:<nonce> with SET NX EX 600 once the bot is known;
  * a nonce already there is a replay: 409/4017 "nonce already used".
  *
- * Failures: unknown bot 404/4006; Redis needed and down or failing
- * 503/5030 "context store unavailable"; PostgreSQL needed and down
- * 503/5030 "storage unavailable".  It must never answer a context it
- * could not read in full.
+ * Redis down (not connected, or the LRANGE failed or timed out): the
+ * context is read from PostgreSQL exactly as on a miss, and not written
+ * back (PostgreSQL holds every committed turn, so the answer is the same
+ * as Redis would give).  Turns committed meanwhile queue their key's
+ * deletion (storage_ctx_forget), sent first once Redis is back, so the
+ * cache never serves a context older than PostgreSQL.  Webhook nonces
+ * have no such fallback: they fail closed, 503/5030 "replay check
+ * unavailable" (a nonce must never be accepted twice).
+ *
+ * Failures: unknown bot 404/4006; a nonce while Redis is down 503/5030;
+ * PostgreSQL needed and down 503/5030 "storage unavailable".  It must
+ * never answer a context it could not read in full.
  *
  * DIAGNOSTICS: PostgreSQL statement errors warn; lost invalidations warn.
  */
@@ -43,6 +51,7 @@
 
 #include "coze.h"
 #include "storage.h"
+#include "trace.h"
 
 #define CTX_CONV_MAX 1024
 #define CTX_FORGET_MAX 65536
@@ -128,6 +137,20 @@ ctx_reply(struct storage_ctx_req *req, uint64_t status, int64_t code,
 	if (st->m.ctx_seconds != NULL)
 		histo_observe(st->m.ctx_seconds,
 		              (double)(now_mono_ns() - req->t0_ns) / 1e9);
+	if (trace_enabled) {
+		struct trace_span ts = {.name = "storage.ctx",
+		                        .kind = TRACE_INTERNAL,
+		                        .start_ns =
+		                                trace_wall_of_mono(req->t0_ns),
+		                        .http_status = (int)status,
+		                        .error = status >= 500,
+		                        .bot_id = req->bot_id};
+		char ctp[TRACE_TP_LEN];
+
+		if (trace_child(req->head.traceparent, ts.name, 0, ctp) == 0)
+			trace_end((struct mstr){ctp, TRACE_TP_LEN},
+			          req->head.traceparent, &ts);
+	}
 	if (req->reply_to[0] != '\0' &&
 	    msg_send_ctx_reply(st->svc.ipc, req->reply_to, &req->head, &r) ==
 	            -1) {
@@ -263,7 +286,8 @@ storage_ctx_get(struct storage *st, const struct msg *m,
 	buf_free(&key);
 	st->nctx++;
 	if (st->svc.stopping) {
-		ctx_reply(req, 503, MSG_CODE_STOPPING, "storage stopping", NULL, 0);
+		ctx_reply(req, 503, MSG_CODE_STOPPING, "storage stopping",
+		          NULL, 0);
 		return;
 	}
 	storage_bots_get(st, req);
@@ -276,6 +300,7 @@ oom:
 static void ctx_lrange_done(void *, const redisReply *);
 static void ctx_rebuild_done(void *, const PGresult *);
 static void ctx_read(struct storage_ctx_req *);
+static void ctx_rebuild(struct storage_ctx_req *);
 
 /* SET NX answered: OK, the nonce is new; nil, it was seen. */
 static void
@@ -286,7 +311,8 @@ ctx_nonce_done(void *arg, const redisReply *reply)
 
 	if (reply == NULL || reply->type == REDIS_REPLY_ERROR) {
 		storage_count(st->m.err_redis);
-		ctx_unavailable(req, "context store unavailable");
+		storage_count(st->m.nonce_unavailable);
+		ctx_unavailable(req, "replay check unavailable");
 		return;
 	}
 	if (reply->type == REDIS_REPLY_NIL) {
@@ -329,8 +355,10 @@ ctx_nonce(struct storage_ctx_req *req)
 		argl[i] = strlen(argv[i]);
 	argl[1] = key.len - 1;
 	if (storage_redis_cmd(st->redis, ctx_nonce_done, req, 6, argv, argl) ==
-	    -1)
-		ctx_unavailable(req, "context store unavailable");
+	    -1) {
+		storage_count(st->m.nonce_unavailable);
+		ctx_unavailable(req, "replay check unavailable");
+	}
 	buf_free(&key);
 }
 
@@ -402,9 +430,12 @@ ctx_read(struct storage_ctx_req *req)
 	argl[1] = req->keylen;
 	argl[2] = strlen(lo);
 	argl[3] = 2;
-	if (storage_redis_cmd(st->redis, ctx_lrange_done, req, 4, argv,
-	                      argl) == -1)
-		ctx_unavailable(req, "context store unavailable");
+	if (!storage_redis_up(st->redis) ||
+	    storage_redis_cmd(st->redis, ctx_lrange_done, req, 4, argv,
+	                      argl) == -1) {
+		storage_count(st->m.ctx_fallback);
+		ctx_rebuild(req);
+	}
 }
 
 static void
@@ -414,7 +445,6 @@ ctx_rebuild(struct storage_ctx_req *req)
 	const char *values[3];
 	char n[24];
 
-	storage_count(st->m.ctx_miss);
 	snprintf(n, sizeof(n), "%llu",
 	         (unsigned long long)req->bot->context_turns);
 	values[0] = req->bot_id.p; /* NUL-terminated in the blob */
@@ -436,12 +466,15 @@ ctx_lrange_done(void *arg, const redisReply *reply)
 	size_t i;
 
 	if (reply == NULL) {
+		/* Lost or timed out: PostgreSQL has every turn. */
 		storage_count(st->m.err_redis);
-		ctx_unavailable(req, "context store unavailable");
+		storage_count(st->m.ctx_fallback);
+		ctx_rebuild(req);
 		return;
 	}
 	if (reply->type != REDIS_REPLY_ARRAY || reply->elements == 0) {
 		/* No key (or not a list: the write-back replaces it). */
+		storage_count(st->m.ctx_miss);
 		ctx_rebuild(req);
 		return;
 	}
@@ -481,6 +514,8 @@ ctx_writeback(struct storage_ctx_req *req, struct buf *msgs, const size_t *off,
 
 	if (!storage_redis_up(st->redis))
 		return;
+	if (storage_health_defer(st))
+		return; /* tier L1+: the next read rebuilds (docs/tiers.md) */
 	if (st->epoch_slot[ctx_hash(req->bot_id, req->conversation_id) %
 	                   STORAGE_EPOCH_SLOTS] > req->epoch)
 		return; /* a commit overtook this read: let the next rebuild */
@@ -654,8 +689,9 @@ storage_ctx_forget(struct storage *st, const char *key, size_t n)
 	}
 }
 
-void
-storage_ctx_redis_up(struct storage *st)
+/* Send the deletions that waited for Redis. */
+static void
+ctx_forget_flush(struct storage *st)
 {
 	char **v = st->forget;
 	size_t i, n = st->nforget;
@@ -673,4 +709,15 @@ storage_ctx_redis_up(struct storage *st)
 		free(v[i]);
 	}
 	free(v);
+}
+
+void
+storage_ctx_redis_up(struct storage *st)
+{
+	/* First the deletions, then what the v3 chats did in memory, then
+	 * the limit script: all before any other command on the new
+	 * connection. */
+	ctx_forget_flush(st);
+	storage_chat_redis_up(st);
+	storage_limit_redis_up(st);
 }

@@ -6,7 +6,7 @@
  * storage_chat.c, storage_keys.c and storage_plugins.c.  Peers: workers
  * (CTX_GET, CHAT_PERSIST), troupectl (ADMIN_REQUEST; key.* ops go to
  * storage_keys.c, plugin.* ops to storage_plugins.c), auth (CHAT_QUERY,
- * KEY_CHECK), the dispatcher (CHAT_QUERY).
+ * KEY_CHECK, LIMIT_CHECK: storage_limit.c), the dispatcher (CHAT_QUERY).
  * Callers: storage.c's peer table, on the loop thread.  An undecodable
  * body is answered with an error where the message says where to, and
  * reported as DISPATCH_BAD; a type this peer may not send here is
@@ -86,6 +86,7 @@ int
 storage_dispatch_auth(struct storage *st, const struct msg *m)
 {
 	struct key_check kc;
+	struct limit_check lc;
 
 	switch (m->type) {
 	case MSG_CHAT_QUERY:
@@ -94,6 +95,11 @@ storage_dispatch_auth(struct storage *st, const struct msg *m)
 		if (key_check_unpack(m, &kc) == -1)
 			return (DISPATCH_BAD);
 		storage_keys_check(st, m, &kc);
+		break;
+	case MSG_LIMIT_CHECK:
+		if (limit_check_unpack(m, &lc) == -1)
+			return (DISPATCH_BAD);
+		storage_limit_check(st, m, &lc);
 		break;
 	default:
 		return (DISPATCH_UNHANDLED);
@@ -104,9 +110,16 @@ storage_dispatch_auth(struct storage *st, const struct msg *m)
 int
 storage_dispatch_dispatcher(struct storage *st, const struct msg *m)
 {
+	struct tier_state ts;
+
 	switch (m->type) {
 	case MSG_CHAT_QUERY:
 		return (dispatch_query(st, m));
+	case MSG_TIER_STATE:
+		if (tier_state_unpack(m, &ts) == -1)
+			return (DISPATCH_BAD);
+		storage_health_tier(st, &ts);
+		return (DISPATCH_OK);
 	default:
 		return (DISPATCH_UNHANDLED);
 	}

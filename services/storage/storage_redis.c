@@ -26,8 +26,9 @@
  * It must never block the loop and never call redisAsyncFree from inside
  * a hiredis callback.
  *
- * DIAGNOSTICS: losing the connection warns (once per outage, then every
- * 30 s); timeouts warn.
+ * DIAGNOSTICS: losing the connection warns (once per outage, saying what
+ * storage does without Redis, then every 30 s); connecting again is one
+ * info line; timeouts warn.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -100,8 +101,15 @@ rds_lost(struct storage_redis *r, const char *why)
 		return;
 	if (!loop_timer_armed(r->retry)) {
 		rds_desc(r, d, sizeof(d));
-		if (was_up || !r->outage ||
-		    now - r->last_log >= RDS_LOG_EVERY_MS) {
+		if (was_up) {
+			/* The switch: one line (storage_chat.c, .ctx.c). */
+			log_warnx("redis %s: %s; retrying in %lld ms; until "
+			          "it is back: contexts from PostgreSQL, v3 "
+			          "locks in memory, webhook nonces refused",
+			          d, why, (long long)r->backoff_ms);
+			r->last_log = now;
+		} else if (!r->outage ||
+		           now - r->last_log >= RDS_LOG_EVERY_MS) {
 			log_warnx("redis %s: %s; retrying in %lld ms", d, why,
 			          (long long)r->backoff_ms);
 			r->last_log = now;

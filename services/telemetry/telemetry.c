@@ -33,6 +33,8 @@
 #include "proto.h"
 #include "svc.h"
 #include "telemetry.h"
+#include "telemetry_otlp.h"
+#include "telemetry_sla.h"
 
 #define TELEMETRY_SWEEP_MS 1000
 
@@ -155,7 +157,8 @@ telemetry_on_reload(struct svc *svc, void *arg)
 
 	(void)svc;
 	(void)arg;
-	if (telemetry_conf_load(&c, err, sizeof(err)) == -1) {
+	if (telemetry_conf_load(&c, err, sizeof(err)) == -1 ||
+	    telemetry_sla_conf(err, sizeof(err)) == -1) {
 		log_warnx("%s: %s", __func__, err);
 		return (-1);
 	}
@@ -184,6 +187,7 @@ telemetry_sweep(struct loop *l, void *arg)
 	(void)l;
 	telemetry_store_sweep(&t->store, now_mono_ms());
 	telemetry_ebpf_tick(t);
+	telemetry_sla_tick(t);
 	for (i = 0; i < t->store.npeers; i++)
 		up += t->store.peers[i].text != NULL;
 	svc_status(t->svc,
@@ -281,7 +285,10 @@ static const struct svc_def telemetry_def = {
                 "(/sys/fs/bpf/troupe)\n"
                 "  ebpf_cgroup_root  cgroup dir of the troupe-*.service "
                 "units (auto)\n"
-                "  heatmap_window_s  seconds of heatmap kept (600)\n",
+                "  heatmap_window_s  seconds of heatmap kept (600)\n"
+                "  sla_window_ms     SLA window of the run-queue p99 "
+                "(5000)\n"
+                "  sla_runq_p99_us   SLA threshold of that p99 (20000)\n",
         .on_msg = telemetry_on_msg,
         .on_reload = telemetry_on_reload,
         .on_stop = NULL,
@@ -301,7 +308,8 @@ main(int argc, char **argv)
 	if (tsvc.argc > 0)
 		fatalx("unexpected argument \"%s\" (see --help)",
 		       tsvc.argv[0]);
-	if (telemetry_conf_load(&tconf, err, sizeof(err)) == -1)
+	if (telemetry_conf_load(&tconf, err, sizeof(err)) == -1 ||
+	    telemetry_sla_conf(err, sizeof(err)) == -1)
 		fatalx("config: %s", err);
 	tel.svc = &tsvc;
 	telemetry_store_init(&tel.store, 0, 0, 0);
@@ -327,6 +335,10 @@ main(int argc, char **argv)
 		        "HTTP requests telemetry answered, by status",
 		        "service=\"%s\",status=\"%s\"", statuses[i]);
 
+	telemetry_sla_init(&tel);
+	if (telemetry_otlp_init(tsvc.loop, tsvc.metrics, tsvc.name, err,
+	                        sizeof(err)) == -1)
+		fatalx("config: %s", err);
 	if ((sweep_timer = loop_timer_new(tsvc.loop, telemetry_sweep, &tel)) ==
 	    NULL)
 		fatalx("out of memory");
@@ -339,6 +351,7 @@ main(int argc, char **argv)
 	telemetry_http_run(&tel);
 	telemetry_http_stop(&tel);
 	telemetry_ebpf_stop(&tel);
+	telemetry_otlp_stop();
 	loop_timer_free(sweep_timer);
 	rc = svc_exit(&tsvc);
 	telemetry_store_free(&tel.store);

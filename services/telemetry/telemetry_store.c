@@ -171,11 +171,13 @@ store_fresh(const struct telemetry_store *st, const struct telemetry_peer *p,
 
 /* The highest degradation tier a service's text reports: the largest N of
  * a `troupe_storage_degraded{...tier="LN"...} V` line with V not 0 (storage
- * exports its L2 that way); 0 if none. */
+ * exports its L2 that way), or the V of a `troupe_dispatcher_tier{...} V`
+ * line (the dispatcher's tier, docs/tiers.md); 0 if none. */
 static int
 store_tier(const char *t, size_t len)
 {
 	static const char fam[] = "troupe_storage_degraded{";
+	static const char dfam[] = "troupe_dispatcher_tier{";
 	const char *e = t + len, *l, *nl, *tier, *close;
 	int best = 0, n;
 	double v;
@@ -184,6 +186,15 @@ store_tier(const char *t, size_t len)
 	for (l = t; l < e; l = nl + 1) {
 		if ((nl = memchr(l, '\n', (size_t)(e - l))) == NULL)
 			break;
+		if ((size_t)(nl - l) > sizeof(dfam) - 1 &&
+		    memcmp(l, dfam, sizeof(dfam) - 1) == 0 &&
+		    (close = memchr(l, '}', (size_t)(nl - l))) != NULL) {
+			v = strtod(close + 1, &end);
+			if (end > close + 1 && end <= nl && v >= 1 && v <= 3 &&
+			    (int)v > best)
+				best = (int)v;
+			continue;
+		}
 		if ((size_t)(nl - l) <= sizeof(fam) - 1 ||
 		    memcmp(l, fam, sizeof(fam) - 1) != 0 ||
 		    (close = memchr(l, '}', (size_t)(nl - l))) == NULL)
@@ -228,7 +239,7 @@ store_series(struct telemetry_store *st, const char *self, uint64_t now_ms,
 		r = buf_addf(b,
 		             "# HELP troupe_degradation_tier The highest "
 		             "degradation tier any service reports (0: none; "
-		             "2: storage spools chats to disk, L2).\n"
+		             "1-3: L1-L3, docs/tiers.md).\n"
 		             "# TYPE troupe_degradation_tier gauge\n"
 		             "troupe_degradation_tier{service=\"%s\"} %d\n",
 		             self, tier);

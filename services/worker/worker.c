@@ -24,6 +24,7 @@
 #include <curl/curl.h>
 
 #include "worker.h"
+#include "trace.h"
 
 #define WORKER_DRAIN_MS 2000 /* wait for acks of what we sent, at most */
 #define WORKER_PPID_MS 1000
@@ -354,6 +355,7 @@ main(int argc, char **argv)
 	}
 	def.arg = w;
 	svc_init(&w->svc, &def, argc, argv);
+	(void)TRACE_INIT(&w->svc);
 	/* RUN_DONE only frees a slot in the dispatcher's books: let it ride
 	 * with the next batch instead of costing an nng message per turn. */
 	(void)ipc_set_lazy(w->svc.ipc, MSG_RUN_DONE);

@@ -18,10 +18,13 @@
 #include "svc.h"
 #include "worker_upstream.h"
 
-#define WORKER_CHAT_ID_LEN 19 /* decimal digits, as Coze's ids */
-#define WORKER_CONV_ID_LEN 37 /* "conv_" and 32 hex digits */
-#define WORKER_PEER_MAX 128   /* longest mailbox name we answer to */
-#define WORKER_EDGES_MAX 8    /* edge names remembered for the drain */
+#define WORKER_CHAT_ID_LEN 19        /* decimal digits, as Coze's ids */
+#define WORKER_CONV_ID_LEN 37        /* "conv_" and 32 hex digits */
+#define WORKER_PEER_MAX 128          /* longest mailbox name we answer to */
+#define WORKER_EDGES_MAX 8           /* edge names remembered for the drain */
+#define WORKER_PAUSES 64             /* upstream and bot pairs held back */
+#define WORKER_PAUSE_KEY 160         /* "<url> <bot>", longer: not held */
+#define WORKER_PAUSE_DEFAULT_MS 1000 /* a throttle without Retry-After */
 
 enum dispatch_rc { DISPATCH_OK, DISPATCH_BAD, DISPATCH_UNHANDLED };
 
@@ -33,6 +36,13 @@ struct chat_idgen {
 };
 
 struct run;
+
+/* An upstream (and bot) this worker sends nothing to before until: it
+ * answered a throttle with that Retry-After (monotonic ms). */
+struct worker_pause {
+	uint64_t until;
+	char key[WORKER_PAUSE_KEY];
+};
 
 struct worker {
 	struct svc svc; /* first: the svc's arg and &worker agree */
@@ -56,6 +66,8 @@ struct worker {
 	struct chat_idgen idgen;
 	char edges[WORKER_EDGES_MAX][WORKER_PEER_MAX];
 	size_t nedges;
+
+	struct worker_pause pauses[WORKER_PAUSES];
 
 	struct loop_timer *ppid_timer;
 	struct loop_timer *drain_timer;
@@ -127,6 +139,17 @@ void worker_run_chat_id_of(struct mstr reqid,
 /* Write a new conversation id "conv_<32 hex>", NUL-terminated; -1 if the
  * system has no randomness to give. */
 int worker_run_conv_id(char out[WORKER_CONV_ID_LEN + 1]);
+/* Merge the signals of one upstream answer into a run's: the strongest
+ * wins (throttled > an exhausted quota > a remaining count > nothing);
+ * dialects seen add up, waits take the longest, counts the lowest. */
+void worker_run_signal_merge(struct rl_signal *acc, const struct rl_signal *);
+/* Hold back url for bot until (monotonic ms); a full table forgets the
+ * pause that ends first. */
+void worker_run_pause_set(struct worker *, const char *url, struct mstr bot,
+                          uint64_t until);
+/* ms until url may be called for bot (0: now). */
+uint64_t worker_run_pause_left(const struct worker *, const char *url,
+                               struct mstr bot, uint64_t now);
 /* Append the "data" JSON of a successful chat. */
 int worker_run_reply_json(struct buf *, const char *chat_id,
                           struct mstr conversation_id, struct mstr bot_id,

@@ -46,6 +46,7 @@
 #include "coze.h"
 #include "worker.h"
 #include "worker_plugin.h"
+#include "trace.h"
 
 #define WORKER_LOCK_SLACK_MS 5000 /* a v3 lock outlives the deadline */
 #define WORKER_TOOL_ROUNDS 5      /* max_tool_rounds when unset */
@@ -74,6 +75,7 @@ struct run {
 	uint64_t context_turns;
 	uint64_t upstream_us;
 	long upstream_status;
+	struct rl_signal sig; /* the strongest of the run's answers */
 	uint32_t hash;
 	struct mstr bot_id, user_id, query, conv_id;
 	/* v3.chat */
@@ -322,11 +324,15 @@ send_error(struct worker *w, const char *edge, const struct msg_head *h,
 		warn_refused(w, edge, h->reqid);
 }
 
-/* RUN_DONE to the dispatcher: the slot of this run is free again. */
+/* RUN_DONE to the dispatcher: the slot of this run is free again.
+ * Status 0: nobody was answered, the dispatcher runs it again later or
+ * answers 503 itself (a throttled v1 run).  sig: the run's signals (NULL:
+ * none); backoff_ms: a pause asked for besides them. */
 static void
 send_done(struct worker *w, struct mstr reqid, struct mstr traceparent,
           uint64_t status, const char *url, long upstream_status,
-          uint64_t upstream_us)
+          uint64_t upstream_us, struct mstr bot_id,
+          const struct rl_signal *sig, uint64_t backoff_ms)
 {
 	struct msg_head h = {.reqid = reqid,
 	                     .traceparent = traceparent,
@@ -337,11 +343,49 @@ send_done(struct worker *w, struct mstr reqid, struct mstr traceparent,
 	        .upstream = url ? MSTR(url) : MSTR_NULL,
 	        .upstream_status =
 	                upstream_status > 0 ? (uint64_t)upstream_status : 0,
-	        .upstream_us = upstream_us};
+	        .upstream_us = upstream_us,
+	        .bot_id = bot_id,
+	        .rl_remaining = -1,
+	        .rl_limit = -1,
+	        .rl_reset_ms = -1};
 
-	worker_count_status(w, status);
+	if (sig != NULL && sig->seen != 0) {
+		int64_t bo = rl_signal_backoff_ms(sig);
+
+		b.rl_seen = sig->seen;
+		b.throttled = sig->throttled != 0;
+		if (bo <= 0 && sig->throttled)
+			bo = WORKER_PAUSE_DEFAULT_MS;
+		b.backoff_ms = bo > 0 ? (uint64_t)bo : 0;
+		b.rl_remaining = sig->remaining;
+		b.rl_limit = sig->limit;
+		b.rl_reset_ms = sig->reset_ms;
+	}
+	if (backoff_ms > b.backoff_ms)
+		b.backoff_ms = backoff_ms;
+	if (status != 0)
+		worker_count_status(w, status);
 	if (msg_send_run_done(w->svc.ipc, "dispatcher", &h, &b) == -1)
 		warn_refused(w, "dispatcher", reqid);
+}
+
+/* The worker's span of run r (its id is in r's traceparent). */
+static void
+run_span(const struct run *r, uint64_t status, const char *note)
+{
+	struct trace_span ts;
+
+	if (!trace_enabled)
+		return;
+	ts = (struct trace_span){.name = "worker",
+	                         .kind = TRACE_INTERNAL,
+	                         .start_ns = trace_wall_of_mono(r->start_ns),
+	                         .http_status = (int)status,
+	                         .error = status >= 500,
+	                         .bot_id = r->bot_id,
+	                         .url = r->url ? MSTR(r->url) : MSTR_NULL,
+	                         .note = note ? MSTR(note) : MSTR_NULL};
+	trace_end_derived(r->head.traceparent, 0, &ts);
 }
 
 /* The end of every run that started. */
@@ -350,11 +394,143 @@ run_end(struct run *r, uint64_t status)
 {
 	struct worker *w = r->w;
 
+	run_span(r, status, NULL);
+	/* A webhook's url is a plugin's, not the bot's upstream: no bot,
+	 * so the dispatcher learns no mapping from it. */
 	send_done(w, r->head.reqid, r->head.traceparent, status, r->url,
-	          r->upstream_status, r->upstream_us);
+	          r->upstream_status, r->upstream_us,
+	          r->wh ? MSTR_NULL : r->bot_id, &r->sig, 0);
 	run_remove(w, r);
 	run_free(r);
 	worker_stop_check(w);
+}
+
+/* A v1 run the upstream throttled (or that this worker holds back):
+ * answer nobody, hand it back to the dispatcher (RUN_DONE status 0),
+ * which runs it again after the pause or answers 503 + Retry-After. */
+static void
+run_handback(struct run *r, uint64_t backoff_ms)
+{
+	struct worker *w = r->w;
+
+	log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent, r->bot_id,
+	        "upstream %s throttled: run handed back (pause %" PRIu64
+	        " ms)",
+	        r->url ? r->url : "?", backoff_ms);
+	run_span(r, r->upstream_status > 0 ? (uint64_t)r->upstream_status : 0,
+	         "throttled: handed back to the dispatcher");
+	send_done(w, r->head.reqid, r->head.traceparent, 0, r->url,
+	          r->upstream_status, r->upstream_us, r->bot_id, &r->sig,
+	          backoff_ms);
+	run_remove(w, r);
+	run_free(r);
+	worker_stop_check(w);
+}
+
+static int
+sig_rank(const struct rl_signal *s)
+{
+	if (s->throttled)
+		return (3);
+	if (s->remaining == 0)
+		return (2);
+	if (s->remaining > 0 || (s->seen & RL_SEEN_TIMEOUT))
+		return (1);
+	return (0);
+}
+
+void
+worker_run_signal_merge(struct rl_signal *acc, const struct rl_signal *s)
+{
+	unsigned seen = acc->seen | s->seen;
+	int ra = sig_rank(acc), rs = sig_rank(s);
+
+	if (acc->seen == 0 || rs > ra) {
+		*acc = *s;
+	} else if (rs == ra) {
+		if (s->retry_after_ms > acc->retry_after_ms)
+			acc->retry_after_ms = s->retry_after_ms;
+		if (s->remaining >= 0 &&
+		    (acc->remaining < 0 || s->remaining < acc->remaining)) {
+			acc->remaining = s->remaining;
+			acc->limit = s->limit;
+			acc->window_ms = s->window_ms;
+		}
+		if (s->reset_ms > acc->reset_ms)
+			acc->reset_ms = s->reset_ms;
+		for (int i = 0; i < RL_Q_MAX; i++)
+			if (s->q[i].remaining == 0 &&
+			    s->q[i].reset_ms > acc->q[i].reset_ms)
+				acc->q[i] = s->q[i];
+	}
+	acc->seen = seen;
+}
+
+static int
+pause_key(char out[WORKER_PAUSE_KEY], const char *url, struct mstr bot)
+{
+	int n = snprintf(out, WORKER_PAUSE_KEY, "%s %.*s", url, (int)bot.n,
+	                 bot.p);
+
+	return (n < 0 || n >= WORKER_PAUSE_KEY ? -1 : 0);
+}
+
+void
+worker_run_pause_set(struct worker *w, const char *url, struct mstr bot,
+                     uint64_t until)
+{
+	char key[WORKER_PAUSE_KEY];
+	struct worker_pause *p, *victim = &w->pauses[0];
+
+	if (url == NULL || pause_key(key, url, bot) == -1)
+		return;
+	for (size_t i = 0; i < WORKER_PAUSES; i++) {
+		p = &w->pauses[i];
+		if (strcmp(p->key, key) == 0) {
+			if (until > p->until)
+				p->until = until;
+			return;
+		}
+		if (p->until < victim->until)
+			victim = p;
+	}
+	victim->until = until;
+	memcpy(victim->key, key, sizeof(key));
+}
+
+uint64_t
+worker_run_pause_left(const struct worker *w, const char *url, struct mstr bot,
+                      uint64_t now)
+{
+	char key[WORKER_PAUSE_KEY];
+
+	if (url == NULL || pause_key(key, url, bot) == -1)
+		return (0);
+	for (size_t i = 0; i < WORKER_PAUSES; i++)
+		if (w->pauses[i].until > now &&
+		    strcmp(w->pauses[i].key, key) == 0)
+			return (w->pauses[i].until - now);
+	return (0);
+}
+
+/* Note an upstream answer's signals on r, and hold the upstream back
+ * for r's bot after a throttle. */
+static void
+run_note_signal(struct run *r, const struct upstream_answer *a)
+{
+	int64_t bo;
+
+	if (a->sig.seen == 0)
+		return;
+	worker_run_signal_merge(&r->sig, &a->sig);
+	if (!a->sig.throttled && a->sig.remaining != 0)
+		return;
+	bo = rl_signal_backoff_ms(&a->sig);
+	if (bo <= 0 && a->sig.throttled)
+		bo = WORKER_PAUSE_DEFAULT_MS;
+	if (bo > 0)
+		worker_run_pause_set(r->w, r->url, r->bot_id,
+		                     now_mono_ms() + (uint64_t)bo);
 }
 
 static void
@@ -377,7 +553,8 @@ reject(struct worker *w, const struct msg *m, uint64_t status, int64_t code,
 
 	if (peer_name(m->reply_to, edge) == 0)
 		send_error(w, edge, &h, status, code, MSTR(msg), retry_after);
-	send_done(w, m->reqid, m->traceparent, status, NULL, 0, 0);
+	send_done(w, m->reqid, m->traceparent, status, NULL, 0, 0, MSTR_NULL,
+	          NULL, 0);
 }
 
 void
@@ -444,6 +621,7 @@ run_new(struct worker *w, const struct msg *m, const struct chat_request *q,
 	p = r->strs;
 	p = put_str(p, &r->head.reqid, m->reqid);
 	p = put_str(p, &r->head.traceparent, m->traceparent);
+	trace_enter(p - m->traceparent.n - 1, m->traceparent.n, "worker", 0);
 	p = put_str(p, &r->head.reply_to, m->reply_to);
 	p = put_str(p, &r->bot_id, q->bot_id);
 	p = put_str(p, &r->user_id, q->user_id);
@@ -748,6 +926,17 @@ worker_run_ctx(struct worker *w, const struct msg *m,
 		run_fail(r, 504, 5040, MSTR_LIT("deadline exceeded"), 0);
 		return;
 	}
+	{
+		uint64_t left = worker_run_pause_left(w, r->url, r->bot_id,
+		                                      now_mono_ms());
+
+		/* This worker saw a throttle for the bot's upstream that
+		 * has not passed: the dispatcher holds the run instead. */
+		if (left > 0) {
+			run_handback(r, left);
+			return;
+		}
+	}
 	if (worker_upstream_request(&body, c->model, c->system_prompt,
 	                            c->context, r->query) == -1 ||
 	    (r->call = worker_upstream_start(
@@ -776,6 +965,12 @@ run_upstream_done(void *arg, struct upstream_answer *a)
 	if (w->m_upstream != NULL)
 		histo_observe(w->m_upstream, (double)a->elapsed_us / 1e6);
 	run_count_rate_limit(a->http_status);
+	run_note_signal(r, a);
+	if (a->status != 200 && a->sig.throttled) {
+		free(a->content);
+		run_handback(r, 0);
+		return;
+	}
 	if (a->status != 200) {
 		log_req(LOG_L_DEBUG, r->head.reqid, r->head.traceparent,
 		        r->bot_id, "upstream %s: %s", r->url, a->msg);
@@ -1074,6 +1269,7 @@ v3_upstream_done(void *arg, struct upstream_answer *a)
 	if (w->m_upstream != NULL)
 		histo_observe(w->m_upstream, (double)a->elapsed_us / 1e6);
 	run_count_rate_limit(a->http_status);
+	run_note_signal(r, a);
 	if (a->status == 200 && a->ntools > 0)
 		v3_tools(r, a);
 	else if (a->status == 200)
@@ -1121,6 +1317,13 @@ v3_round(struct run *r)
 	r->answer_at = 0;
 	if (r->end_ms <= now) {
 		v3_fail(r, 504, 5040, MSTR_LIT("upstream deadline exceeded"));
+		return;
+	}
+	/* A v3 chat exists already (its events may have gone out): it is
+	 * not handed back, it fails with 5030 while its upstream is held
+	 * back after a throttle. */
+	if (worker_run_pause_left(w, r->url, r->bot_id, now_mono_ms()) > 0) {
+		v3_fail(r, 503, 5030, MSTR_LIT("upstream rate limited"));
 		return;
 	}
 	if (buf_add(&body, r->reqhead.b, r->reqhead.len) == -1 ||

@@ -44,6 +44,7 @@
 #include <curl/curl.h>
 
 #include "worker_upstream.h"
+#include "trace.h"
 
 #define UP_URL_MAX 2048
 #define UP_RETRY_AFTER_MAX 3600
@@ -445,8 +446,10 @@ classify_transport(struct upstream_answer *a, CURLcode rc, long http,
 		             curl_easy_strerror(rc));
 		return (1);
 	}
-	if (http == 429) {
-		answer_error(a, 503, 5030, "upstream rate limited");
+	if (http == 429 || http == 503) {
+		/* A throttle is never a 502: 503 with Retry-After. */
+		answer_error(a, 503, 5030, "upstream %s",
+		             http == 429 ? "rate limited" : "overloaded");
 		a->retry_after = worker_upstream_retry_after(retry_after);
 		return (1);
 	}
@@ -1211,6 +1214,24 @@ answer_reset(struct upstream_answer *a)
 	a->status = 200;
 }
 
+/* The client span of call c (its id is in c's traceparent header). */
+static void
+call_span(const struct upstream_call *c, const struct upstream_answer *a,
+          long http)
+{
+	struct trace_span s;
+
+	if (!trace_enabled || c->tp_hdr[0] == '\0')
+		return;
+	s = (struct trace_span){.name = c->post ? "plugin" : "upstream",
+	                        .kind = TRACE_CLIENT,
+	                        .start_ns = trace_wall_of_mono(c->start_ns),
+	                        .http_status = (int)http,
+	                        .error = a->status != 200,
+	                        .url = MSTR(c->url)};
+	trace_end_derived(MSTR(c->tp_hdr + 13), c->start_ns, &s);
+}
+
 static void
 up_deferred(struct loop *l, void *arg)
 {
@@ -1226,6 +1247,7 @@ up_deferred(struct loop *l, void *arg)
 		TAILQ_REMOVE(&up->deferred, c, entry);
 		up->ncalls--;
 		answer_reset(&a);
+		rl_signal_init(&a.sig); /* never reached the upstream */
 		if (c->defer_status == 504)
 			answer_error(&a, 504, 5040, "%s",
 			             c->post ? "timed out"
@@ -1235,9 +1257,72 @@ up_deferred(struct loop *l, void *arg)
 		a.elapsed_us = (now_mono_ns() - c->start_ns) / 1000;
 		cb = c->cb;
 		cbarg = c->arg;
+		call_span(c, &a, 0);
 		call_free(c);
 		cb(cbarg, &a);
 	}
+}
+
+int
+worker_upstream_coze_code(const char *body, size_t len, int64_t *code)
+{
+	const cJSON *v, *e;
+	cJSON *root;
+	int rc = -1;
+
+	if (body == NULL || len == 0 || len > 65536 ||
+	    (root = cJSON_ParseWithLength(body, len)) == NULL)
+		return (-1);
+	v = cJSON_GetObjectItemCaseSensitive(root, "code");
+	if (!cJSON_IsNumber(v) &&
+	    (e = cJSON_GetObjectItemCaseSensitive(root, "error")) != NULL)
+		v = cJSON_GetObjectItemCaseSensitive(e, "code");
+	if (cJSON_IsNumber(v) && v->valuedouble >= -1e15 &&
+	    v->valuedouble <= 1e15) {
+		*code = (int64_t)v->valuedouble;
+		rc = 0;
+	} else if (cJSON_IsString(v) && v->valuestring != NULL &&
+	           v->valuestring[0] != '\0' &&
+	           strspn(v->valuestring, "0123456789") ==
+	                   strlen(v->valuestring) &&
+	           strlen(v->valuestring) < 10) {
+		*code = strtoll(v->valuestring, NULL, 10);
+		rc = 0;
+	}
+	cJSON_Delete(root);
+	return (rc);
+}
+
+/* Read every rate-limit signal of a finished call into a->sig. */
+static void
+up_signal(struct upstream_answer *a, struct upstream_call *c, CURLcode rc,
+          long http)
+{
+	struct curl_header *h, *prev = NULL;
+	uint64_t now = now_wall_ms();
+	int64_t code;
+
+	rl_signal_init(&a->sig);
+	if (c->post)
+		return; /* a plugin, not the bot's upstream */
+	if (rc == CURLE_OPERATION_TIMEDOUT)
+		rl_signal_timeout(&a->sig);
+	if (http > 0)
+		rl_signal_status(&a->sig, http);
+	while ((h = curl_easy_nextheader(c->easy, CURLH_HEADER, -1, prev)) !=
+	       NULL) {
+		if (h->name != NULL && h->value != NULL)
+			rl_signal_header(&a->sig, h->name, strlen(h->name),
+			                 h->value, strlen(h->value), now);
+		prev = h;
+	}
+	/* Coze answers its codes with HTTP 200 too: read the body of an
+	 * error status, or of a 2xx that was not a chat completion. */
+	if ((http >= 400 || a->status == 502) && !c->stream &&
+	    c->resp.len > 0 &&
+	    worker_upstream_coze_code(c->resp.b, c->resp.len, &code) == 0)
+		rl_signal_coze_code(&a->sig, code);
+	rl_signal_finish(&a->sig);
 }
 
 static void
@@ -1251,8 +1336,9 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 	long http = 0;
 
 	(void)curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &http);
-	if (http == 429 && curl_easy_header(c->easy, "Retry-After", 0,
-	                                    CURLH_HEADER, -1, &h) == CURLHE_OK)
+	if ((http == 429 || http == 503) &&
+	    curl_easy_header(c->easy, "Retry-After", 0, CURLH_HEADER, -1,
+	                     &h) == CURLHE_OK)
 		retry_after = h->value;
 	if (c->stream) {
 		if (c->http == 0)
@@ -1269,6 +1355,14 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 		(void)worker_upstream_classify(&a, rc, http, retry_after,
 		                               c->toobig, "", 0);
 	a.elapsed_us = (now_mono_ns() - c->start_ns) / 1000;
+	up_signal(&a, c, rc, http);
+	/* A Coze throttle code in an error body is a throttle too. */
+	if (a.sig.throttled && a.status == 502 && !c->post) {
+		answer_error(&a, 503, 5030, "upstream rate limited");
+		a.retry_after = worker_upstream_retry_after(retry_after);
+	}
+	if (a.sig.throttled && a.sig.retry_after_ms > 0)
+		a.retry_after = (uint64_t)(a.sig.retry_after_ms + 999) / 1000;
 
 	if (c->pending) {
 		TAILQ_REMOVE(&up->pending, c, pentry);
@@ -1276,6 +1370,7 @@ up_finish(struct upstream *up, struct upstream_call *c, CURLcode rc)
 	}
 	call_deactivate(up, c);
 	up->ncalls--;
+	call_span(c, &a, http);
 	call_free(c);
 	cb(arg, &a);
 }
@@ -1359,6 +1454,8 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 		(void)snprintf(c->tp_hdr, sizeof(c->tp_hdr),
 		               "traceparent: %.*s", (int)traceparent.n,
 		               traceparent.p);
+		trace_enter(c->tp_hdr + 13, traceparent.n,
+		            c->post ? "plugin" : "upstream", c->start_ns);
 		c->tp_node.data = c->tp_hdr;
 		c->tp_node.next = up->headers;
 	}

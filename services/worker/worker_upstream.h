@@ -20,6 +20,7 @@
 #include <curl/curl.h>
 
 #include "loop.h"
+#include "ratelimit.h"
 #include "util.h"
 
 struct upstream;
@@ -50,6 +51,10 @@ struct upstream_answer {
 	 * frees them with worker_upstream_tools_free), on success only. */
 	struct upstream_tool *tools;
 	size_t ntools;
+	/* The rate-limit signals of the answer (status, every header, a
+	 * Coze code in an error body, a timeout), finished; nothing seen
+	 * for plugin calls and calls that never reached the upstream. */
+	struct rl_signal sig;
 };
 
 /* Called once per started call with its answer; the callee owns
@@ -141,6 +146,12 @@ void worker_upstream_tools_free(struct upstream_tool *, size_t n);
 int worker_upstream_classify(struct upstream_answer *, CURLcode, long http,
                              const char *retry_after, int toobig,
                              const char *body, size_t len);
+
+/* The Coze-style business code of a JSON error body: a top-level
+ * "code", or "error": {"code"} (a number or a numeric string, as OpenAI
+ * sends "rate_limit_exceeded" there the code is then not a number and
+ * not taken).  0 and *code set, or -1 if none. */
+int worker_upstream_coze_code(const char *body, size_t len, int64_t *code);
 
 /* Seconds to wait from a Retry-After value (delta-seconds or HTTP date),
  * clamped to [1, 3600]; 1 when absent or unreadable. */

@@ -657,8 +657,19 @@ def test_rate_limit_and_config():
         eq(s.req("POST", "/sim/config", {"rate_limit": -1}).status, 400,
            "negative rate_limit")
         r = s.req("GET", "/sim/config")
-        eq(r.json, {"latency_ms": 0, "token_rate": 0, "rate_limit": 0},
-           "GET /sim/config")
+        eq(r.json, {"latency_ms": 0, "token_rate": 0, "rate_limit": 0,
+                    "early_grace_ms": 200}, "GET /sim/config")
+        # Retry-After windows: the 429s above opened one for their model;
+        # requests inside it after the grace are "early"
+        r = s.chat("[sim:429] [sim:retry-after=2] go away", model="m-w")
+        eq(r.status, 429, "a 429 with Retry-After 2")
+        s.chat("in flight", model="m-w")     # within the 200 ms grace
+        eq(s.stats()["early_by_model"].get("m-w"), 0, "inside the grace")
+        time.sleep(0.3)
+        s.chat("too soon", model="m-w")
+        s.chat("another model", model="m-other")
+        eq(s.stats()["early_by_model"].get("m-w"), 1,
+           "a chat 0.3 s into a 2 s window")
     finally:
         s.stop()
 

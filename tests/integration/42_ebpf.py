@@ -104,7 +104,8 @@ def cluster():
     if not os.path.ismount("/sys/fs/bpf"):
         subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"],
                        check=True)
-    t = h.troupe(conf={"telemetry": {"ebpf_cgroup_root": cg_root()}})
+    t = h.troupe(conf={"telemetry": {"ebpf_cgroup_root": cg_root(),
+                                      "ebpf_pin_dir": "/sys/fs/bpf/troupe"}})
     h.wait_for(lambda: SERVICES <= set(api(t)["services"]), 10, 0.2,
                "every service in /api/heatmap")
     return t

@@ -724,7 +724,10 @@ class Troupe:
                            "worker_path": binary("worker")},
             "storage": {"redis": "unix:" + self.redis.sock,
                         "postgres": self.pg.conninfo()},
-            "telemetry": {"listen": "127.0.0.1:%d" % self.telemetry_port},
+            # no pinned maps: two Troupes at once would share one pin
+            # directory (42_ebpf.py pins on purpose)
+            "telemetry": {"listen": "127.0.0.1:%d" % self.telemetry_port,
+                          "ebpf_pin_dir": ""},
         }
         for sec, kv in self.conf_over.items():
             c.setdefault(sec, {}).update({k: str(v) for k, v in kv.items()})

@@ -48,7 +48,9 @@
 #include "ipc.h"
 #include "loop.h"
 #include "proto.h"
+#include "troupectl_heatmap.h"
 #include "troupectl_roll.h"
+#include "troupectl_status.h"
 #include "util.h"
 
 #define CTL_DEFAULT_CONFIG "/etc/troupe/troupe.conf"
@@ -98,6 +100,13 @@ static const char usage_main[] =
         "  plugin rm <bot> <name>\n"
         "  roll [--services LIST] [--dry-run]\n"
         "              restart every service under systemd, one at a time\n"
+        "  status [--json]\n"
+        "              per upstream: limit, children, in flight, queue,\n"
+        "              last signal, tier (asks troupe-dispatcher)\n"
+        "  heatmap [--service S] [--since SEC] [--url URL] [--offcpu]\n"
+        "          [--no-color]\n"
+        "              eBPF run-queue latency heatmaps in the terminal\n"
+        "              (asks troupe-telemetry's GET /api/heatmap)\n"
         "\n"
         "Options:\n"
         "  -c, --config PATH  config file (default " CTL_DEFAULT_CONFIG ",\n"
@@ -395,6 +404,9 @@ ctl_become_owner(const char *name)
 	return (0);
 }
 
+/* The mailbox ctl_call asks: storage, or the dispatcher (status). */
+static const char *ctl_peer = "storage";
+
 /*
  * Send op(args) to storage and wait for the answer.  Returns an exit
  * status; on success c->status and c->text hold the answer.
@@ -448,7 +460,7 @@ ctl_call(struct ctl *c, const char *op, const char *args, double timeout)
 	h.reply_to = MSTR(name);
 	req.op = MSTR(op);
 	req.args = MSTR(args);
-	if (msg_send_admin_request(c->ipc, "storage", &h, &req) == -1) {
+	if (msg_send_admin_request(c->ipc, ctl_peer, &h, &req) == -1) {
 		fprintf(stderr, "troupectl: cannot queue the request for "
 		                "troupe-storage\n");
 		goto out;
@@ -464,10 +476,10 @@ ctl_call(struct ctl *c, const char *op, const char *args, double timeout)
 		}
 	if (!c->done) {
 		fprintf(stderr,
-		        "troupectl: troupe-storage did not answer within %g "
+		        "troupectl: troupe-%s did not answer within %g "
 		        "s: "
 		        "is it running?\n",
-		        timeout);
+		        ctl_peer, timeout);
 		rc = CTL_EXIT_TIMEOUT;
 		goto out;
 	}
@@ -490,6 +502,21 @@ out:
 		ctl_unlink(name);
 	}
 	loop_free(c->loop);
+	return (rc);
+}
+
+int
+troupectl_ask(const char *peer, const char *op, const char *args,
+              double timeout, uint64_t *status, char **text)
+{
+	struct ctl c = {0};
+	int rc;
+
+	ctl_peer = peer;
+	rc = ctl_call(&c, op, args, timeout);
+	ctl_peer = "storage";
+	*status = c.status;
+	*text = c.text;
 	return (rc);
 }
 
@@ -1333,6 +1360,28 @@ out:
 	return (rc);
 }
 
+/* `troupectl [-c F] [-t S] heatmap ...`: heatmap_main's exit status, or
+ * -1 if the command is another one. */
+static int
+heatmap_cmd(int argc, char **argv)
+{
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+
+		if (strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0 ||
+		    strcmp(a, "-t") == 0 || strcmp(a, "--timeout") == 0) {
+			i++;
+			continue;
+		}
+		if (a[0] == '-')
+			continue;
+		if (strcmp(a, "heatmap") != 0)
+			return (-1);
+		return (heatmap_main(argc - i - 1, argv + i + 1));
+	}
+	return (-1);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1377,6 +1426,8 @@ main(int argc, char **argv)
 
 	memset(&c, 0, sizeof(c));
 	signal(SIGPIPE, SIG_IGN);
+	if ((rc = heatmap_cmd(argc, argv)) != -1) /* HTTP, options its own */
+		return (rc);
 	opterr = 0;
 	while ((ch = getopt_long(argc, argv, ":c:t:hV", opts, NULL)) != -1) {
 		switch (ch) {
@@ -1527,9 +1578,14 @@ main(int argc, char **argv)
 		return (roll_main(help, nops - 1, argv + optind + 1,
 		                  roll_services, roll_dry, timeout));
 	}
+	if (strcmp(cmd, "status") == 0)
+		return (status_main(help, nops - 1, argv + optind + 1, o.json,
+		                    timeout, cfg ? cfg : CTL_DEFAULT_CONFIG,
+		                    !explicit_cfg));
 	if (roll_seen)
-		return (usage_error(usage_main, "%s",
-		                    "--services and --dry-run belong to roll"));
+		return (usage_error(
+		        usage_main, "%s",
+		        "--services and --dry-run belong to roll"));
 	if (strcmp(cmd, "plugin") == 0) {
 		if (o.seen_add)
 			return (usage_error(

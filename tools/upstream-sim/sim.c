@@ -155,6 +155,7 @@ static struct {
 	uint64_t aborted;
 	uint64_t closed;
 	uint64_t rate_limited;
+	uint64_t early; /* chats inside an announced Retry-After window */
 	int64_t in_flight;
 	struct plugin_stats plugins[SIM_MAX_PLUGINS];
 	int nplugins;
@@ -167,7 +168,25 @@ static struct {
 	unsigned latency_ms;
 	uint32_t token_rate;
 	double rate_limit;
-} cfg;
+	unsigned early_grace_ms; /* arrivals this soon after the throttle
+	                            that opened a window are not early */
+} cfg = {.early_grace_ms = 200};
+
+/*
+ * Retry-After windows, per model (a test gives each bot its own model):
+ * a 429 (or 503 with Retry-After) for model M opens [now, now + S s) or
+ * extends the open one.  A chat for M arriving inside a window later than
+ * early_grace_ms after it opened came early: its client did not honour
+ * the Retry-After (requests already on their way when the throttle was
+ * sent arrive within the grace).  Counted in /sim/stats "early".
+ */
+#define SIM_MAX_WINDOWS 32
+static struct rl_window {
+	char model[64];
+	uint64_t from, until; /* loop ms */
+	uint64_t early;
+	int used;
+} g_win[SIM_MAX_WINDOWS];
 
 static h2o_globalconf_t g_conf;
 static h2o_context_t g_ctx;
@@ -629,6 +648,58 @@ loop_now(void)
 }
 
 /* ---- rate limit ---- */
+
+static struct rl_window *
+win_get(const char *model, int create)
+{
+	struct rl_window *w, *free_w = NULL;
+
+	for (int i = 0; i < SIM_MAX_WINDOWS; i++) {
+		w = &g_win[i];
+		if (w->used &&
+		    strncmp(w->model, model, sizeof(w->model) - 1) == 0)
+			return w;
+		if (!w->used && free_w == NULL)
+			free_w = w;
+	}
+	if (!create || free_w == NULL)
+		return NULL;
+	memset(free_w, 0, sizeof(*free_w));
+	free_w->used = 1;
+	snprintf(free_w->model, sizeof(free_w->model), "%s", model);
+	return free_w;
+}
+
+/* A chat for model arrives: early if inside its window past the grace. */
+static void
+win_arrival(const char *model)
+{
+	struct rl_window *w = win_get(model, 0);
+	uint64_t now = loop_now();
+
+	if (w != NULL && now < w->until &&
+	    now >= w->from + cfg.early_grace_ms) {
+		w->early++;
+		stats.early++;
+	}
+}
+
+/* A throttle with Retry-After ra seconds was sent for model. */
+static void
+win_throttle(const char *model, int ra)
+{
+	struct rl_window *w = win_get(model, 1);
+	uint64_t now = loop_now(),
+	         end = now + (uint64_t)(ra < 0 ? 0 : ra) * 1000;
+
+	if (w == NULL)
+		return;
+	if (now >= w->until) {
+		w->from = now;
+		w->until = end;
+	} else if (end > w->until)
+		w->until = end;
+}
 
 static void
 bucket_refill(void)
@@ -1174,18 +1245,6 @@ handle_chat(h2o_req_t *req)
 	memset(ch, 0, sizeof(*ch));
 	ch->req = req;
 
-	if (bucket_take() == -1) {
-		stats.rate_limited++;
-		count_status(429);
-		ch->done = 1;
-		add_429_headers(req, 1);
-		send_error(
-		        req, 429,
-		        "sim: rate limit reached for requests; retry after 1s",
-		        NULL);
-		return;
-	}
-
 	/* a NUL-terminated copy for cJSON (PITFALLS) */
 	sb_reset(&g_in);
 	sb_add(&g_in, req->entity.base ? req->entity.base : "",
@@ -1231,6 +1290,21 @@ handle_chat(h2o_req_t *req)
 		goto done;
 	}
 	modelstr = model->valuestring;
+	/* --rate-limit: after the model is known (the Retry-After windows
+	 * are per model), before anything else is looked at. */
+	win_arrival(modelstr);
+	if (bucket_take() == -1) {
+		stats.rate_limited++;
+		count_status(429);
+		ch->done = 1;
+		add_429_headers(req, 1);
+		win_throttle(modelstr, 1);
+		send_error(
+		        req, 429,
+		        "sim: rate limit reached for requests; retry after 1s",
+		        NULL);
+		goto done;
+	}
 	stream = cJSON_GetObjectItemCaseSensitive(root, "stream");
 	ch->stream = cJSON_IsTrue(stream);
 
@@ -1345,6 +1419,7 @@ handle_chat(h2o_req_t *req)
 		ch->kind = ANS_STATUS;
 		ch->status = 429;
 		add_429_headers(req, d.retry_after >= 0 ? d.retry_after : 1);
+		win_throttle(modelstr, d.retry_after >= 0 ? d.retry_after : 1);
 		error_json(&g_sb, 429,
 		           "sim: rate limit reached for requests (simulated)",
 		           NULL);
@@ -1354,6 +1429,8 @@ handle_chat(h2o_req_t *req)
 		if (d.retry_after >= 0)
 			add_headerf(req, "retry-after", "Retry-After", "%d",
 			            d.retry_after);
+		if (d.retry_after >= 0 && d.status == 503)
+			win_throttle(modelstr, d.retry_after);
 		error_json(&g_sb, d.status, "sim: simulated error status",
 		           NULL);
 	} else if (d.garbage) {
@@ -1687,9 +1764,19 @@ handle_stats(h2o_req_t *req)
 	}
 	sb_addf(&g_sb,
 	        "},\"aborted\":%" PRIu64 ",\"closed\":%" PRIu64
-	        ",\"rate_limited\":%" PRIu64 ",\"in_flight\":%" PRId64
-	        ",\"plugin_in_flight\":%" PRId64 ",\"plugins\":{",
-	        stats.aborted, stats.closed, stats.rate_limited,
+	        ",\"rate_limited\":%" PRIu64 ",\"early\":%" PRIu64
+	        ",\"early_by_model\":{",
+	        stats.aborted, stats.closed, stats.rate_limited, stats.early);
+	for (i = 0, n = 0; i < SIM_MAX_WINDOWS; i++) {
+		if (!g_win[i].used)
+			continue;
+		sb_adds(&g_sb, n++ ? ",\"" : "\"");
+		sb_add_esc(&g_sb, g_win[i].model, strlen(g_win[i].model));
+		sb_addf(&g_sb, "\":%" PRIu64, g_win[i].early);
+	}
+	sb_addf(&g_sb,
+	        "},\"in_flight\":%" PRId64 ",\"plugin_in_flight\":%" PRId64
+	        ",\"plugins\":{",
 	        stats.in_flight, stats.plugin_in_flight);
 	for (int k = 0; k < stats.nplugins; k++) {
 		const struct plugin_stats *ps = &stats.plugins[k];
@@ -1715,8 +1802,9 @@ config_json(struct sb *s)
 {
 	sb_addf(s,
 	        "{\"latency_ms\":%u,\"token_rate\":%" PRIu32
-	        ",\"rate_limit\":%g}\n",
-	        cfg.latency_ms, cfg.token_rate, cfg.rate_limit);
+	        ",\"rate_limit\":%g,\"early_grace_ms\":%u}\n",
+	        cfg.latency_ms, cfg.token_rate, cfg.rate_limit,
+	        cfg.early_grace_ms);
 }
 
 static int
@@ -1739,9 +1827,9 @@ static void
 handle_config(h2o_req_t *req)
 {
 	double lat = cfg.latency_ms, rate = cfg.token_rate;
-	double rl = cfg.rate_limit;
+	double rl = cfg.rate_limit, grace = cfg.early_grace_ms;
 	cJSON *root;
-	int a, b, c;
+	int a, b, c, e;
 
 	sb_reset(&g_in);
 	sb_add(&g_in, req->entity.base ? req->entity.base : "",
@@ -1754,8 +1842,9 @@ handle_config(h2o_req_t *req)
 	a = json_uint(root, "latency_ms", SIM_MAX_DELAY_MS, &lat);
 	b = json_uint(root, "token_rate", 1000000, &rate);
 	c = json_uint(root, "rate_limit", 1000000, &rl);
+	e = json_uint(root, "early_grace_ms", 60000, &grace);
 	cJSON_Delete(root);
-	if (a == -1 || b == -1 || c == -1) {
+	if (a == -1 || b == -1 || c == -1 || e == -1) {
 		send_error(
 		        req, 400,
 		        "sim: latency_ms, token_rate and rate_limit must be "
@@ -1765,6 +1854,7 @@ handle_config(h2o_req_t *req)
 	}
 	cfg.latency_ms = (unsigned)lat;
 	cfg.token_rate = (uint32_t)rate;
+	cfg.early_grace_ms = (unsigned)grace;
 	if (rl != cfg.rate_limit) {
 		cfg.rate_limit = rl;
 		bucket_reset();
@@ -1808,6 +1898,7 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 			int64_t pinflight = stats.plugin_in_flight;
 
 			memset(&stats, 0, sizeof(stats));
+			memset(g_win, 0, sizeof(g_win));
 			stats.in_flight = inflight;
 			stats.plugin_in_flight = pinflight;
 			bucket_reset();

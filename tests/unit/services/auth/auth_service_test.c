@@ -11,7 +11,9 @@
  * playing storage too: one KEY_CHECK per key hash for all the requests
  * parked on it, the cache (valid, unknown, expiry), scopes (403/4101),
  * storage refusing or silent (503/5030), the park bound, and where each
- * route goes (CHAT_RUN, CHAT_CANCEL, CHAT_QUERY).  Python's harness
+ * route goes (CHAT_RUN, CHAT_CANCEL, CHAT_QUERY).  Then the inbound
+ * limits ([limits]): LIMIT_CHECK, parking, 429 with the RateLimit fields,
+ * on_redis_down open and closed, shadow mode.  Python's harness
  * cannot speak nng, hence C here.
  */
 #include <errno.h>
@@ -68,10 +70,15 @@ struct got {
 	char chat_id[32];
 	char hash[80]; /* KEY_CHECK */
 	uint64_t received_ms;
+	char key[128]; /* LIMIT_CHECK */
+	uint64_t limit, window_ms, burst, cost;
+	char rl[96], rlp[96]; /* CHAT_REPLY's RateLimit fields */
 };
 static struct got replies[NGOT], runs[NGOT], checks[NGOT], queries[NGOT];
+static struct got lchecks[NGOT];
 static int nreplies, nruns, nany; /* nany: either kind */
 static int nchecks, nqueries;     /* what storage got */
+static int nlchecks;
 
 static void
 cp(char *d, size_t n, struct mstr s)
@@ -108,6 +115,8 @@ on_edge(void *arg, const struct msg *m)
 	cp(g->msg, sizeof(g->msg), r.msg);
 	cp(g->data, sizeof(g->data), r.data);
 	g->retry_after = r.retry_after;
+	cp(g->rl, sizeof(g->rl), r.ratelimit);
+	cp(g->rlp, sizeof(g->rlp), r.ratelimit_policy);
 }
 
 static void
@@ -140,11 +149,21 @@ on_stor(void *arg, const struct msg *m)
 {
 	struct chat_request q;
 	struct key_check kc;
+	struct limit_check lc;
 	struct got *g;
 
 	(void)arg;
-	if (m->type == MSG_KEY_CHECK && nchecks < NGOT &&
-	    key_check_unpack(m, &kc) == 0) {
+	if (m->type == MSG_LIMIT_CHECK && nlchecks < NGOT &&
+	    limit_check_unpack(m, &lc) == 0) {
+		g = &lchecks[nlchecks++];
+		head(g, m);
+		cp(g->key, sizeof(g->key), lc.key);
+		g->limit = lc.limit;
+		g->window_ms = lc.window_ms;
+		g->burst = lc.burst;
+		g->cost = lc.cost;
+	} else if (m->type == MSG_KEY_CHECK && nchecks < NGOT &&
+	           key_check_unpack(m, &kc) == 0) {
 		g = &checks[nchecks++];
 		head(g, m);
 		cp(g->hash, sizeof(g->hash), kc.hash);
@@ -563,7 +582,7 @@ sha256_hex(const char *s)
 static void
 reset_counts(void)
 {
-	nreplies = nruns = nany = nchecks = nqueries = 0;
+	nreplies = nruns = nany = nchecks = nqueries = nlchecks = 0;
 }
 
 static void
@@ -799,6 +818,162 @@ t_credential(void)
 	stop(pid);
 }
 
+/* LIMIT_REPLY from "storage" to "auth" for the check of reqid. */
+static void
+send_limit_reply(const char *reqid, const char *key, uint64_t status,
+                 uint64_t remaining, uint64_t retry_ms, uint64_t reset_ms)
+{
+	struct limit_reply r = {
+	        .key = MSTR(key),
+	        .status = status,
+	        .remaining = remaining,
+	        .retry_after_ms = retry_ms,
+	        .reset_ms = reset_ms,
+	};
+	struct msg_head h = {
+	        .reqid = MSTR(reqid),
+	        .traceparent = MSTR_LIT(TP),
+	};
+
+	T_EQ_INT(msg_send_limit_reply(stor, "auth", &h, &r), 0);
+}
+
+/* The inbound limits: one LIMIT_CHECK per request of a limited route,
+ * parked until LIMIT_REPLY: allowed goes on, limited is 429/4020 with the
+ * RateLimit fields, unknown and silence follow on_redis_down; shadow
+ * forwards at once; an unlimited route asks nothing. */
+static void
+t_limits(void)
+{
+	const struct got *g;
+	const char *key = "tenant-a|bot-1|v1.chat";
+	char tok[1024];
+	uint64_t t0;
+
+	write_conf(SECRET2, "\n[limits]\n"
+	                    "rate.v1.chat = 2\n"
+	                    "window_ms.v1.chat = 60000\n"
+	                    "burst.v1.chat = 1\n"
+	                    "check_ms = 300\n"
+	                    "on_redis_down = closed\n");
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+	T_ASSERT(log_has("reloaded limits: enforce, v1.chat=2/60000ms+1; "
+	                 "on Redis down closed"));
+	snprintf(tok, sizeof(tok), "%s", token(SECRET2, "tenant-a", 600));
+
+	/* Allowed: parked until the answer, then sent on. */
+	reset_counts();
+	send_req("l-1", tok, now_wall_ms() + 30000);
+	pump(3000, &nlchecks, 1);
+	pump(100, NULL, 0);
+	T_EQ_INT(nlchecks, 1);
+	T_EQ_INT(nruns, 0);
+	g = &lchecks[0];
+	T_EQ_STR(g->key, key);
+	T_EQ_INT(g->limit, 2);
+	T_EQ_INT(g->window_ms, 60000);
+	T_EQ_INT(g->burst, 1);
+	T_EQ_INT(g->cost, 1);
+	T_EQ_STR(g->reqid, "l-1");
+	T_EQ_STR(g->reply_to, "auth");
+	T_ASSERT(g->deadline_ms > now_wall_ms() &&
+	         g->deadline_ms <= now_wall_ms() + 300);
+	send_limit_reply("l-1", key, 0, 2, 0, 20000);
+	pump(3000, &nruns, 1);
+	T_EQ_INT(nruns, 1);
+	T_EQ_STR(runs[0].reqid, "l-1");
+	T_EQ_STR(runs[0].sub, "tenant-a");
+	T_EQ_INT(nreplies, 0);
+
+	/* Limited: 429 with Retry-After (rounded up) and the fields. */
+	send_req("l-2", tok, now_wall_ms() + 30000);
+	pump(3000, &nlchecks, 2);
+	send_limit_reply("l-2", key, 1, 0, 29001, 45000);
+	pump(3000, &nreplies, 1);
+	T_EQ_INT(nreplies, 1);
+	g = &replies[0];
+	T_EQ_STR(g->reqid, "l-2");
+	T_EQ_INT(g->status, 429);
+	T_EQ_INT(g->code, 4020);
+	T_EQ_STR(g->msg, "too many requests");
+	T_EQ_INT(g->retry_after, 30);
+	T_EQ_STR(g->rl, "\"v1.chat\";r=0;t=45");
+	T_EQ_STR(g->rlp, "\"v1.chat\";q=2;w=60");
+	T_EQ_INT(nruns, 1);
+
+	/* Storage silent past check_ms, then "unknown": closed, 503. */
+	t0 = now_mono_ms();
+	send_req("l-3", tok, now_wall_ms() + 30000);
+	pump(3000, &nreplies, 2);
+	T_EQ_INT(nreplies, 2);
+	T_ASSERT(now_mono_ms() - t0 >= 250);
+	T_EQ_STR(replies[1].reqid, "l-3");
+	T_EQ_INT(replies[1].status, 503);
+	T_EQ_INT(replies[1].code, 5030);
+	T_EQ_INT(replies[1].retry_after, 1);
+	T_EQ_STR(replies[1].rl, "");
+	send_req("l-4", tok, now_wall_ms() + 30000);
+	pump(3000, &nlchecks, 4);
+	send_limit_reply("l-4", key, 2, 0, 0, 0);
+	pump(3000, &nreplies, 3);
+	T_EQ_INT(replies[2].status, 503);
+	T_ASSERT(log_has("limits: storage cannot check them"));
+	/* A late answer for l-3 is a stray, nothing more. */
+	send_limit_reply("l-3", key, 0, 1, 0, 0);
+	pump(200, NULL, 0);
+	T_EQ_INT(nreplies, 3);
+	T_EQ_INT(nruns, 1);
+
+	/* Open: silence and unknown admit. */
+	write_conf(SECRET2, "\n[limits]\n"
+	                    "rate = 2\n"
+	                    "window_ms = 60000\n"
+	                    "check_ms = 200\n"
+	                    "on_redis_down = open\n");
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+	reset_counts();
+	send_req("l-5", tok, now_wall_ms() + 30000);
+	pump(3000, &nruns, 1);
+	T_EQ_INT(nruns, 1);
+	T_EQ_INT(nlchecks, 1);
+	T_EQ_INT(nreplies, 0);
+
+	/* Shadow: sent on at once; the answer is only counted. */
+	write_conf(SECRET2, "\n[limits]\n"
+	                    "mode = shadow\n"
+	                    "rate = 2\n"
+	                    "rate.v3.retrieve = 0\n");
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+	reset_counts();
+	send_req("l-6", tok, now_wall_ms() + 30000);
+	pump(3000, &nlchecks, 1);
+	pump(100, NULL, 0);
+	T_EQ_INT(nruns, 1);
+	T_EQ_INT(nlchecks, 1);
+	send_limit_reply("l-6", key, 1, 0, 1000, 1000);
+	pump(300, NULL, 0);
+	T_EQ_INT(nreplies, 0);
+	T_EQ_INT(nruns, 1);
+	/* A route with rate 0 costs no round trip. */
+	send_route("l-7", "v3.retrieve", tok, now_wall_ms() + 30000);
+	pump(3000, &nqueries, 1);
+	T_EQ_INT(nqueries, 1);
+	T_EQ_INT(nlchecks, 1);
+
+	/* A bad mode is refused on reload; the previous one stays. */
+	write_conf(SECRET2, "\n[limits]\nmode = sometimes\n");
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+	T_ASSERT(log_has("[limits] mode: \"sometimes\": want off, shadow "
+	                 "or enforce"));
+	write_conf(SECRET2, NULL);
+	kill(child, SIGHUP);
+	pump(500, NULL, 0);
+}
+
 /* Exit status of troupe-auth started on the current config. */
 static int
 start_status(void)
@@ -876,6 +1051,7 @@ t_all(void)
 	setup();
 	t_flow();
 	t_keys();
+	t_limits();
 	t_credential();
 	t_refuse_start();
 }

@@ -70,7 +70,10 @@ t_aimd(void)
 	struct limit_state a, b;
 	struct limit_obs ok = {.latency_us = 10000};
 	struct limit_obs thr = {.throttled = 1, .backoff_ms = 1000};
-	struct limit_obs slow = {.latency_us = 50000};
+	struct limit_obs slow = {.latency_us = 100000};
+	struct limit_obs fast = {.latency_us = 100};
+	struct limit_obs queued = {.latency_us = 20000};
+	struct limit_state f;
 	const char *cause = NULL;
 	uint64_t now = 1000, before;
 
@@ -100,9 +103,24 @@ t_aimd(void)
 	before = limit_value(&b);
 	(void)limit_on_result(&b, &c, &slow, now + 2, &cause);
 	T_ASSERT(limit_value(&b) >= before); /* not again within the RTT */
+	/* a fast upstream whose answers take 200 x its best under load (the
+	 * gateway's own queueing) but under latency_floor_ms more: no cut */
+	limit_init(&f, &c, now);
+	before = limit_value(&f);
+	(void)limit_on_result(&f, &c, &fast, now, &cause);
+	for (int i = 0; i < 1000; i++)
+		(void)limit_on_result(&f, &c, &queued, now + 1 + i, &cause);
+	T_ASSERT(limit_value(&f) >= before);
+	/* a second throttle within the round trip: paused, not cut */
+	before = limit_value(&a);
+	T_EQ_INT(limit_on_result(&a, &c, &thr, now + 50, &cause), 1);
+	T_EQ_INT(limit_value(&a), before);
+	T_ASSERT(!limit_admit(&a, 0, now + 1049));
 	/* never below limit_min */
-	for (int i = 0; i < 50; i++)
+	for (int i = 0; i < 50; i++) {
+		now += 200;
 		(void)limit_on_result(&a, &c, &thr, now, &cause);
+	}
 	T_EQ_INT(limit_value(&a), 1);
 	/* children follow the sum of the limits */
 	{
@@ -113,7 +131,34 @@ t_aimd(void)
 	}
 }
 
+/* The dispatcher's setting: fresh keys start open (fixed: children_max;
+ * aimd: limit_max), and an aimd cut starts from the runs in flight. */
+static void
+t_start_open_and_inflight_cut(void)
+{
+	struct limit_conf c;
+	struct limit_state s;
+	struct limit_obs thr = {
+	        .throttled = 1, .backoff_ms = 1000, .inflight = 20};
+	const char *cause = NULL;
+
+	limit_conf_default(&c, LIMIT_FIXED, 4);
+	c.children_start = c.children_max;
+	limit_init(&s, &c, 1000);
+	T_EQ_INT(s.children, 50);
+	T_EQ_INT(limit_value(&s), 200);
+	limit_conf_default(&c, LIMIT_AIMD, 4);
+	c.children_start = c.children_max;
+	limit_init(&s, &c, 1000);
+	T_EQ_INT(limit_value(&s), 200);
+	/* 20 in flight when the 429 came: 20 x 0.7 = 14, not 140 */
+	T_EQ_INT(limit_on_result(&s, &c, &thr, 2000, &cause), 1);
+	T_EQ_INT(limit_value(&s), 14);
+	T_EQ_INT(limit_wait_ms(&s, 2000), 1000);
+}
+
 T_TESTS = {
+        {"start_open_and_inflight_cut", t_start_open_and_inflight_cut},
         {"fixed_cut_pause_double", t_fixed_cut_pause_double},
         {"aimd", t_aimd},
         {NULL, NULL},

@@ -21,6 +21,8 @@
  *   {"cmd":"query","route":"v3.retrieve","chat_id":"1",
  *    "conversation_id":"2"}   CHAT_QUERY (mailbox auth-* or dispatcher*)
  *   {"cmd":"keycheck","hash":"<64 hex>"}   KEY_CHECK (mailbox auth-*)
+ *   {"cmd":"limit","key":"t|b|r","limit":5,"window_ms":1000,"burst":0,
+ *    "cost":1}   LIMIT_CHECK (mailbox auth-*)
  * "noreply":true on a command: no answer is expected (reply_kind 2).
  *   {"cmd":"bad","type":769}      an undecodable body of that type
  *   {"cmd":"wait","timeout_ms":5000}   until every answer is in
@@ -65,6 +67,7 @@ on_msg(void *arg, const struct msg *m)
 	struct admin_reply ar;
 	struct chat_event ev;
 	struct key_reply kr;
+	struct limit_reply lr;
 
 	(void)arg;
 	buf_reset(&out);
@@ -99,6 +102,18 @@ on_msg(void *arg, const struct msg *m)
 			goto bad;
 		out_str("sse", ev.sse);
 		buf_addf(&out, ",\"last\":%llu", (unsigned long long)ev.last);
+		break;
+	case MSG_LIMIT_REPLY:
+		if (limit_reply_unpack(m, &lr) == -1)
+			goto bad;
+		out_str("key", lr.key);
+		buf_addf(&out,
+		         ",\"status\":%llu,\"remaining\":%llu,"
+		         "\"retry_after_ms\":%llu,\"reset_ms\":%llu",
+		         (unsigned long long)lr.status,
+		         (unsigned long long)lr.remaining,
+		         (unsigned long long)lr.retry_after_ms,
+		         (unsigned long long)lr.reset_ms);
 		break;
 	case MSG_KEY_REPLY:
 		if (key_reply_unpack(m, &kr) == -1)
@@ -317,6 +332,14 @@ main(int argc, char **argv)
 			struct key_check b = {0};
 			b.hash = jstr(o, "hash");
 			rc = msg_send_key_check(ipc, "storage", &h, &b);
+		} else if (strcmp(cmd, "limit") == 0) {
+			struct limit_check b = {0};
+			b.key = jstr(o, "key");
+			b.limit = (uint64_t)jnum(o, "limit", 1);
+			b.window_ms = (uint64_t)jnum(o, "window_ms", 1000);
+			b.burst = (uint64_t)jnum(o, "burst", 0);
+			b.cost = (uint64_t)jnum(o, "cost", 1);
+			rc = msg_send_limit_check(ipc, "storage", &h, &b);
 		} else if (strcmp(cmd, "admin") == 0) {
 			struct admin_request b;
 			const cJSON *a =

@@ -10,7 +10,8 @@ route v3.chat (chat, messages and conversation rows, exactly once, the
 answer by reply_kind, the context only for completed chats), CHAT_QUERY
 (retrieve, list, cancel: running, stored, unknown), API keys (KEY_CHECK
 and the key.* admin ops), the webhook's nonce (SET NX EX 600, a replay
-409/4017), and Redis or PostgreSQL down giving 503/5030.
+409/4017), Redis down (contexts from PostgreSQL, v3 locks and chats in
+memory and written back, nonces refused) and PostgreSQL down (503/5030).
 """
 import json
 import os
@@ -472,9 +473,10 @@ def test_webhook_nonce():
     err(one(t, dict(wh, nonce="x" * 65)), 400, 4000, "nonce too long")
     t.stop_redis()
     try:
+        # Fail closed: a nonce must never be accepted twice.
         r = err(one(t, dict(wh, nonce="n-" + ident())), 503, 5030,
                 "Redis down")
-        h.eq(r["msg"], "context store unavailable", "msg")
+        h.eq(r["msg"], "replay check unavailable", "msg")
     finally:
         t.start_redis()
     # Back: storage reconnects by itself (the next test needs it).
@@ -483,23 +485,92 @@ def test_webhook_nonce():
 
 
 def test_redis_down():
+    """Redis down: contexts from PostgreSQL, v3 locks and chats in
+    storage's memory, written to Redis when it is back; the finish of a
+    chat that started before the outage is replayed."""
     t = cluster()
     conv, a, run = ident(), ident(), ident()
     ok(one(t, persist3(a, conv)), "store a")
     ok(one(t, ctx3(conv, run)), "running chat")
+    conv2, c1, c2 = ident(), ident(), ident()
     t.stop_redis()
     try:
-        r = err(one(t, ctx3(ident(), ident())), 503, 5030, "ctx v3")
-        h.eq(r["msg"], "context store unavailable", "msg")
+        r = ok(one(t, {"cmd": "ctx", "bot_id": BOT,
+                       "conversation_id": conv}), "v1 ctx, Redis down")
+        h.eq(json.loads("[" + r["context"] + "]"),
+             [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello"}],
+             "context from PostgreSQL")
+        r = ok(one(t, ctx3(conv2, c1)), "v3 ctx, lock in memory")
+        created = r["created_at"]
+        h.check(abs(created - time.time()) < 5, "created_at %r" % created)
+        r = err(one(t, ctx3(conv2, c2)), 409, 4016, "busy (memory)")
+        h.check(c1 in r["msg"], "holder named: %r" % r["msg"])
+        h.eq(ok(one(t, ctx3(conv2, c1)), "duplicate run")["created_at"],
+             created, "a duplicate run keeps created_at")
         r = drive(t, [query("v3.retrieve", run, conv),
-                      query("v3.retrieve", a, conv)], "auth")
+                      query("v3.retrieve", a, conv),
+                      query("v3.retrieve", c1, conv2)], "auth")
+        # run started before the outage: memory cannot tell.
         h.eq((err(r["r0"], 503, 5030, "retrieve running")["retry_after"]),
              1, "retry_after")
         ok(r["r1"], "a stored chat needs only PostgreSQL")
-        # The chat is stored even if its lock cannot be released.
+        h.eq(json.loads(ok(r["r2"], "retrieve from memory")["data"])
+             ["status"], "in_progress", "memory chat status")
         ok(one(t, persist3(run, conv)), "persist with Redis down")
+        ok(one(t, persist3(c1, conv2)), "persist of the memory chat")
+        ok(one(t, ctx3(conv2, c2)), "lock free after the persist")
     finally:
         t.start_redis()
+    # Back: memory is written to Redis before anything else.
+    h.wait_for(lambda: redis(t, "GET", "troupe:lock:conv:" + conv2) == c2,
+               15, 0.2, "the memory lock in Redis")
+    hc = hash_of(t, c2)
+    h.eq((hc.get("status"), hc.get("conversation_id"), hc.get("bot_id")),
+         ("in_progress", conv2, BOT), "c2's hash from memory")
+    h.eq(hash_of(t, c1).get("status"), "completed", "c1's hash")
+    pttl = redis(t, "PTTL", "troupe:lock:conv:" + conv2)
+    h.check(50000 <= pttl <= 60000, "lock PTTL %r, want < 60000" % pttl)
+    err(one(t, ctx3(conv2, ident())), 409, 4016, "busy (Redis again)")
+
+
+def redis_raw(path, *args):
+    """One command on a Redis unix socket at path; the first line."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.connect(path)
+    req = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode()
+        req += b"$%d\r\n%s\r\n" % (len(a), a)
+    s.sendall(req)
+    try:
+        return s.recv(4096).split(b"\r\n")[0]
+    finally:
+        s.close()
+
+
+def test_redis_unreachable_replays_finish():
+    """Redis unreachable but not restarted (its data kept): the finish
+    of a chat that started before the outage reaches it afterwards."""
+    t = cluster()
+    conv, run = ident(), ident()
+    ok(one(t, ctx3(conv, run)), "running chat")
+    h.eq(redis(t, "GET", "troupe:lock:conv:" + conv), run, "lock in Redis")
+    away = t.redis.sock + ".away"
+    os.rename(t.redis.sock, away)
+    try:
+        h.eq(redis_raw(away, "CLIENT", "KILL", "TYPE", "normal")[:1],
+             b":", "storage's connection dropped")
+        h.wait_for(lambda: one(t, query("v3.retrieve", run, conv),
+                               "auth")["status"] == 503, 10, 0.2,
+                   "storage without Redis")
+        ok(one(t, persist3(run, conv)), "persist with Redis unreachable")
+    finally:
+        os.rename(away, t.redis.sock)
+    h.wait_for(lambda: redis(t, "GET", "troupe:lock:conv:" + conv) is None,
+               15, 0.2, "run's lock released once Redis is back")
+    h.eq(hash_of(t, run).get("status"), "completed", "run's hash")
 
 
 def test_pg_down():

@@ -7,6 +7,8 @@
  *   ok       200, a chat completion ("hi \"there\"", usage 3 + 5)
  *   r429     429 with Retry-After: 7
  *   s500     500
+ *   s503     503 with Retry-After: 3, x-ratelimit-remaining-requests: 0
+ *   coze4009 200 {"code":4009} (Coze's throttle in a 200)
  *   garbage  200, not JSON
  *   nochoice 200, JSON without choices
  *   big      200, a 5000-byte body with Content-Length
@@ -226,6 +228,14 @@ fake_answer(struct fake_srv *s, struct fake_conn *c, const char *path)
 	else if (strncmp(seg, "r429/", 5) == 0)
 		fake_send(c->fd, "429 Too Many Requests", "Retry-After: 7\r\n",
 		          "{\"error\":{\"message\":\"slow down\"}}", 0);
+	else if (strncmp(seg, "coze4009/", 9) == 0)
+		fake_send(c->fd, "200 OK", "",
+		          "{\"code\":4009,\"msg\":\"too many requests\"}", 0);
+	else if (strncmp(seg, "s503/", 5) == 0)
+		fake_send(c->fd, "503 Service Unavailable",
+		          "Retry-After: 3\r\nx-ratelimit-remaining-requests: 0"
+		          "\r\n",
+		          "{}", 0);
 	else if (strncmp(seg, "s500/", 5) == 0)
 		fake_send(c->fd, "500 Internal Server Error", "", "{}", 0);
 	else if (strncmp(seg, "garbage/", 8) == 0)

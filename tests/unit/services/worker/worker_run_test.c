@@ -569,16 +569,138 @@ t_run_ctx_undecodable(void)
 	teardown();
 }
 
+/* A v1 run the upstream throttles is handed back to the dispatcher:
+ * nobody is answered, RUN_DONE has status 0, the signal (429, its
+ * Retry-After: 7 as a 7 s backoff) and the bot; the next run of the same
+ * bot to the same upstream is handed back before calling it. */
 static void
 t_run_upstream_429(void)
 {
+	const struct sent *s;
+	struct run_done d;
+
 	setup();
 	assign("req-6", "h", now_wall_ms() + 10000);
 	ctx_reply("req-6", 200, upstream_url("r429"));
-	wait_sent(3, 5000);
-	expect_reply(1, 503, 5030, "upstream rate limited", 7);
-	expect_done(2, "req-6", 503, 429);
+	wait_sent(2, 5000);
+	s = expect(1, "dispatcher", MSG_RUN_DONE);
+	T_EQ_INT(run_done_decode(s->body.b, s->body.len, &d), 0);
+	T_EQ_STR(s->reqid, "req-6");
+	T_EQ_INT(d.status, 0);
+	T_EQ_INT(d.upstream_status, 429);
+	T_EQ_INT(d.throttled, 1);
+	T_ASSERT(d.rl_seen & RL_SEEN_STATUS);
+	T_ASSERT(d.rl_seen & RL_SEEN_RETRY_AFTER);
+	T_EQ_INT(d.backoff_ms, 7000);
+	T_EQ_MEM(d.bot_id.p, d.bot_id.n, "bot7");
+	/* held back: the second run is handed back without a call */
+	assign("req-6b", "h", now_wall_ms() + 10000);
+	ctx_reply("req-6b", 200, upstream_url("r429"));
+	wait_sent(4, 5000);
+	s = expect(3, "dispatcher", MSG_RUN_DONE);
+	T_EQ_INT(run_done_decode(s->body.b, s->body.len, &d), 0);
+	T_EQ_STR(s->reqid, "req-6b");
+	T_EQ_INT(d.status, 0);
+	T_EQ_INT(d.upstream_status, 0);
+	T_EQ_INT(d.throttled, 0);
+	T_ASSERT(d.backoff_ms > 5000 && d.backoff_ms <= 7000);
 	teardown();
+}
+
+/* A 503 with Retry-After and Coze's 4009 in a 200 are throttles too. */
+static void
+t_run_upstream_503_coze(void)
+{
+	const struct sent *s;
+	struct run_done d;
+
+	setup();
+	assign("req-7a", "h", now_wall_ms() + 10000);
+	ctx_reply("req-7a", 200, upstream_url("s503"));
+	wait_sent(2, 5000);
+	s = expect(1, "dispatcher", MSG_RUN_DONE);
+	T_EQ_INT(run_done_decode(s->body.b, s->body.len, &d), 0);
+	T_EQ_INT(d.status, 0);
+	T_EQ_INT(d.upstream_status, 503);
+	T_EQ_INT(d.throttled, 1);
+	T_EQ_INT(d.backoff_ms, 3000);
+	T_EQ_INT(d.rl_remaining, 0);
+	T_ASSERT(d.rl_seen & RL_SEEN_OPENAI);
+	assign("req-7b", "h", now_wall_ms() + 10000);
+	ctx_reply("req-7b", 200, upstream_url("coze4009"));
+	wait_sent(4, 5000);
+	s = expect(3, "dispatcher", MSG_RUN_DONE);
+	T_EQ_INT(run_done_decode(s->body.b, s->body.len, &d), 0);
+	T_EQ_INT(d.status, 0);
+	T_EQ_INT(d.upstream_status, 200);
+	T_EQ_INT(d.throttled, 1);
+	T_ASSERT(d.rl_seen & RL_SEEN_COZE);
+	T_EQ_INT(d.backoff_ms, 1000); /* no Retry-After: 1 s */
+	teardown();
+}
+
+/* The strongest signal of a run wins; waits take the longest. */
+static void
+t_signal_merge(void)
+{
+	struct rl_signal acc, a, b;
+
+	rl_signal_init(&acc);
+	rl_signal_init(&a);
+	rl_signal_header(&a, "x-ratelimit-remaining-requests", 30, "5", 1, 0);
+	rl_signal_finish(&a);
+	worker_run_signal_merge(&acc, &a);
+	T_EQ_INT(acc.remaining, 5);
+	T_EQ_INT(acc.throttled, 0);
+	rl_signal_init(&b);
+	rl_signal_status(&b, 429);
+	rl_signal_header(&b, "Retry-After", 11, "3", 1, 0);
+	rl_signal_finish(&b);
+	worker_run_signal_merge(&acc, &b);
+	T_EQ_INT(acc.throttled, 1);
+	T_EQ_INT(acc.retry_after_ms, 3000);
+	T_ASSERT(acc.seen & RL_SEEN_OPENAI);
+	T_ASSERT(acc.seen & RL_SEEN_STATUS);
+	/* a weaker one later changes nothing but the dialects */
+	worker_run_signal_merge(&acc, &a);
+	T_EQ_INT(acc.throttled, 1);
+	T_EQ_INT(rl_signal_backoff_ms(&acc), 3000);
+	/* two throttles: the longer wait */
+	rl_signal_init(&b);
+	rl_signal_status(&b, 503);
+	rl_signal_header(&b, "Retry-After", 11, "9", 1, 0);
+	rl_signal_finish(&b);
+	worker_run_signal_merge(&acc, &b);
+	T_EQ_INT(acc.retry_after_ms, 9000);
+}
+
+/* Pauses are per upstream and bot; the table forgets the earliest. */
+static void
+t_pause_table(void)
+{
+	struct worker pw;
+	char url[64];
+
+	memset(&pw, 0, sizeof(pw));
+	worker_run_pause_set(&pw, "http://u1", MSTR_LIT("a"), 5000);
+	T_EQ_INT(worker_run_pause_left(&pw, "http://u1", MSTR_LIT("a"), 1000),
+	         4000);
+	T_EQ_INT(worker_run_pause_left(&pw, "http://u1", MSTR_LIT("b"), 1000),
+	         0);
+	T_EQ_INT(worker_run_pause_left(&pw, "http://u2", MSTR_LIT("a"), 1000),
+	         0);
+	T_EQ_INT(worker_run_pause_left(&pw, "http://u1", MSTR_LIT("a"), 5000),
+	         0);
+	worker_run_pause_set(&pw, "http://u1", MSTR_LIT("a"), 3000);
+	T_EQ_INT(worker_run_pause_left(&pw, "http://u1", MSTR_LIT("a"), 1000),
+	         4000); /* never shortened */
+	for (int i = 0; i < WORKER_PAUSES; i++) {
+		snprintf(url, sizeof(url), "http://x%d", i);
+		worker_run_pause_set(&pw, url, MSTR_LIT("a"),
+		                     10000 + (uint64_t)i);
+	}
+	T_EQ_INT(worker_run_pause_left(&pw, "http://x63", MSTR_LIT("a"), 0),
+	         10063);
 }
 
 static void
@@ -1914,6 +2036,9 @@ T_TESTS = {
         {"run_ctx_error", t_run_ctx_error},
         {"run_ctx_undecodable", t_run_ctx_undecodable},
         {"run_upstream_429", t_run_upstream_429},
+        {"run_upstream_503_coze", t_run_upstream_503_coze},
+        {"signal_merge", t_signal_merge},
+        {"pause_table", t_pause_table},
         {"run_upstream_invalid", t_run_upstream_invalid},
         {"run_upstream_deadline", t_run_upstream_deadline},
         {"run_bad_url", t_run_bad_url},

@@ -438,9 +438,12 @@ t_classify_http(void)
 	T_EQ_STR(a.msg, "upstream status 500");
 	T_EQ_INT(a.retry_after, 0);
 
+	/* a 503 is a throttle (overload), never a 502 */
 	classify(&a, CURLE_OK, 503, "30", 0, "");
-	T_EQ_INT(a.status, 502);
-	T_EQ_STR(a.msg, "upstream status 503");
+	T_EQ_INT(a.status, 503);
+	T_EQ_INT(a.code, 5030);
+	T_EQ_STR(a.msg, "upstream overloaded");
+	T_EQ_INT(a.retry_after, 30);
 
 	classify(&a, CURLE_OK, 302, NULL, 0, "");
 	T_EQ_INT(a.status, 502);
@@ -1224,7 +1227,32 @@ t_post(void)
 	teardown();
 }
 
+/* Coze business codes in error bodies: top level or under "error";
+ * OpenAI's string codes are not numbers; garbage is no code. */
+static void
+t_coze_code(void)
+{
+	int64_t c = 0;
+
+	T_EQ_INT(worker_upstream_coze_code("{\"code\":4009,\"msg\":\"x\"}", 31,
+	                                   &c),
+	         0);
+	T_EQ_INT(c, 4009);
+	T_EQ_INT(worker_upstream_coze_code("{\"error\":{\"code\":\"4013\"}}",
+	                                   25, &c),
+	         0);
+	T_EQ_INT(c, 4013);
+	T_EQ_INT(worker_upstream_coze_code(
+	                 "{\"error\":{\"code\":\"rate_limit_exceeded\"}}", 40,
+	                 &c),
+	         -1);
+	T_EQ_INT(worker_upstream_coze_code("<html>", 6, &c), -1);
+	T_EQ_INT(worker_upstream_coze_code("{\"code\":1e300}", 14, &c), -1);
+	T_EQ_INT(worker_upstream_coze_code(NULL, 0, &c), -1);
+}
+
 T_TESTS = {
+        {"coze_code", t_coze_code},
         {"url", t_url},
         {"request_exact", t_request_exact},
         {"request_minimal", t_request_minimal},
