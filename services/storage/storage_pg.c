@@ -598,10 +598,14 @@ storage_pg_accepting(const struct storage_pg *pg)
 		return (0);
 	/* Until the first success after start, wait for the attempt in
 	 * progress rather than refuse what comes in the first moments (it
-	 * is bounded by the timeout); later outages fail fast. */
+	 * is bounded by the timeout); later outages fail fast.  That
+	 * includes the first attempt not yet begun (it starts from a timer,
+	 * and the envelopes our peers kept for us during a restart can come
+	 * in the loop turn before it). */
 	return (pg->state == PG_READY ||
 	        (!pg->ever_up &&
-	         (pg->state == PG_CONNECTING || pg->state == PG_SETUP)));
+	         (pg->state == PG_CONNECTING || pg->state == PG_SETUP ||
+	          (pg->state == PG_DOWN && !pg->outage))));
 }
 
 int

@@ -264,12 +264,7 @@ def shutdown():
 
 
 def sanitized():
-    """Whether TROUPE_BUILD is the AddressSanitizer build."""
-    try:
-        with open(os.path.join(h.BUILD, "CMakeCache.txt")) as f:
-            return "TROUPE_SANITIZE:BOOL=ON" in f.read()
-    except OSError:
-        return False
+    return h.sanitized()
 
 
 def install():

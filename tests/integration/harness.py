@@ -155,6 +155,15 @@ def binary(kind):
     return found
 
 
+def sanitized():
+    """Whether TROUPE_BUILD is the AddressSanitizer build."""
+    try:
+        with open(os.path.join(BUILD, "CMakeCache.txt")) as f:
+            return "TROUPE_SANITIZE:BOOL=ON" in f.read()
+    except OSError:
+        return False
+
+
 def clean_env(extra=None):
     """The environment for a child: ours minus Troupe/systemd settings."""
     env = {k: v for k, v in os.environ.items()
