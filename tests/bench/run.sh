@@ -16,6 +16,11 @@ if [ "${1:-}" = soak ]; then # issue 7's soak (soak.py): 10 min by default
 	exec timeout --signal=TERM --kill-after=30 \
 		$((${BENCH_SOAK_S:-600} + 300)) python3 "$here/soak.py" "$@"
 fi
+if [ "${1:-}" = hostile ]; then # issue 7's hostile clients (hostile.py)
+	shift
+	exec timeout --signal=TERM --kill-after=30 600 \
+		python3 "$here/hostile.py" "$@"
+fi
 if [ "${1:-}" = ebpf ]; then # eBPF probes on vs off (ebpf_cost.py)
 	shift
 	exec timeout --signal=TERM --kill-after=30 600 \
