@@ -236,6 +236,23 @@ auth_lim_unknown(struct auth *a, const struct msg_head *in, const char *to,
 	auth_reply(a, in, to, 503, 5030, "rate limiter unavailable", 1);
 }
 
+/* A parked check storage did not answer (unknown, or past check_ms):
+ * decode the parked request and apply on_redis_down; frees l. */
+static void
+auth_lim_untold(struct auth *a, struct auth_lim *l)
+{
+	struct chat_request req = {0};
+
+	if (!l->l_shadow &&
+	    chat_request_decode(l->l_body, l->l_body_len, &req) == -1)
+		auth_reply(a, &l->l_head, l->l_to, 500, 5000, "internal error",
+		           0);
+	else
+		auth_lim_unknown(a, &l->l_head, l->l_to, &req, l->l_sub,
+		                 l->l_scopes, l->l_shadow);
+	free(l);
+}
+
 /* A request whose route has a limit: enforce parks it until storage's
  * LIMIT_REPLY; shadow sends it on at once and only counts the answer. */
 static void
@@ -622,15 +639,7 @@ auth_limit_reply(struct auth *a, const struct msg *m,
 	auth_lim_arm(a);
 	if (r->status > 1) {
 		(*a->st.lim_unknown)++;
-		req = (struct chat_request){0};
-		if (!l->l_shadow &&
-		    chat_request_decode(l->l_body, l->l_body_len, &req) == -1)
-			auth_reply(a, &l->l_head, l->l_to, 500, 5000,
-			           "internal error", 0);
-		else
-			auth_lim_unknown(a, &l->l_head, l->l_to, &req,
-			                 l->l_sub, l->l_scopes, l->l_shadow);
-		free(l);
+		auth_lim_untold(a, l);
 		return;
 	}
 	if (a->lim_failing) {
@@ -694,20 +703,11 @@ void
 auth_dispatch_limit_timer(struct auth *a)
 {
 	uint64_t now = loop_now(a->svc.loop);
-	struct chat_request req;
 	struct auth_lim *l;
 
 	while ((l = auth_limits_overdue(&a->lims, now)) != NULL) {
 		(*a->st.lim_timeout)++;
-		req = (struct chat_request){0};
-		if (!l->l_shadow &&
-		    chat_request_decode(l->l_body, l->l_body_len, &req) == -1)
-			auth_reply(a, &l->l_head, l->l_to, 500, 5000,
-			           "internal error", 0);
-		else
-			auth_lim_unknown(a, &l->l_head, l->l_to, &req,
-			                 l->l_sub, l->l_scopes, l->l_shadow);
-		free(l);
+		auth_lim_untold(a, l);
 	}
 	auth_lim_arm(a);
 }

@@ -204,6 +204,20 @@ def locust(tmp, port, secret, bot):
             "p99": float(r["99%"])}
 
 
+def chat_ready(t):
+    """Start t with the demo bot and check that a chat works; the
+    environment of chat.lua, or None (said why)."""
+    t.start()
+    t.add_bot()
+    tok = t.token(ttl=24 * 3600)
+    r = t.chat("warm up")
+    if r.status != 200:
+        say("chat does not work (%r); logs:\n%s" % (r, t.log_tails()))
+        return None
+    return {"TROUPE_BENCH_TOKEN": tok, "TROUPE_BENCH_BOT": h.DEMO_BOT,
+            "TROUPE_BENCH_HISTORIES": "64"}
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="troupe-bench-")
     os.chmod(tmp, 0o755)
@@ -217,15 +231,10 @@ def main():
                  workers_min=WMIN, workers_max=WMAX,
                  sim_args=["--latency-ms", "0"])
     try:
-        t.start()
-        t.add_bot()
-        tok = t.token(ttl=24 * 3600)
-        r = t.chat("warm up")
-        if r.status != 200:
-            say("chat does not work (%r); logs:\n%s" % (r, t.log_tails()))
+        env = chat_ready(t)
+        if env is None:
             return 1
-        env = {"TROUPE_BENCH_TOKEN": tok, "TROUPE_BENCH_BOT": h.DEMO_BOT,
-               "TROUPE_BENCH_HISTORIES": "64"}
+        tok = env["TROUPE_BENCH_TOKEN"]
         say("")
         rows = [
             wrk_series("nginx /", "http://127.0.0.1:%d/" % ngx_port),

@@ -117,15 +117,9 @@ def main():
                  workers_min=bench.WMIN, workers_max=bench.WMAX,
                  sim_args=["--latency-ms", "0"])
     try:
-        t.start()
-        t.add_bot()
-        tok = t.token(ttl=24 * 3600)
-        r = t.chat("warm up")
-        if r.status != 200:
-            say("chat does not work (%r); logs:\n%s" % (r, t.log_tails()))
+        env = bench.chat_ready(t)
+        if env is None:
             return 1
-        env = {"TROUPE_BENCH_TOKEN": tok, "TROUPE_BENCH_BOT": h.DEMO_BOT,
-               "TROUPE_BENCH_HISTORIES": "64"}
         url = "http://127.0.0.1:%d/v1/bot/chat" % t.edge_port
         script = os.path.join(HERE, "chat.lua")
         set_probes(t, True)

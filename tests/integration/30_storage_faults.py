@@ -25,7 +25,6 @@ import harness as h
 PG_TIMEOUT_MS = 1500
 REDIS_TIMEOUT_MS = 700
 BOT = "storage-test-bot"
-_names = [0]
 
 
 def cluster():
@@ -52,24 +51,8 @@ def cluster():
 
 def drive(t, cmds, kind="worker", final_ms=10000):
     """Send cmds through a fresh mailbox; the answers by reqid."""
-    _names[0] += 1
-    name = "%s-%d%03d" % ("worker" if kind == "worker" else "troupectl",
-                          os.getpid() % 1000, _names[0])
-    for i, c in enumerate(cmds):
-        c.setdefault("reqid", "r%d" % i)
-    inp = "".join(json.dumps(c) + "\n" for c in cmds)
-    p = subprocess.run([h.binary("storage_drive"), "-c", t.conf_path,
-                        "-n", name, "-t", str(final_ms)], input=inp,
-                       capture_output=True, text=True, env=h.clean_env(),
-                       timeout=final_ms / 1000 + 30)
-    out = {}
-    for ln in p.stdout.splitlines():
-        j = json.loads(ln)
-        if "reqid" in j:
-            out[j["reqid"]] = j
-        elif j.get("type") != "TIMEOUT":
-            raise h.Failure("storage_drive: %s" % ln)
-    return out
+    return h.storage_drive(t, cmds, "worker" if kind == "worker"
+                           else "troupectl", final_ms)
 
 
 def one(t, cmd, kind="worker", final_ms=10000):

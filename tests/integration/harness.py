@@ -164,6 +164,34 @@ def sanitized():
         return False
 
 
+_drive_n = [0]
+
+
+def storage_drive(t, cmds, kind="worker", final_ms=10000):
+    """Send cmds (dicts, JSON lines) to troupe-storage through
+    storage_drive (tests/unit/services/storage/storage_drive.c) from a
+    fresh mailbox named after kind ("worker", "auth", "troupectl", ...);
+    the answers by reqid (default "r<i>").  Fails on a line that is
+    neither an answer nor the final TIMEOUT."""
+    _drive_n[0] += 1
+    name = "%s-%d%03d" % (kind, os.getpid() % 1000, _drive_n[0])
+    for i, c in enumerate(cmds):
+        c.setdefault("reqid", "r%d" % i)
+    inp = "".join(json.dumps(c) + "\n" for c in cmds)
+    p = subprocess.run([binary("storage_drive"), "-c", t.conf_path,
+                        "-n", name, "-t", str(final_ms)], input=inp,
+                       capture_output=True, text=True, env=clean_env(),
+                       timeout=final_ms / 1000 + 30)
+    out = {}
+    for ln in p.stdout.splitlines():
+        j = json.loads(ln)
+        if "reqid" in j:
+            out[j["reqid"]] = j
+        elif j.get("type") != "TIMEOUT":
+            raise Failure("storage_drive: %s" % ln)
+    return out
+
+
 def clean_env(extra=None):
     """The environment for a child: ours minus Troupe/systemd settings."""
     env = {k: v for k, v in os.environ.items()

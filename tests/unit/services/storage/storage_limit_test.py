@@ -10,9 +10,7 @@ troupe:rl:<key> with a PX expiry; keys are independent; SCRIPT FLUSH
 (NOSCRIPT) is survived; invalid checks and Redis down answer "unknown"
 (status 2).
 """
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -31,21 +29,9 @@ def cluster():
 
 def drive(t, cmds, final_ms=8000):
     """LIMIT_CHECKs from a fresh auth-* mailbox; answers in order."""
-    _n[0] += 1
-    name = "auth-%d%03d" % (os.getpid() % 1000, _n[0])
-    for i, c in enumerate(cmds):
-        c.setdefault("reqid", "r%d" % i)
+    for c in cmds:
         c.setdefault("cmd", "limit")
-    inp = "".join(json.dumps(c) + "\n" for c in cmds)
-    p = subprocess.run([h.binary("storage_drive"), "-c", t.conf_path,
-                        "-n", name, "-t", str(final_ms)], input=inp,
-                       capture_output=True, text=True, env=h.clean_env(),
-                       timeout=final_ms / 1000 + 30)
-    out = {}
-    for ln in p.stdout.splitlines():
-        j = json.loads(ln)
-        if "reqid" in j:
-            out[j["reqid"]] = j
+    out = h.storage_drive(t, cmds, "auth", final_ms)
     return [out.get("r%d" % i) for i in range(len(cmds))]
 
 

@@ -16,7 +16,6 @@ memory and written back, nonces refused) and PostgreSQL down (503/5030).
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -48,23 +47,7 @@ def cluster():
 
 def drive(t, cmds, kind="worker", final_ms=8000):
     """Send cmds from a fresh mailbox of that kind; answers by reqid."""
-    _n[0] += 1
-    name = "%s-%d%03d" % (kind, os.getpid() % 1000, _n[0])
-    for i, c in enumerate(cmds):
-        c.setdefault("reqid", "r%d" % i)
-    inp = "".join(json.dumps(c) + "\n" for c in cmds)
-    p = subprocess.run([h.binary("storage_drive"), "-c", t.conf_path,
-                          "-n", name, "-t", str(final_ms)], input=inp,
-                         capture_output=True, text=True,
-                         env=h.clean_env(), timeout=final_ms / 1000 + 30)
-    out = {}
-    for ln in p.stdout.splitlines():
-        j = json.loads(ln)
-        if "reqid" in j:
-            out[j["reqid"]] = j
-        elif j.get("type") != "TIMEOUT":
-            raise h.Failure("storage_drive: %s" % ln)
-    return out
+    return h.storage_drive(t, cmds, kind, final_ms)
 
 
 def one(t, cmd, kind="worker"):
