@@ -4,13 +4,16 @@
  * (JOURNAL_STREAM names it) lines go to journald through sd_journal_send()
  * with structured fields (SERVICE, REQUEST_ID, TRACE_ID, BOT_ID) and
  * nothing is written to stderr, so no line is logged twice.  Otherwise one
- * line per message on stderr: "service[pid]: level: text".
+ * line per message on stderr: "service[pid]: level: text", preceded by the
+ * wall-clock time ("2026-11-22T12:05:54.019Z ") when TROUPE_LOG_TIME=1.
  */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -22,6 +25,7 @@
 static char log_service[64] = "troupe";
 static int log_level = LOG_L_INFO;
 static int log_journal;
+static int log_time;
 
 static int
 stderr_is_journal(void)
@@ -44,6 +48,24 @@ log_init(const char *service, int level)
 	snprintf(log_service, sizeof(log_service), "%s", service);
 	log_level = level;
 	log_journal = stderr_is_journal();
+	log_time = getenv("TROUPE_LOG_TIME") != NULL &&
+	    strcmp(getenv("TROUPE_LOG_TIME"), "1") == 0;
+}
+
+/* "2026-11-22T12:05:54.019Z " into b, or "" without TROUPE_LOG_TIME. */
+static void
+log_stamp(char *b, size_t len)
+{
+	struct timeval tv;
+	struct tm tm;
+
+	b[0] = '\0';
+	if (!log_time || gettimeofday(&tv, NULL) == -1 ||
+	    gmtime_r(&tv.tv_sec, &tm) == NULL)
+		return;
+	snprintf(b, len, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ ",
+	    tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+	    tm.tm_min, tm.tm_sec, (int)(tv.tv_usec / 1000));
 }
 
 void
@@ -127,13 +149,20 @@ vlog(int level, struct mstr reqid, struct mstr tp, struct mstr bot,
 			sd_journal_sendv(iov, n);
 		}
 	} else if (reqid.n) {
-		fprintf(stderr, "%s[%d]: %s: %s (request %.*s%s%.*s)\n",
-		    log_service, (int)getpid(), level_name(level), msg,
+		char ts[64];
+
+		log_stamp(ts, sizeof(ts));
+		fprintf(stderr, "%s%s[%d]: %s: %s (request %.*s%s%.*s)\n",
+		    ts, log_service, (int)getpid(), level_name(level), msg,
 		    (int)reqid.n, reqid.p, bot.n ? ", bot " : "", (int)bot.n,
 		    bot.p);
-	} else
-		fprintf(stderr, "%s[%d]: %s: %s\n", log_service,
+	} else {
+		char ts[64];
+
+		log_stamp(ts, sizeof(ts));
+		fprintf(stderr, "%s%s[%d]: %s: %s\n", ts, log_service,
 		    (int)getpid(), level_name(level), msg);
+	}
 	errno = saved;
 }
 

@@ -60,7 +60,17 @@ static const char help_extra[] =
         "  aimd_limit_min   aimd: lowest in-flight limit of a bot (1)\n"
         "  throttle_retries requeues of a throttled run (1)\n"
         "  queue_slack_ms   a queued run is refused (503) this long\n"
-        "                   before its deadline (500)\n";
+        "                   before its deadline (500)\n"
+        "  tier_enter_ms    a tier's condition must hold this long (2000)\n"
+        "  tier_leave_ms    ... and be clear this long to leave (10000)\n"
+        "  tier_queue_low_pct  L1 when the run queue is over this % of\n"
+        "                   queue_max (10)\n"
+        "  tier_queue_high_pct L3 over this % (50)\n"
+        "  tier_dep_latency_ms L1 when storage's commit p99 is over it\n"
+        "                   (1000)\n"
+        "  tier_health_stale_ms storage HEALTH older than this is\n"
+        "                   ignored (10000)\n"
+        "Tiers: docs/tiers.md.\n";
 
 static struct dispatcher dispatcher;
 static struct svc svc;

@@ -39,10 +39,21 @@ struct otrace {
 	size_t n;
 };
 
+/* The edge's routes (edge_http.c ep_name) that may carry their own
+ * sampling rate, `[trace] sample.<route>` with '/' as '.'. */
+static const char *const otlp_routes[] = {
+        "/v1/bot/chat",      "/v3/chat",
+        "/v3/chat/retrieve", "/v3/chat/message/list",
+        "/v3/chat/cancel",   "/api/v1/execute",
+        "/healthz",          "/readyz",
+};
+#define OTLP_NROUTES (sizeof(otlp_routes) / sizeof(otlp_routes[0]))
+
 static struct {
 	int on;
 	char url[1024];
 	struct otlp_sampling smp;
+	double route_rate[OTLP_NROUTES]; /* < 0: sample_rate */
 	struct loop *loop;
 	struct loop_timer *timer;
 	struct otrace *tab[OTLP_BUCKETS];
@@ -271,26 +282,40 @@ free_list(struct otlp_span *s)
 	}
 }
 
+/* "/v1/bot/chat" -> "sample.v1.bot.chat" */
+static void
+route_key(const char *route, char *key, size_t len)
+{
+	char *o;
+
+	snprintf(key, len, "sample.%s", route[0] == '/' ? route + 1 : route);
+	for (o = key + 7; *o != '\0'; o++)
+		if (*o == '/')
+			*o = '.';
+}
+
+/* A rate of 0 to 1 from v, or -1. */
+static double
+parse_rate(const char *v)
+{
+	char *e;
+	double r = strtod(v, &e);
+
+	return (e == v || *e != '\0' || !(r >= 0.0 && r <= 1.0) ? -1.0 : r);
+}
+
 static void
 decide(struct otrace *t, const struct trace_rec *root)
 {
-	char key[160];
-	const char *v;
 	double rate = O.smp.rate;
 	struct otlp_span *s, *n;
 
-	/* "/v1/bot/chat" -> "sample.v1.bot.chat" */
-	snprintf(key, sizeof(key), "sample.%.*s", (int)root->route.n,
-	         root->route.p);
-	for (char *k = key + 7, *o = key + 7;; k++) {
-		if (*k == '/' && o == key + 7)
-			continue;
-		*o++ = *k == '/' ? '.' : *k;
-		if (*k == '\0')
+	for (size_t i = 0; i < OTLP_NROUTES; i++)
+		if (O.route_rate[i] >= 0.0 &&
+		    mstr_eq(root->route, otlp_routes[i])) {
+			rate = O.route_rate[i];
 			break;
-	}
-	if (root->route.n > 0 && (v = conf_get("trace", key, NULL)) != NULL)
-		rate = strtod(v, NULL);
+		}
 	t->state = otlp_keep(root, &O.smp, rate, draw()) ? T_KEEP : T_DROP;
 	t->since_ms = now_mono_ms();
 	for (s = t->spans; s != NULL; s = n) {
@@ -537,16 +562,27 @@ telemetry_otlp_init(struct loop *l, struct metrics *m, const char *self,
 	        "Spans telemetry did not export, by reason";
 	const char *ep = conf_get("trace", "endpoint", ""), *v;
 	int64_t slow;
-	char *e;
 	double rate;
 	size_t n;
 
 	v = conf_get("trace", "sample_rate", "0.1");
-	rate = strtod(v, &e);
-	if (e == v || *e != '\0' || !(rate >= 0.0 && rate <= 1.0)) {
+	if ((rate = parse_rate(v)) < 0.0) {
 		snprintf(err, errlen,
 		         "[trace] sample_rate = \"%s\": want 0 to 1", v);
 		return (-1);
+	}
+	for (size_t i = 0; i < OTLP_NROUTES; i++) {
+		char key[96];
+
+		route_key(otlp_routes[i], key, sizeof(key));
+		O.route_rate[i] = -1.0;
+		if ((v = conf_get("trace", key, NULL)) == NULL)
+			continue;
+		if ((O.route_rate[i] = parse_rate(v)) < 0.0) {
+			snprintf(err, errlen,
+			         "[trace] %s = \"%s\": want 0 to 1", key, v);
+			return (-1);
+		}
 	}
 	if (conf_get_int("trace", "slow_ms", 2000, 1, 86400000, &slow, err,
 	                 errlen) == -1)

@@ -37,6 +37,8 @@ RECOVER_S = 8.0         # "back to full service within a few seconds"
 CHAT_TIMEOUT_MS = 4000  # [edge] chat_timeout_ms
 CLIENT_TIMEOUT_S = 15   # a request without an answer by then "hung"
 FD_SLACK = 6            # nng pipes re-dialled after a peer's restart
+UPSTREAM_CONNECTIONS = 16   # [worker] upstream_connections: the bound on
+                            # upstream sockets, counted apart from fds
 RSS_SLACK_KB = 16384
 # Under AddressSanitizer freed memory sits in its quarantine, so RSS says
 # nothing about leaks there; LeakSanitizer checks every service at exit.
@@ -113,22 +115,52 @@ class Load:
             return [e for e in self.log if e[0] >= t0]
 
 
+def upstream_inodes(t):
+    """Inodes of TCP sockets connected to the upstream simulator: libcurl's
+    connection cache (at most [worker] upstream_connections per host),
+    which grows when a burst follows an outage; not a leak."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    rport = int(cols[2].rsplit(":", 1)[1], 16)
+                    if rport == t.sim_port:
+                        out.add(cols[9])
+        except OSError:
+            continue
+    return out
+
+
 def proc_sample(t):
-    """{name: (pid, fds, rss_kb)} of every Troupe process and worker."""
+    """{name: (pid, fds, rss_kb, upstream sockets)} of every Troupe
+    process and worker; fds leaves the upstream sockets out."""
     out = {}
     names = [(s, t.pid(s)) for s in t.services]
     names += [("worker:%d" % p, p) for p in t.worker_pids()]
+    up = upstream_inodes(t)
     for name, pid in names:
         if not pid:
             continue
         try:
-            fds = len(os.listdir("/proc/%d/fd" % pid))
+            fds = ups = 0
+            for fd in os.listdir("/proc/%d/fd" % pid):
+                try:
+                    link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                except OSError:
+                    continue
+                if link.startswith("socket:[") and link[8:-1] in up:
+                    ups += 1
+                else:
+                    fds += 1
             with open("/proc/%d/status" % pid) as f:
                 rss = next(int(line.split()[1]) for line in f
                            if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
-        out[name] = (pid, fds, rss)
+        out[name] = (pid, fds, rss, ups)
     return out
 
 
@@ -203,10 +235,14 @@ def inject(t, load, name, fault, heal, kills=()):
     time.sleep(1.0)
     after = proc_sample(t)
     leaks = []
-    for pname, (pid, fds, rss) in before.items():
+    for pname, (pid, fds, rss, _) in before.items():
         if pname not in after or after[pname][0] != pid:
             continue                        # killed and replaced
-        _, fds2, rss2 = after[pname]
+        _, fds2, rss2, ups = after[pname]
+        if ups > UPSTREAM_CONNECTIONS:
+            leaks.append("%s: %d upstream connections, more than "
+                         "[worker] upstream_connections %d" % (
+                             pname, ups, UPSTREAM_CONNECTIONS))
         if SANITIZED:
             rss2 = rss          # ASan's quarantine; LeakSanitizer checks
         if fds2 > fds + FD_SLACK or rss2 > rss + RSS_SLACK_KB:
@@ -232,7 +268,9 @@ def test_faults_under_load():
               "holds freed memory; LeakSanitizer checks leaks at exit), "
               "file descriptors are")
     t = h.troupe(conf={"edge": {"chat_timeout_ms": CHAT_TIMEOUT_MS},
-                       "storage": {"pg_timeout_ms": 1500}},
+                       "storage": {"pg_timeout_ms": 1500},
+                       "worker": {"upstream_connections":
+                                  UPSTREAM_CONNECTIONS}},
                  workers_min=2, workers_max=4)
     t.add_bot()
     load = Load(t)

@@ -62,6 +62,9 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
                    "runtime error:", "SUMMARY: UndefinedBehaviorSanitizer")
 
 VERBOSE = os.environ.get("TROUPE_TEST_VERBOSE") == "1"
+# Services started here put the time on each log line (common/log.c), so
+# a failure's log tails can be read against the test's own timeline.
+os.environ.setdefault("TROUPE_LOG_TIME", "1")
 
 
 class Failure(AssertionError):
