@@ -51,6 +51,7 @@
 #define IPC_PROBE_EVERY_MS 2000          /* listener health check */
 #define IPC_PROBE_WAIT_MS 1000
 #define IPC_REDIAL_MS 2000    /* no pipe this long: a new dialer */
+#define IPC_STALL_MS 3000     /* a pipe but no ack this long: the same */
 #define IPC_RECONN_MAX_MS 250 /* nng's reconnect back-off ceiling */
 #define IPC_PEER_GC_MS 60000  /* forget a peer unreachable this long */
 #define IPC_WINDOW 8192       /* dedup window, in envelopes */
@@ -84,7 +85,9 @@ struct peer {
 	uint64_t next_seq;
 	uint64_t acked;
 	/* loop thread */
-	uint64_t progress_ms; /* last ack progress, or first unacked */
+	uint64_t progress_ms; /* last ack progress or resend, or first unacked
+	                       */
+	uint64_t ack_ms;      /* last ack progress, or first unacked */
 	uint64_t resend_ms;   /* current resend interval */
 	uint64_t down_since;  /* no pipe since (0: up) */
 	uint64_t redial_at;   /* make a new dialer then, if still down */
@@ -631,7 +634,7 @@ send_to(struct ipc *ipc, struct peer *p, uint16_t type,
 	}
 	if (reliable) {
 		if (p->backlog == 0)
-			p->progress_ms = now_mono_ms();
+			p->progress_ms = p->ack_ms = now_mono_ms();
 		p->next_seq++;
 		p->out_count++;
 		p->backlog++;
@@ -723,7 +726,7 @@ peer_acked(struct ipc *ipc, struct peer *p, uint64_t seq)
 	pthread_mutex_lock(&p->mu);
 	if (seq > p->acked && seq < p->next_seq) {
 		p->acked = seq;
-		p->progress_ms = now_mono_ms();
+		p->progress_ms = p->ack_ms = now_mono_ms();
 		p->resend_ms = IPC_RESEND_MS;
 	}
 	while ((bt = p->head) != NULL && bt->last_seq <= p->acked) {
@@ -1106,6 +1109,22 @@ probe_listener(struct ipc *ipc, uint64_t now)
 	ipc->probe_at = now + IPC_PROBE_EVERY_MS;
 }
 
+/* A connected peer that has acknowledged nothing for IPC_STALL_MS while
+ * envelopes wait: its pipe may lead nowhere (a listener whose accept loop
+ * died after the handshake, nng #1518) and resends into it do not help.
+ * A new dialer closes that pipe; at most every IPC_STALL_MS. */
+static int
+peer_stalled(struct peer *p, uint64_t now)
+{
+	int stalled;
+
+	pthread_mutex_lock(&p->mu);
+	stalled = p->head != NULL && now > p->ack_ms &&
+	          now - p->ack_ms >= IPC_STALL_MS && now >= p->redial_at;
+	pthread_mutex_unlock(&p->mu);
+	return (stalled);
+}
+
 void
 ipc_tick(struct ipc *ipc)
 {
@@ -1155,10 +1174,12 @@ ipc_tick(struct ipc *ipc)
 			pthread_mutex_lock(&p->mu);
 			if (p->resend_ms == 0)
 				p->resend_ms = IPC_RESEND_MS;
-			if (p->head != NULL && atomic_exchange(&p->rewind, 0))
+			if (p->head != NULL &&
+			    atomic_exchange(&p->rewind, 0)) {
 				again = 1; /* a new pipe: send it all again */
-			else if (p->head != NULL &&
-			         now - p->progress_ms >= p->resend_ms) {
+				p->ack_ms = now; /* and give it time to ack */
+			} else if (p->head != NULL &&
+			           now - p->progress_ms >= p->resend_ms) {
 				again = 1; /* silence: again, backing off */
 				p->resend_ms =
 				        p->resend_ms * 2 > IPC_RESEND_MAX_MS
@@ -1177,6 +1198,11 @@ ipc_tick(struct ipc *ipc)
 			pthread_mutex_unlock(&p->mu);
 			if (again)
 				kick(p);
+			if (up && peer_stalled(p, now)) {
+				peer_redial(ipc, p);
+				ipc->st.stalls++;
+				p->redial_at = now + IPC_STALL_MS;
+			}
 			if (!up && p->down_since && now > p->down_since &&
 			    now - p->down_since >= IPC_PEER_GC_MS) {
 				*pp = p->hnext;

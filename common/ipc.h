@@ -92,6 +92,7 @@ struct ipc_stats {
 	uint64_t send_refused;          /* ipc_send -1: peer backlog full */
 	uint64_t listener_restarts;     /* our listener had died: re-created */
 	uint64_t redials;       /* a peer's dialer replaced (no pipe) */
+	uint64_t stalls; /* ... (a pipe, no ack for IPC_STALL_MS) */
 	uint64_t refused_peers; /* pipes from another user, closed */
 };
 

@@ -161,6 +161,9 @@ render_ipc(struct svc *s)
 	svc_set_counter(s, "troupe_ipc_redials_total",
 	    "Dialers re-created for peers without a connection", lb,
 	    st.redials);
+	svc_set_counter(s, "troupe_ipc_stalls_total",
+	    "Connections to a peer replaced: nothing acknowledged for 3 s", lb,
+	    st.stalls);
 	svc_set_gauge(s, "troupe_ipc_backlog",
 	    "Envelopes sent and not yet acknowledged, all peers together", lb,
 	    (double)ipc_total_backlog(s->ipc));
@@ -171,6 +174,12 @@ render_ipc(struct svc *s)
 	if (st.redials > s->seen_redials)
 		log_debug("ipc: %llu dialers re-created for unreachable peers",
 		    (unsigned long long)(st.redials - s->seen_redials));
+	if (st.stalls > s->seen_stalls)
+		log_warnx("ipc: %llu peer connections acknowledged nothing for "
+		    "3 s and were replaced (%llu so far)",
+		    (unsigned long long)(st.stalls - s->seen_stalls),
+		    (unsigned long long)st.stalls);
+	s->seen_stalls = st.stalls;
 	s->seen_listener_restarts = st.listener_restarts;
 	s->seen_redials = st.redials;
 }

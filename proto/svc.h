@@ -59,6 +59,7 @@ struct svc {
 	struct metrics *metrics; /* this process's registry */
 	uint64_t seen_listener_restarts; /* ipc stats already logged */
 	uint64_t seen_redials;
+	uint64_t seen_stalls;
 };
 
 /* Parse argv, load config, open log, loop, mailbox.  Exits with a message
