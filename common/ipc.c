@@ -85,8 +85,7 @@ struct peer {
 	uint64_t next_seq;
 	uint64_t acked;
 	/* loop thread */
-	uint64_t progress_ms; /* last ack progress or resend, or first unacked
-	                       */
+	uint64_t progress_ms; /* last ack, resend, or first unacked */
 	uint64_t ack_ms;      /* last ack progress, or first unacked */
 	uint64_t resend_ms;   /* current resend interval */
 	uint64_t down_since;  /* no pipe since (0: up) */
