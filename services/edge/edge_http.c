@@ -186,6 +186,8 @@ struct edge_waiter {
 	unsigned final : 1;     /* the stream ends after q */
 	unsigned dead : 1;      /* dropped; ignore what comes */
 	unsigned tr_client : 1; /* tr is the client's (else ours, a root) */
+	unsigned tp_theirs : 1; /* the client sent a valid traceparent (its
+	                           tracestate goes on), tracing on or off */
 	h2o_generator_t gen;
 	struct buf out; /* bytes of the send in flight */
 	struct buf q;   /* bytes waiting for it */
@@ -1197,7 +1199,8 @@ waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
 	memcpy(w->ent.reqid, id, EDGE_REQID_LEN + 1);
 	/* Our own copy: CLIENT_GONE may need it while the pool goes. */
 	memcpy(w->tr, tr.base, EDGE_TRACE_LEN);
-	w->tr_client = trace_enabled && tr.base != id + EDGE_REQID_LEN + 1;
+	w->tp_theirs = tr.base != id + EDGE_REQID_LEN + 1;
+	w->tr_client = trace_enabled && w->tp_theirs;
 	w->req = req;
 	w->ep = ep;
 	w->trace = h2o_iovec_init(w->tr, EDGE_TRACE_LEN);
@@ -1211,8 +1214,41 @@ waiter_new(h2o_req_t *req, enum edge_ep ep, const char *id, h2o_iovec_t tr,
 		w->deadline_ms = E.redo->deadline_ms;
 		w->resends = E.redo->resends + 1;
 		w->tr_client = E.redo->tr_client;
+		w->tp_theirs = E.redo->tp_theirs;
 	}
 	return (w);
+}
+
+/* The tracestate that goes on with req (in its pool): its tracestate
+ * lines joined by ',', checked and cut by edge_tracestate(); empty when
+ * there is none or it is invalid.  Only asked when the client's own
+ * traceparent goes on (a trace the edge starts has no tracestate). */
+static struct mstr
+req_tracestate(h2o_req_t *req)
+{
+	ssize_t i = -1;
+	size_t len = 0, n;
+	char *all, *out;
+
+	while ((i = h2o_find_header_by_str(&req->headers,
+	                                   H2O_STRLIT("tracestate"), i)) != -1)
+		len += req->headers.entries[i].value.len + 1;
+	if (len == 0)
+		return (MSTR_NULL);
+	all = h2o_mem_alloc_pool(&req->pool, len);
+	len = 0;
+	while ((i = h2o_find_header_by_str(
+	                &req->headers, H2O_STRLIT("tracestate"), i)) != -1) {
+		h2o_iovec_t v = req->headers.entries[i].value;
+
+		if (len > 0)
+			all[len++] = ',';
+		memcpy(all + len, v.base, v.len);
+		len += v.len;
+	}
+	out = h2o_mem_alloc_pool(&req->pool, EDGE_TRACESTATE_MAX);
+	n = edge_tracestate(all, len, out);
+	return (ms(out, n));
 }
 
 /* Send body to auth for w, and park w until its answer; or answer 503 at
@@ -1231,6 +1267,7 @@ waiter_send(struct edge_waiter *w, struct chat_request *body, h2o_iovec_t tok)
 	body->token = ms(tok.base, tok.len);
 	body->sub = MSTR_NULL;
 	body->received_ms = w->received_ms;
+	body->tracestate = w->tp_theirs ? req_tracestate(req) : MSTR_NULL;
 	if (msg_send_chat_request(E.svc->ipc, "auth", &head, body) == -1) {
 		waiter_log(w, 503, 5030);
 		w->req = NULL;

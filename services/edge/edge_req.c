@@ -1,10 +1,10 @@
 /* SPDX-License-Identifier: ISC */
 /*
- * edge_req: request ids, traceparents, the chat body checks (v1 and v3),
- * query strings and answer JSON (see edge_req.h).  Callers: edge_http.c
- * and the unit test.  Pure: it never logs, never reads a clock and never
- * allocates except while parsing a chat body (cJSON, and the normalised
- * messages of a v3 chat).
+ * edge_req: request ids, traceparents, tracestates, the chat body checks
+ * (v1 and v3), query strings and answer JSON (see edge_req.h).  Callers:
+ * edge_http.c and the unit test.  Pure: it never logs, never reads a
+ * clock and never allocates except while parsing a chat body (cJSON, and
+ * the normalised messages of a v3 chat).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,6 +136,125 @@ edge_trace_valid(const char *s, size_t n)
 		return (0);
 	return (hex_ok(s + 3, 32, 1) && hex_ok(s + 36, 16, 1) &&
 	        hex_ok(s + 53, 2, 0));
+}
+
+/*
+ * tracestate (W3C Trace Context level 1, section 3.3): list-members
+ * key=value separated by commas and optional whitespace (OWS, SP or HTAB).
+ *	key   = lcalpha 0*255(lcalpha / DIGIT / "_" / "-" / "*" / "/")
+ *	      / tenant "@" system
+ *	tenant = (lcalpha / DIGIT) 0*240(same), system = lcalpha 0*13(same)
+ *	value = 0*255(chr) nblk-chr, chr %x20-7E but "," and "=", nblk-chr
+ *	        the same without %x20
+ */
+#define TS_MEMBER_LONG 128 /* members this long go first when cutting */
+
+static int
+ts_lcalpha(char c)
+{
+	return (c >= 'a' && c <= 'z');
+}
+
+static int
+ts_keychar(char c)
+{
+	return (ts_lcalpha(c) || (c >= '0' && c <= '9') || c == '_' ||
+	        c == '-' || c == '*' || c == '/');
+}
+
+/* n key characters, the first a lowercase letter (or a digit if digit). */
+static int
+ts_keypart(const char *k, size_t n, size_t max, int digit)
+{
+	if (n == 0 || n > max ||
+	    !(ts_lcalpha(k[0]) || (digit && k[0] >= '0' && k[0] <= '9')))
+		return (0);
+	for (size_t i = 1; i < n; i++)
+		if (!ts_keychar(k[i]))
+			return (0);
+	return (1);
+}
+
+static int
+ts_key_ok(const char *k, size_t n)
+{
+	const char *at = memchr(k, '@', n);
+	size_t t;
+
+	if (at == NULL)
+		return (ts_keypart(k, n, 256, 0));
+	t = (size_t)(at - k);
+	return (ts_keypart(k, t, 241, 1) &&
+	        ts_keypart(at + 1, n - t - 1, 14, 0));
+}
+
+static int
+ts_value_ok(const char *v, size_t n)
+{
+	if (n == 0 || n > 256 || v[n - 1] == ' ')
+		return (0);
+	for (size_t i = 0; i < n; i++)
+		if (v[i] < 0x20 || v[i] > 0x7e || v[i] == ',' || v[i] == '=')
+			return (0);
+	return (1);
+}
+
+size_t
+edge_tracestate(const char *s, size_t n, char *out)
+{
+	struct {
+		const char *p;
+		size_t n, klen;
+	} m[EDGE_TRACESTATE_MEMBERS];
+	const char *p = s, *end = s + n, *e, *eq;
+	size_t k = 0, total = 0, len = 0;
+
+	while (p <= end) {
+		if ((e = memchr(p, ',', (size_t)(end - p))) == NULL)
+			e = end;
+		while (p < e && (*p == ' ' || *p == '\t'))
+			p++;
+		while (e > p && (e[-1] == ' ' || e[-1] == '\t'))
+			e--;
+		if (p < e) { /* empty members are allowed, and dropped */
+			if (k == EDGE_TRACESTATE_MEMBERS ||
+			    (eq = memchr(p, '=', (size_t)(e - p))) == NULL ||
+			    !ts_key_ok(p, (size_t)(eq - p)) ||
+			    !ts_value_ok(eq + 1, (size_t)(e - eq - 1)))
+				return (0);
+			m[k].p = p;
+			m[k].n = (size_t)(e - p);
+			m[k].klen = (size_t)(eq - p);
+			for (size_t i = 0; i < k; i++)
+				if (m[i].klen == m[k].klen &&
+				    memcmp(m[i].p, p, m[k].klen) == 0)
+					return (0);
+			total += m[k].n + (k > 0);
+			k++;
+		}
+		if ((p = memchr(p, ',', (size_t)(end - p))) == NULL)
+			break;
+		p++;
+	}
+	/* Too long: drop the last member over TS_MEMBER_LONG characters,
+	 * then the last one, until it fits. */
+	while (total > EDGE_TRACESTATE_MAX) {
+		size_t i = k;
+
+		while (i > 0 && m[i - 1].n <= TS_MEMBER_LONG)
+			i--;
+		i = i > 0 ? i - 1 : k - 1;
+		total -= m[i].n + (k > 1);
+		memmove(&m[i], &m[i + 1], (k - i - 1) * sizeof(m[0]));
+		k--;
+	}
+	for (size_t i = 0; i < k; i++) {
+		if (i > 0)
+			out[len++] = ',';
+		memcpy(out + len, m[i].p, m[i].n);
+		len += m[i].n;
+	}
+	return (len);
 }
 
 /* A required non-empty string member; -1 with msg naming it. */

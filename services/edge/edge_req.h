@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: ISC */
 /*
  * edge_req: the pure parts of answering one HTTP request at the edge:
- * request ids, W3C traceparent checks and generation, validation of the
+ * request ids, W3C traceparent checks and generation, tracestate checks
+ * and truncation, validation of the
  * /v1/bot/chat and /v3/chat bodies and of the ids of the other v3 routes
  * (query string or JSON body), and the JSON of answers and errors
  * (PRODUCT.md §2).
@@ -18,8 +19,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EDGE_REQID_LEN 32 /* yyyyMMddHHmmss + 18 hex digits */
-#define EDGE_TRACE_LEN 55 /* 00-<32 hex>-<16 hex>-<2 hex> */
+#define EDGE_REQID_LEN 32          /* yyyyMMddHHmmss + 18 hex digits */
+#define EDGE_TRACE_LEN 55          /* 00-<32 hex>-<16 hex>-<2 hex> */
+#define EDGE_TRACESTATE_MAX 512    /* bytes of tracestate sent on at most */
+#define EDGE_TRACESTATE_MEMBERS 32 /* list-members allowed at most */
 
 /* Generator state for request ids and trace ids (one per process). */
 struct edge_ids {
@@ -43,6 +46,15 @@ void edge_trace_new(struct edge_ids *, char *out);
  * 00-<32 lowercase hex>-<16 lowercase hex>-<2 lowercase hex>, with a
  * trace id and a parent id that are not all zeros. */
 int edge_trace_valid(const char *s, size_t n);
+/* Check the tracestate list s (n bytes: the client's tracestate lines
+ * joined with ',') per W3C Trace Context level 1 and write what goes on
+ * to out (EDGE_TRACESTATE_MAX bytes, no NUL): the members, without the
+ * whitespace around them and without empty ones, joined by ','; over
+ * EDGE_TRACESTATE_MAX bytes, whole members are removed from the end, those
+ * longer than 128 characters first.  Returns the length written; 0 when
+ * nothing goes on (s empty, or invalid: a bad key or value, a key twice,
+ * more than EDGE_TRACESTATE_MEMBERS members). */
+size_t edge_tracestate(const char *s, size_t n, char *out);
 
 /* The fields of a /v1/bot/chat body; strings point into root. */
 struct edge_chat {

@@ -104,6 +104,7 @@ struct run {
 	unsigned rounds; /* tool rounds run */
 	uint64_t ptok, ctok;
 	struct mstr chat_id, messages;
+	struct mstr tracestate; /* the client's, sent on with traceparent */
 	/* webhook.execute: query names the plugin, messages holds the
 	 * arguments; the answer is a raw CHAT_REPLY. */
 	int wh;
@@ -610,7 +611,7 @@ run_new(struct worker *w, const struct msg *m, const struct chat_request *q,
 	struct mstr conv_id = conv ? MSTR(conv) : q->history_id;
 	size_t len = m->reqid.n + m->traceparent.n + m->reply_to.n +
 	             q->bot_id.n + q->user_id.n + q->query.n + conv_id.n +
-	             chat_id.n + messages.n + 9;
+	             chat_id.n + messages.n + q->tracestate.n + 10;
 	struct run *r;
 	char *p;
 
@@ -628,7 +629,8 @@ run_new(struct worker *w, const struct msg *m, const struct chat_request *q,
 	p = put_str(p, &r->query, q->query);
 	p = put_str(p, &r->conv_id, conv_id);
 	p = put_str(p, &r->chat_id, chat_id);
-	(void)put_str(p, &r->messages, messages);
+	p = put_str(p, &r->messages, messages);
+	(void)put_str(p, &r->tracestate, q->tracestate);
 	r->head.deadline_ms = deadline_ms;
 	r->hash = run_hash(r->head.reqid);
 	if ((r->timer = loop_timer_new(w->svc.loop, run_expired, r)) == NULL) {
@@ -862,8 +864,8 @@ wh_ctx(struct run *r, const struct ctx_reply *c)
 	    (nh = worker_plugin_headers(pl, body.b, body.len, now / 1000,
 	                                &hdrs, lines)) == -1 ||
 	    (r->call = worker_upstream_post(
-	             w->up, pl->url, &body, r->head.traceparent, lines,
-	             (size_t)nh, timeout, wh_done, r)) == NULL) {
+	             w->up, pl->url, &body, r->head.traceparent, r->tracestate,
+	             lines, (size_t)nh, timeout, wh_done, r)) == NULL) {
 		buf_free(&body);
 		buf_free(&hdrs);
 		log_warnx("%s: cannot start the plugin call", __func__);
@@ -940,7 +942,7 @@ worker_run_ctx(struct worker *w, const struct msg *m,
 	if (worker_upstream_request(&body, c->model, c->system_prompt,
 	                            c->context, r->query) == -1 ||
 	    (r->call = worker_upstream_start(
-	             w->up, r->url, &body, r->head.traceparent,
+	             w->up, r->url, &body, r->head.traceparent, r->tracestate,
 	             (int64_t)(r->head.deadline_ms - now), run_upstream_done,
 	             r)) == NULL) {
 		buf_free(&body);
@@ -1330,7 +1332,7 @@ v3_round(struct run *r)
 	    worker_upstream_request_tail(&body, buf_mstr(&r->extra),
 	                                 buf_mstr(&r->plugins.tools)) == -1 ||
 	    (r->call = worker_upstream_start_stream(
-	             w->up, r->url, &body, r->head.traceparent,
+	             w->up, r->url, &body, r->head.traceparent, r->tracestate,
 	             (int64_t)(r->end_ms - now), v3_delta, v3_upstream_done,
 	             r)) == NULL) {
 		buf_free(&body);
@@ -1458,8 +1460,8 @@ v3_tool_start(struct run *r, struct tool_call *tc)
 	    (nh = worker_plugin_headers(pl, body.b, body.len, now / 1000,
 	                                &hdrs, lines)) == -1 ||
 	    (tc->call = worker_upstream_post(
-	             w->up, pl->url, &body, r->head.traceparent, lines,
-	             (size_t)nh, timeout, v3_tool_done, tc)) == NULL) {
+	             w->up, pl->url, &body, r->head.traceparent, r->tracestate,
+	             lines, (size_t)nh, timeout, v3_tool_done, tc)) == NULL) {
 		v3_tool_error(tc, "plugin %s internal error", tc->name);
 		buf_free(&body);
 	}

@@ -49,6 +49,7 @@
 #define UP_URL_MAX 2048
 #define UP_RETRY_AFTER_MAX 3600
 #define UP_HOST_BUCKETS 64
+#define UP_TRACESTATE_MAX 512 /* the edge cuts it to this */
 
 enum call_state { CALL_QUEUED, CALL_ACTIVE, CALL_DEFERRED };
 
@@ -80,6 +81,9 @@ struct upstream_call {
 	 * at the shared headers, so a call allocates no header list. */
 	struct curl_slist tp_node;
 	char tp_hdr[80];
+	/* The same for tracestate, when the run has one (ts_hdr is ours). */
+	struct curl_slist ts_node;
+	char *ts_hdr;
 	/* Plugin calls: their own header lines, nodes in front of the
 	 * shared ones (xhdr holds the strings). */
 	struct curl_slist *xnodes;
@@ -1100,6 +1104,7 @@ call_free(struct upstream_call *c)
 	buf_free(&c->resp);
 	free(c->xnodes);
 	free(c->xhdr);
+	free(c->ts_hdr);
 	free(c);
 }
 
@@ -1132,6 +1137,10 @@ call_activate(struct upstream *up, struct upstream_call *c)
 		connect_ms = timeout_ms;
 	if (c->stream)
 		headers = up->sheaders;
+	if (c->ts_node.data != NULL) {
+		c->ts_node.next = headers;
+		headers = &c->ts_node;
+	}
 	if (c->tp_node.data != NULL) {
 		c->tp_node.next = headers;
 		headers = &c->tp_node;
@@ -1410,6 +1419,19 @@ traceparent_ok(struct mstr tp)
 	return (1);
 }
 
+/* A tracestate the edge checked: 1 to UP_TRACESTATE_MAX characters of
+ * printable ASCII (no CR or LF can reach the header). */
+static int
+tracestate_ok(struct mstr ts)
+{
+	if (ts.n == 0 || ts.n > UP_TRACESTATE_MAX)
+		return (0);
+	for (uint32_t i = 0; i < ts.n; i++)
+		if (ts.p[i] < 0x20 || ts.p[i] > 0x7e)
+			return (0);
+	return (1);
+}
+
 /* Extra header lines of a plugin call (taken by the call on success). */
 struct call_hdrs {
 	struct curl_slist *nodes;
@@ -1419,7 +1441,7 @@ struct call_hdrs {
 
 static struct upstream_call *
 call_start(struct upstream *up, const char *url, struct buf *body,
-           struct mstr traceparent, int64_t timeout_ms,
+           struct mstr traceparent, struct mstr tracestate, int64_t timeout_ms,
            upstream_delta_cb delta_cb, upstream_done_cb cb, void *arg,
            const struct call_hdrs *post)
 {
@@ -1429,7 +1451,19 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 
 	if ((c = calloc(1, sizeof(*c) + ulen + 1)) == NULL)
 		return (NULL);
+	/* tracestate only goes with the traceparent it belongs to. */
+	if (traceparent_ok(traceparent) && tracestate_ok(tracestate)) {
+		if ((c->ts_hdr = malloc(12 + tracestate.n + 1)) == NULL) {
+			free(c);
+			return (NULL);
+		}
+		memcpy(c->ts_hdr, "tracestate: ", 12);
+		memcpy(c->ts_hdr + 12, tracestate.p, tracestate.n);
+		c->ts_hdr[12 + tracestate.n] = '\0';
+		c->ts_node.data = c->ts_hdr;
+	}
 	if ((hs = host_get(up, url)) == NULL) {
+		free(c->ts_hdr);
 		free(c);
 		return (NULL);
 	}
@@ -1465,6 +1499,7 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 		if (call_activate(up, c) == -1) {
 			c->req = (struct buf){0}; /* the caller's again */
 			host_release(up, hs);
+			free(c->ts_hdr);
 			free(c); /* the headers are the caller's again */
 			return (NULL);
 		}
@@ -1481,23 +1516,24 @@ call_start(struct upstream *up, const char *url, struct buf *body,
 
 struct upstream_call *
 worker_upstream_start(struct upstream *up, const char *url, struct buf *body,
-                      struct mstr traceparent, int64_t timeout_ms,
-                      upstream_done_cb cb, void *arg)
+                      struct mstr traceparent, struct mstr tracestate,
+                      int64_t timeout_ms, upstream_done_cb cb, void *arg)
 {
-	return (call_start(up, url, body, traceparent, timeout_ms, NULL, cb,
-	                   arg, NULL));
+	return (call_start(up, url, body, traceparent, tracestate, timeout_ms,
+	                   NULL, cb, arg, NULL));
 }
 
 struct upstream_call *
 worker_upstream_start_stream(struct upstream *up, const char *url,
                              struct buf *body, struct mstr traceparent,
-                             int64_t timeout_ms, upstream_delta_cb delta_cb,
-                             upstream_done_cb cb, void *arg)
+                             struct mstr tracestate, int64_t timeout_ms,
+                             upstream_delta_cb delta_cb, upstream_done_cb cb,
+                             void *arg)
 {
 	if (delta_cb == NULL)
 		return (NULL);
-	return (call_start(up, url, body, traceparent, timeout_ms, delta_cb,
-	                   cb, arg, NULL));
+	return (call_start(up, url, body, traceparent, tracestate, timeout_ms,
+	                   delta_cb, cb, arg, NULL));
 }
 
 void
@@ -1528,9 +1564,9 @@ worker_upstream_cancel(struct upstream_call *c)
 
 struct upstream_call *
 worker_upstream_post(struct upstream *up, const char *url, struct buf *body,
-                     struct mstr traceparent, const char *const *headers,
-                     size_t nheaders, int64_t timeout_ms, upstream_done_cb cb,
-                     void *arg)
+                     struct mstr traceparent, struct mstr tracestate,
+                     const char *const *headers, size_t nheaders,
+                     int64_t timeout_ms, upstream_done_cb cb, void *arg)
 {
 	struct curl_slist *nodes = NULL;
 	struct upstream_call *c;
@@ -1556,8 +1592,8 @@ worker_upstream_post(struct upstream *up, const char *url, struct buf *body,
 	h.nodes = nodes;
 	h.n = nheaders;
 	h.text = hdr;
-	c = call_start(up, url, body, traceparent, timeout_ms, NULL, cb, arg,
-	               &h);
+	c = call_start(up, url, body, traceparent, tracestate, timeout_ms,
+	               NULL, cb, arg, &h);
 	if (c == NULL) {
 		free(nodes);
 		free(hdr);

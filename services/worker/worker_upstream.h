@@ -168,12 +168,13 @@ void worker_upstream_free(struct upstream *);
 /* POST body (taken: emptied into the call) to url (copied) within
  * timeout_ms (waiting for a free connection included); cb(arg) gets the
  * answer later, from the loop.  traceparent is sent as a header when well
- * formed.  NULL on failure (nothing started, body left with the caller). */
-struct upstream_call *worker_upstream_start(struct upstream *, const char *url,
-                                            struct buf *body,
-                                            struct mstr traceparent,
-                                            int64_t timeout_ms,
-                                            upstream_done_cb cb, void *arg);
+ * formed, and tracestate with it when not empty (printable ASCII, at
+ * most 512 bytes).  NULL on failure (nothing started, body left with the
+ * caller). */
+struct upstream_call *
+worker_upstream_start(struct upstream *, const char *url, struct buf *body,
+                      struct mstr traceparent, struct mstr tracestate,
+                      int64_t timeout_ms, upstream_done_cb cb, void *arg);
 /* Called (from the loop, never inside libcurl) when a streaming call got
  * new content or tool call pieces: content/len is everything so far (valid
  * until the callback returns or cancels the call).  What arrived in one loop
@@ -190,22 +191,22 @@ typedef void (*upstream_delta_cb)(void *arg, const char *content, size_t len);
 struct upstream_call *
 worker_upstream_start_stream(struct upstream *, const char *url,
                              struct buf *body, struct mstr traceparent,
-                             int64_t timeout_ms, upstream_delta_cb,
-                             upstream_done_cb, void *arg);
+                             struct mstr tracestate, int64_t timeout_ms,
+                             upstream_delta_cb, upstream_done_cb, void *arg);
 /* POST body (taken) to url (a plugin) with Content-Type and Accept
- * application/json, traceparent and the nheaders extra header lines
- * (copied; no CR or LF in them), within timeout_ms.  The answer: status
+ * application/json, traceparent (and tracestate, as above) and the
+ * nheaders extra header lines (copied; no CR or LF in them), within
+ * timeout_ms.  The answer: status
  * 200 with the body as content (NUL-terminated) when the call succeeded
  * with a 2xx whose body is JSON; otherwise 502 or 504 with msg one of
  * "timed out", "answered status N", "answered invalid JSON",
  * "unreachable: <curl's text>", "answer too large", "internal error".
  * NULL on failure (nothing started, body left with the caller). */
-struct upstream_call *worker_upstream_post(struct upstream *, const char *url,
-                                           struct buf *body,
-                                           struct mstr traceparent,
-                                           const char *const *headers,
-                                           size_t nheaders, int64_t timeout_ms,
-                                           upstream_done_cb, void *arg);
+struct upstream_call *
+worker_upstream_post(struct upstream *, const char *url, struct buf *body,
+                     struct mstr traceparent, struct mstr tracestate,
+                     const char *const *headers, size_t nheaders,
+                     int64_t timeout_ms, upstream_done_cb, void *arg);
 /* The content a streaming call has received so far (NULL and 0 for
  * none, or for a call that is not a stream); valid until the next loop
  * turn or the call's end. */

@@ -2,10 +2,12 @@
 /*
  * fuzz_chat_json: the JSON bodies and query strings of every chat route
  * the edge parses (services/edge/edge_req.c): /v1/bot/chat, /v3/chat, the
- * ids of /v3/chat/retrieve, message/list and cancel (query and body), and
- * query parameters.  The first byte picks the parser.  Properties: what
- * is accepted has the fields its contract promises (non-empty ids, a
- * query inside the body, ids of 1 to 32 digits).
+ * ids of /v3/chat/retrieve, message/list and cancel (query and body),
+ * query parameters, and the W3C tracestate header.  The first byte picks
+ * the parser.  Properties: what is accepted has the fields its contract
+ * promises (non-empty ids, a query inside the body, ids of 1 to 32
+ * digits; a tracestate of at most 512 printable bytes without spaces
+ * around members, which passes the check again unchanged).
  */
 #include <ctype.h>
 
@@ -44,6 +46,22 @@ v3(const char *s, size_t n)
 }
 
 static void
+tracestate(const char *s, size_t n)
+{
+	char out[EDGE_TRACESTATE_MAX], again[EDGE_TRACESTATE_MAX];
+	size_t len = edge_tracestate(s, n, out);
+
+	fuzz_assert(len <= EDGE_TRACESTATE_MAX);
+	if (len == 0)
+		return;
+	fuzz_assert(out[0] != ' ' && out[len - 1] != ' ');
+	for (size_t i = 0; i < len; i++)
+		fuzz_assert(out[i] >= 0x20 && out[i] <= 0x7e);
+	fuzz_assert(edge_tracestate(out, len, again) == len &&
+	            memcmp(out, again, len) == 0);
+}
+
+static void
 digits(const char *id)
 {
 	size_t n = strlen(id);
@@ -63,7 +81,7 @@ LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
 
 	if (n < 1)
 		return (0);
-	sel = d[0] % 4;
+	sel = d[0] % 5;
 	d++;
 	n--;
 	switch (sel) {
@@ -86,6 +104,9 @@ LLVMFuzzerTestOneInput(const uint8_t *d, size_t n)
 		}
 		free(q);
 		free(b);
+		break;
+	case 4: /* a tracestate header value (lines joined by ',') */
+		tracestate((const char *)d, n);
 		break;
 	default: /* a parameter name, newline, the query string */
 		q = fuzz_field(&d, &n, '\n', &qn);

@@ -138,7 +138,8 @@ def main():
         batch += env
     write("fuzz_envelope", "batch-all", batch)
 
-    # fuzz_chat_json: selector byte 0 v1, 1 v3, 2 ids, 3 query parameter
+    # fuzz_chat_json: selector byte 0 v1, 1 v3, 2 ids, 3 query parameter,
+    # 4 tracestate
     v1 = {"bot_id": SAMPLE["bot_id"], "user_id": "u_1", "query":
           "今天北京天气怎么样?", "history_id": "h_1"}
     write("fuzz_chat_json", "v1", b"\x00" + json.dumps(v1).encode())
@@ -152,6 +153,9 @@ def main():
           b"\x02conversation_id=7400000000000000001&chat_id=74000000000"
           b"00000002\n{\"chat_id\":\"7400000000000000003\"}")
     write("fuzz_chat_json", "query", b"\x03plugin\nplugin=w%20x+y&a=b")
+    write("fuzz_chat_json", "tracestate",
+          b"\x04rojo=00f067aa0ba902b7, ,congo=t61rcWkgMzE,fw529a3039@dt=a b,"
+          + b",".join(b"m%d=%s" % (i, b"v" * 140) for i in range(4)))
 
     # fuzz_jwt: 0 a token as given, 1 header/claims JSON signed by the
     # harness, 2 base64 signing input signed by the harness

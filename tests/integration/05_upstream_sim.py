@@ -5,7 +5,7 @@ Starts the simulator (only it: no Redis, PostgreSQL or services) on free
 loopback ports and checks what tests and benchmarks rely on: the exact
 "sim: messages=..." content, the chat.completion and chunk shapes, stream
 pacing, every [sim:...] directive, 400s, the rate limit and its headers,
-/sim/stats with aborted clients, /sim/config, --ready-file, READY=1 and a
+/sim/stats with aborted clients, /sim/traces, /sim/config, --ready-file, READY=1 and a
 clean exit on SIGTERM.  Run: TROUPE_BUILD=<build dir> python3
 tests/integration/05_upstream_sim.py [name filter...]
 """
@@ -593,6 +593,40 @@ def test_plugin_secret():
         eq(plugin_stats(s, "p")["unauthorized"], 4, "unauthorized count")
         # chat completions do not need the secret
         eq(s.chat("hi").status, 200, "chat without auth")
+    finally:
+        s.stop()
+
+
+def test_sim_traces():
+    """GET /sim/traces: the trace headers of the last 64 chat and plugin
+    requests, oldest first, lines joined with ',', absent ones null."""
+    s = Sim()
+    try:
+        eq(s.req("GET", "/sim/traces").json, {"traces": []}, "none yet")
+        tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        c = s.conn()
+        b = json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}).encode()
+        c.putrequest("POST", CHAT)
+        for k, v in (("Content-Type", "application/json"),
+                     ("Content-Length", str(len(b))), ("traceparent", tp),
+                     ("tracestate", "rojo=1"), ("tracestate", "congo=2")):
+            c.putheader(k, v)
+        c.endheaders(b)
+        eq(c.getresponse().status, 200, "chat")
+        c.close()
+        eq(plugin_post(s, "echo", {}).status, 200, "plugin")
+        eq(s.req("GET", "/sim/traces").json["traces"],
+           [{"path": CHAT, "traceparent": tp, "tracestate": "rojo=1,congo=2"},
+            {"path": "/plugin/echo", "traceparent": None,
+             "tracestate": None}], "what the simulator saw")
+        for i in range(70):
+            s.chat("n%d" % i)
+        tr = s.req("GET", "/sim/traces").json["traces"]
+        eq(len(tr), 64, "traces kept")
+        eq(s.req("POST", "/sim/traces").status, 405, "POST /sim/traces")
+        s.reset()
+        eq(s.req("GET", "/sim/traces").json, {"traces": []}, "after reset")
     finally:
         s.stop()
 

@@ -80,6 +80,23 @@ def test_traceparent_from_client():
     h.eq(m.group(1), tid, "trace id kept from the client's traceparent")
 
 
+def test_tracestate_without_tracing():
+    """With [trace] off (here) the client's trace context still reaches
+    the upstream: its traceparent's trace id and its tracestate."""
+    t = cluster()
+    tid = uuid.uuid4().hex
+    ts = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    r = t.chat("trace state", headers={
+        "traceparent": "00-%s-%s-01" % (tid, uuid.uuid4().hex[:16]),
+        "tracestate": ts})
+    check_ok(r, "trace state")
+    seen = [x for x in h.http_request(t.sim_port, "GET",
+                                      "/sim/traces").json["traces"]
+            if tid in (x["traceparent"] or "")]
+    h.eq([x["tracestate"] for x in seen], [ts],
+         "the tracestate the upstream got")
+
+
 def test_context_by_history_id():
     t = cluster()
     hid = "h_" + uuid.uuid4().hex[:12]

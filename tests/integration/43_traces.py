@@ -4,7 +4,9 @@ what troupe-telemetry exports and checks the OTLP JSON structure of every
 POST; the tests check one span per hop with correct parents, that the
 client's trace id comes back and is kept, that errors and slow runs are
 always exported while sample_rate 0 exports nothing else, that a
-collector refusing a batch gets it again later, and troupectl heatmap.
+collector refusing a batch gets it again later, that a client's W3C
+tracestate reaches the upstream and plugins (checked, cut, or dropped),
+and troupectl heatmap.
 """
 
 import http.server
@@ -294,6 +296,119 @@ def test_v3_stream_trace():
     h.check(int(by["edge"][0]["endTimeUnixNano"]) >=
             int(by["storage.commit"][0]["endTimeUnixNano"]),
             "edge span ends before the commit")
+
+
+def sim_seen(t, tid, path="/v1/chat/completions"):
+    """What the simulator saw of trace tid's requests on path: a list of
+    {"path", "traceparent", "tracestate"} (an absent header is None)."""
+    r = h.http_request(t.sim_port, "GET", "/sim/traces")
+    h.eq(r.status, 200, "GET /sim/traces")
+    return [x for x in r.json["traces"]
+            if x["path"].startswith(path) and x["traceparent"] and
+            x["traceparent"].split("-")[1] == tid]
+
+
+def ts_chat(t, tracestate, traceparent=True):
+    """A /v1/bot/chat with tracestate (a list: one header line each) and
+    a valid traceparent of a new trace (or none, or "bad"); the trace id
+    the chat ran in and the one tracestate the upstream got (None)."""
+    import http.client
+    tid = os.urandom(16).hex()
+    c = http.client.HTTPConnection("127.0.0.1", t.edge_port, timeout=20)
+    c.putrequest("POST", "/v1/bot/chat")
+    body = json.dumps({"bot_id": h.DEMO_BOT, "user_id": "u_ts",
+                       "query": "tracestate"}).encode()
+    c.putheader("Content-Type", "application/json")
+    c.putheader("Content-Length", str(len(body)))
+    c.putheader("Authorization", "Bearer " + t.token())
+    if traceparent == "bad":
+        c.putheader("traceparent", "00-%s-%s-01" % (tid.upper(),
+                                                    os.urandom(8).hex()))
+    elif traceparent:
+        c.putheader("traceparent", "00-%s-%s-01" % (tid,
+                                                    os.urandom(8).hex()))
+    for line in tracestate:
+        c.putheader("tracestate", line)
+    c.endheaders(body)
+    r = c.getresponse()
+    r.read()
+    c.close()
+    h.eq(r.status, 200, "chat with tracestate %r" % (tracestate,))
+    back = r.getheader("traceparent").split("-")[1]
+    if traceparent is True:
+        h.eq(back, tid, "the client's trace id")
+    else:
+        h.check(back != tid.lower(), "a new trace for traceparent %r" %
+                traceparent)
+    seen = sim_seen(t, back)
+    h.eq(len(seen), 1, "upstream calls the simulator saw in trace %s" %
+         back)
+    h.check(seen[0]["traceparent"] is not None, "no traceparent upstream")
+    return seen[0]["tracestate"]
+
+
+def test_tracestate_to_upstream():
+    """W3C tracestate: checked at the edge, carried, sent upstream."""
+    t = setup()
+    ok = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE,fw529a3039@dt=a b"
+    h.eq(ts_chat(t, [ok]), ok, "a valid tracestate, unchanged")
+    # Lines are joined with ','; whitespace and empty members go.
+    h.eq(ts_chat(t, [" rojo=1 ,, ", "congo=2\t"]), "rojo=1,congo=2",
+         "two lines, whitespace and empty members")
+    # Invalid: dropped whole, the chat still answered.
+    for bad in ("Rojo=1", "rojo=1,congo", "rojo=1,rojo=2", "rojo=a=b",
+                ",".join("k%d=v" % i for i in range(33))):
+        h.eq(ts_chat(t, [bad]), None, "invalid tracestate %r" % bad[:40])
+    # Over 512 bytes: whole members go from the end, those over 128
+    # characters first.
+    mid = ["m%d=%s" % (i, "v" * 100) for i in range(4)]       # 103 each
+    big = "big=" + "x" * 200                                   # 204
+    sent = ",".join(mid[:1] + [big] + mid[1:] + ["tail=1"])   # 627
+    h.eq(ts_chat(t, [sent]), ",".join(mid + ["tail=1"]),
+         "the long member removed first")
+    sent = ",".join(mid + ["m4=" + "v" * 100])                # 519
+    h.eq(ts_chat(t, [sent]), ",".join(mid), "the last member removed")
+    # A trace the edge starts carries no tracestate.
+    h.eq(ts_chat(t, [ok], traceparent=False), None,
+         "tracestate without a traceparent")
+    h.eq(ts_chat(t, [ok], traceparent="bad"), None,
+         "tracestate with an invalid traceparent")
+    h.eq(ts_chat(t, []), None, "no tracestate")
+
+
+def test_tracestate_to_plugins():
+    """A v3 chat's tool call: the plugin gets the tracestate too."""
+    import http.client
+    t = setup()
+    bot = "trace-plugin-bot"
+    if not getattr(t, "ts_plugin", False):
+        t.add_bot(bot)
+        t.ctl("plugin", "add", bot, "echo", "--url",
+              t.sim_url.rstrip("/") + "/plugin/echo")
+        t.ts_plugin = True
+    tid = os.urandom(16).hex()
+    ts = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    body = {"bot_id": bot, "user_id": "u_ts", "stream": True,
+            "additional_messages": [{"role": "user", "content_type": "text",
+                                     "content": "tools [sim:tool=echo]"}]}
+    c = http.client.HTTPConnection("127.0.0.1", t.edge_port, timeout=20)
+    c.request("POST", "/v3/chat", json.dumps(body).encode(),
+              {"Content-Type": "application/json",
+               "traceparent": "00-%s-%s-01" % (tid, os.urandom(8).hex()),
+               "tracestate": ts,
+               "Authorization": "Bearer " + t.token()})
+    r = c.getresponse()
+    h.eq(r.status, 200, "v3 stream status")
+    text = r.read().decode()
+    c.close()
+    h.check("tool_response" in text and "event:done" in
+            text.replace(" ", ""), "the tool ran: %r" % text[-300:])
+    plug = sim_seen(t, tid, "/plugin/echo")
+    h.eq(len(plug), 1, "plugin calls of the trace")
+    h.eq(plug[0]["tracestate"], ts, "the plugin's tracestate")
+    ups = sim_seen(t, tid)
+    h.eq(len(ups), 2, "LLM calls of the trace (before and after the tool)")
+    h.eq([u["tracestate"] for u in ups], [ts, ts], "the LLM's tracestate")
 
 
 def fetch(t, path, method="GET"):

@@ -4,7 +4,8 @@ a calling platform signs (hex SHA-1 of timestamp + nonce + token + body),
 Troupe checks the signature, the clock and the nonce (Redis), runs the
 bot's registered plugin (served by troupe-upstream-sim, with its token or
 HMAC checked) and answers {"status","message","data"}; every failure in
-that shape, with X-Tt-Logid.
+that shape, with X-Tt-Logid; the caller's traceparent and tracestate
+reach the plugin.
 """
 import hashlib
 import json
@@ -92,6 +93,27 @@ def test_good_call():
              sig=sign(ts, nonce, body).upper())
     h.eq(shape(r, 200, "upper-case signature")["data"]["result"],
          {"a": "b"}, "echoed")
+
+
+def test_trace_context_reaches_the_plugin():
+    """The caller's traceparent (its trace id) and tracestate reach the
+    plugin; a tracestate without a traceparent does not."""
+    t = cluster()
+    tid = uuid.uuid4().hex
+    ts = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    tp = "00-%s-%s-01" % (tid, uuid.uuid4().hex[:16])
+    shape(call(t, "echo", {"q": 1}, extra={"traceparent": tp,
+                                            "tracestate": ts}),
+          200, "echo with trace context")
+    r = call(t, "echo", {"q": 2}, extra={"tracestate": ts})
+    shape(r, 200, "echo with a tracestate alone")
+    own = r.headers["traceparent"].split("-")[1]
+    seen = h.http_request(t.sim_port, "GET", "/sim/traces").json["traces"]
+    got = {x["traceparent"].split("-")[1]: x["tracestate"] for x in seen
+           if x["path"] == "/plugin/echo" and x["traceparent"]}
+    h.eq(got.get(tid), ts, "the plugin's tracestate")
+    h.check(own in got, "no plugin call in the edge's trace %s" % own)
+    h.eq(got[own], None, "tracestate of a trace the edge started")
 
 
 def test_auth_failures():

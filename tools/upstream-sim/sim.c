@@ -67,6 +67,8 @@
 #define SIM_MAX_PLUGINS 64  /* plugin names counted in /sim/stats */
 #define SIM_PLUGIN_TICK 50  /* ms between checks of a delayed plugin */
 #define SIM_PLUGIN_SKEW 300 /* s an HMAC timestamp may be off */
+#define SIM_TRACES 64       /* requests /sim/traces remembers */
+#define SIM_TRACE_MAX 1024  /* bytes of a header value kept */
 
 /* A growable scratch string (reused across requests: no malloc per
  * request once warm).  oom sticks until reset. */
@@ -163,6 +165,18 @@ static struct {
 } stats;
 
 static const char *g_plugin_secret; /* --plugin-secret */
+
+/*
+ * The trace headers of the last SIM_TRACES chat and plugin requests
+ * (GET /sim/traces), so a test can see what Troupe's worker sent on.
+ * Several lines of one header are joined with ','; len -1: absent.
+ */
+static struct sim_trace {
+	char path[80];
+	char tp[SIM_TRACE_MAX], ts[SIM_TRACE_MAX];
+	int tplen, tslen;
+} g_traces[SIM_TRACES];
+static uint64_t g_ntraces; /* recorded since the start or reset */
 
 static struct {
 	unsigned latency_ms;
@@ -1225,6 +1239,78 @@ chat_delay_cb(h2o_timeout_entry_t *entry)
 /* Parse, plan and build the whole answer now; send it now or after the
  * delay.  Everything the answer needs is copied into the pool, so the
  * cJSON tree is freed before returning. */
+/* The value of header name in req, its lines joined with ',' (at most
+ * SIM_TRACE_MAX bytes kept) into out; -1 if absent. */
+static int
+trace_hdr(h2o_req_t *req, const char *name, size_t nlen, char *out)
+{
+	ssize_t i = -1;
+	size_t len = 0, k;
+	int any = 0;
+
+	while ((i = h2o_find_header_by_str(&req->headers, name, nlen, i)) !=
+	       -1) {
+		h2o_iovec_t v = req->headers.entries[i].value;
+
+		if (any++ && len < SIM_TRACE_MAX)
+			out[len++] = ',';
+		k = v.len < SIM_TRACE_MAX - len ? v.len : SIM_TRACE_MAX - len;
+		memcpy(out + len, v.base, k);
+		len += k;
+	}
+	return (any ? (int)len : -1);
+}
+
+/* Remember req's traceparent and tracestate for GET /sim/traces. */
+static void
+trace_record(h2o_req_t *req)
+{
+	struct sim_trace *t = &g_traces[g_ntraces++ % SIM_TRACES];
+	size_t n = req->path.len < sizeof(t->path) - 1 ? req->path.len
+	                                               : sizeof(t->path) - 1;
+
+	memcpy(t->path, req->path.base, n);
+	t->path[n] = '\0';
+	t->tplen = trace_hdr(req, H2O_STRLIT("traceparent"), t->tp);
+	t->tslen = trace_hdr(req, H2O_STRLIT("tracestate"), t->ts);
+}
+
+static void
+trace_json_str(struct sb *s, const char *p, int n)
+{
+	if (n < 0) {
+		sb_adds(s, "null");
+		return;
+	}
+	sb_adds(s, "\"");
+	sb_add_esc(s, p, (size_t)n);
+	sb_adds(s, "\"");
+}
+
+/* GET /sim/traces: {"traces":[{"path","traceparent","tracestate"},...]},
+ * oldest first; an absent header is null. */
+static void
+handle_traces(h2o_req_t *req)
+{
+	uint64_t first = g_ntraces > SIM_TRACES ? g_ntraces - SIM_TRACES : 0;
+
+	sb_reset(&g_sb);
+	sb_adds(&g_sb, "{\"traces\":[");
+	for (uint64_t k = first; k < g_ntraces; k++) {
+		const struct sim_trace *t = &g_traces[k % SIM_TRACES];
+
+		sb_adds(&g_sb, k > first ? ",{\"path\":\"" : "{\"path\":\"");
+		sb_add_esc(&g_sb, t->path, strlen(t->path));
+		sb_adds(&g_sb, "\",\"traceparent\":");
+		trace_json_str(&g_sb, t->tp, t->tplen);
+		sb_adds(&g_sb, ",\"tracestate\":");
+		trace_json_str(&g_sb, t->ts, t->tslen);
+		sb_adds(&g_sb, "}");
+	}
+	sb_adds(&g_sb, "]}\n");
+	send_sb(req, 200, "application/json", &g_sb);
+}
+
 static void
 handle_chat(h2o_req_t *req)
 {
@@ -1241,6 +1327,7 @@ handle_chat(h2o_req_t *req)
 
 	stats.requests++;
 	stats.in_flight++;
+	trace_record(req);
 	ch = h2o_mem_alloc_shared(&req->pool, sizeof(*ch), chat_dispose);
 	memset(ch, 0, sizeof(*ch));
 	ch->req = req;
@@ -1685,6 +1772,7 @@ handle_plugin(h2o_req_t *req, const char *name, size_t nlen)
 	int status = 200, garbage = 0;
 
 	stats.plugin_in_flight++;
+	trace_record(req);
 	pl = h2o_mem_alloc_shared(&req->pool, sizeof(*pl), plug_dispose);
 	memset(pl, 0, sizeof(*pl));
 	pl->req = req;
@@ -1892,6 +1980,11 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 			handle_stats(req);
 		else
 			send_error(req, 405, "sim: use GET", NULL);
+	} else if (h2o_memis(p.base, p.len, H2O_STRLIT("/sim/traces"))) {
+		if (get)
+			handle_traces(req);
+		else
+			send_error(req, 405, "sim: use GET", NULL);
 	} else if (h2o_memis(p.base, p.len, H2O_STRLIT("/sim/reset"))) {
 		if (post) {
 			int64_t inflight = stats.in_flight;
@@ -1901,6 +1994,7 @@ on_req(h2o_handler_t *self, h2o_req_t *req)
 			memset(g_win, 0, sizeof(g_win));
 			stats.in_flight = inflight;
 			stats.plugin_in_flight = pinflight;
+			g_ntraces = 0;
 			bucket_reset();
 			send_body(req, 200, "application/json",
 			          H2O_STRLIT("{\"ok\":true}\n"));
@@ -2007,7 +2101,8 @@ usage(FILE *f)
 	        "\n"
 	        "Endpoints: POST /v1/chat/completions, POST /plugin/<name>, "
 	        "GET /healthz,\n"
-	        "GET /sim/stats, POST /sim/reset, GET|POST /sim/config, GET "
+	        "GET /sim/stats, GET /sim/traces, POST /sim/reset, GET|POST "
+	        "/sim/config, GET "
 	        "/v1/models.\n"
 	        "Directives in the last message: [sim:status=NNN] [sim:429] "
 	        "[sim:garbage]\n"

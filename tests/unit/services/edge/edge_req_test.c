@@ -160,6 +160,170 @@ t_trace_new(void)
 		T_FAIL("two new traces share the trace id %.32s", a + 3);
 }
 
+/* edge_tracestate on s: what goes on, "" for nothing. */
+static const char *
+ts(const char *s, size_t n)
+{
+	static char out[EDGE_TRACESTATE_MAX + 1];
+	size_t len = edge_tracestate(s, n, out);
+
+	if (len > EDGE_TRACESTATE_MAX)
+		T_FAIL("tracestate of %zu bytes, over %d", len,
+		       EDGE_TRACESTATE_MAX);
+	out[len] = '\0';
+	return (out);
+}
+
+static void
+t_tracestate_valid(void)
+{
+	static const struct {
+		const char *in, *want;
+	} c[] = {
+	        {"", ""},
+	        {"congo=t61rcWkgMzE", "congo=t61rcWkgMzE"},
+	        {"rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+	         "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"},
+	        /* OWS around members and empty members go */
+	        {" rojo=1 ,\t congo=2\t", "rojo=1,congo=2"},
+	        {"rojo=1,,  ,congo=2,", "rojo=1,congo=2"},
+	        {" , ", ""},
+	        /* key characters, multi-tenant keys (tenant may start with a
+	         * digit, the system may not) */
+	        {"a_b-c*d/e9=1", "a_b-c*d/e9=1"},
+	        {"fw529a3039@dt=abc", "fw529a3039@dt=abc"},
+	        {"0tenant@sys-1=x", "0tenant@sys-1=x"},
+	        /* values: spaces inside and at the start, printable ASCII */
+	        {"k= a b", "k= a b"},
+	        {"k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~",
+	         "k=!\"#$%&'()*+-./:;<>?@[\\]^_`{|}~"},
+	        /* invalid: the whole header goes */
+	        {"Rojo=1", ""},
+	        {"1rojo=1", ""},
+	        {"rojo=1,congo", ""},
+	        {"=1", ""},
+	        {"rojo=", ""},
+	        {"rojo=a=b", ""},
+	        {"ro jo=1", ""},
+	        {"rojo=1\x7f", ""},
+	        {"rojo=\xc3\xa9", ""},
+	        {"rojo=a\tb", ""},
+	        {"t@=1", ""},
+	        {"@s=1", ""},
+	        {"t@1s=1", ""},
+	        {"t@abcdefghijklmno=1", ""}, /* system of 15 */
+	        {"t@S=1", ""},
+	        {"a@b@c=1", ""},
+	        {"rojo=1,congo=2,rojo=3", ""}, /* a key twice */
+	        {"good=1,Bad=2", ""},
+	};
+	char key[300], val[300], buf[700];
+
+	for (size_t i = 0; i < nitems(c); i++)
+		if (strcmp(ts(c[i].in, strlen(c[i].in)), c[i].want) != 0)
+			T_FAIL("edge_tracestate(\"%s\"): got \"%s\", want "
+			       "\"%s\"",
+			       c[i].in, ts(c[i].in, strlen(c[i].in)),
+			       c[i].want);
+	/* Lengths: a key of 256 and a value of 256 are the most. */
+	memset(key, 'k', 257);
+	memset(val, 'v', 257);
+	snprintf(buf, sizeof(buf), "%.256s=1", key);
+	T_EQ_STR(ts(buf, strlen(buf)), buf);
+	snprintf(buf, sizeof(buf), "%.257s=1", key);
+	T_EQ_STR(ts(buf, strlen(buf)), "");
+	snprintf(buf, sizeof(buf), "k=%.256s", val);
+	T_EQ_STR(ts(buf, strlen(buf)), buf);
+	snprintf(buf, sizeof(buf), "k=%.257s", val);
+	T_EQ_STR(ts(buf, strlen(buf)), "");
+	/* A tenant of 241 characters, not 242. */
+	snprintf(buf, sizeof(buf), "%.241s@s=1", key);
+	T_EQ_STR(ts(buf, strlen(buf)), buf);
+	snprintf(buf, sizeof(buf), "%.242s@s=1", key);
+	T_EQ_STR(ts(buf, strlen(buf)), "");
+	/* Bytes past n are never read. */
+	T_EQ_STR(ts("rojo=1,Bad=2", 6), "rojo=1");
+}
+
+/* n members k0=v .. k<n-1>=v joined by ',' into buf. */
+static size_t
+ts_members(char *buf, size_t cap, int n)
+{
+	size_t len = 0;
+
+	for (int i = 0; i < n; i++)
+		len += (size_t)snprintf(buf + len, cap - len, "%sk%d=v",
+		                        i ? "," : "", i);
+	return (len);
+}
+
+static void
+t_tracestate_members(void)
+{
+	char buf[1024], want[1024];
+	size_t n;
+
+	/* 32 members pass, 33 are invalid. */
+	n = ts_members(buf, sizeof(buf), 32);
+	T_EQ_STR(ts(buf, n), buf);
+	n = ts_members(buf, sizeof(buf), 33);
+	T_EQ_STR(ts(buf, n), "");
+	/* Empty members do not count. */
+	n = ts_members(buf, sizeof(buf), 32);
+	memcpy(buf + n, ",, ,", 5);
+	ts_members(want, sizeof(want), 32);
+	T_EQ_STR(ts(buf, n + 4), want);
+}
+
+static void
+t_tracestate_truncate(void)
+{
+	char buf[2048], want[2048], a[200], b[200], v[600];
+	size_t n;
+
+	/* 512 bytes pass whole: 4 members of 127 and 3 commas = 511, plus
+	 * "x" = 512. */
+	memset(v, 'v', sizeof(v));
+	n = (size_t)snprintf(buf, sizeof(buf),
+	                     "a=%.125s,b=%.125s,c=%.125s,d=%.126s", v, v, v,
+	                     v);
+	T_EQ_INT(n, 512);
+	T_EQ_STR(ts(buf, n), buf);
+	/* One byte more: the last member goes (none is over 128). */
+	n = (size_t)snprintf(buf, sizeof(buf),
+	                     "a=%.125s,b=%.125s,c=%.125s,d=%.127s", v, v, v,
+	                     v);
+	snprintf(want, sizeof(want), "a=%.125s,b=%.125s,c=%.125s", v, v, v);
+	T_EQ_STR(ts(buf, n), want);
+	/* Members over 128 characters go first, the last of them first:
+	 * here long2 (then the list fits), long1 and the short ones stay. */
+	snprintf(a, sizeof(a), "long1=%.150s", v);
+	snprintf(b, sizeof(b), "long2=%.150s", v);
+	n = (size_t)snprintf(buf, sizeof(buf),
+	                     "s1=1,%s,s2=%.120s,%s,s3=%.120s,s4=3", a, v, b,
+	                     v);
+	snprintf(want, sizeof(want), "s1=1,%s,s2=%.120s,s3=%.120s,s4=3", a, v,
+	         v);
+	T_EQ_STR(ts(buf, n), want);
+	/* Both long ones gone and still too long (4 members of 127, s5=1
+	 * and 4 commas: 516): then from the end. */
+	n = (size_t)snprintf(buf, sizeof(buf),
+	                     "s1=%.124s,%s,s2=%.124s,%s,s3=%.124s,s4=%.124s,"
+	                     "s5=1",
+	                     v, a, v, b, v, v);
+	snprintf(want, sizeof(want), "s1=%.124s,s2=%.124s,s3=%.124s,s4=%.124s",
+	         v, v, v, v);
+	T_EQ_STR(ts(buf, n), want);
+	/* One member over 512 (a key and a value of 256, valid): it goes,
+	 * the short one before it stays. */
+	memcpy(buf, "a=1,", 4);
+	memset(buf + 4, 'k', 256);
+	buf[260] = '=';
+	memset(buf + 261, 'v', 256);
+	T_EQ_STR(ts(buf, 517), "a=1");
+	T_EQ_STR(ts(buf + 4, 513), "");
+}
+
 /* Parse a NUL-terminated literal. */
 static int
 parse(const char *body, struct edge_chat *c, char *msg, size_t msglen)
@@ -668,6 +832,9 @@ T_TESTS = {
         {"reqid_processes_differ", t_reqid_processes_differ},
         {"trace_valid", t_trace_valid},
         {"trace_new", t_trace_new},
+        {"tracestate_valid", t_tracestate_valid},
+        {"tracestate_members", t_tracestate_members},
+        {"tracestate_truncate", t_tracestate_truncate},
         {"chat_ok", t_chat_ok},
         {"chat_bad", t_chat_bad},
         {"chat_nul_inside", t_chat_nul_inside},

@@ -147,8 +147,8 @@ start(const char *query, int64_t timeout_ms, struct got *g)
 	                      "{\"role\":\"assistant\",\"content\":\"b\"}"),
 	                 MSTR(query)),
 	         0);
-	T_ASSERT(worker_upstream_start(up, url.b, &body, MSTR_NULL, timeout_ms,
-	                               on_done, g) != NULL);
+	T_ASSERT(worker_upstream_start(up, url.b, &body, MSTR_NULL, MSTR_NULL,
+	                               timeout_ms, on_done, g) != NULL);
 	buf_free(&url);
 }
 
@@ -295,8 +295,8 @@ sone(const char *query, uint64_t status, const char *msg, const char *content)
 	                                        MSTR_NULL, MSTR(query)),
 	         0);
 	T_ASSERT(worker_upstream_start_stream(up, url.b, &body, MSTR_NULL,
-	                                      5000, on_delta, on_sdone,
-	                                      &s) != NULL);
+	                                      MSTR_NULL, 5000, on_delta,
+	                                      on_sdone, &s) != NULL);
 	buf_free(&url);
 	wait_n(&s.g.n, 1, 5000);
 	T_EQ_INT(s.g.n, 1);

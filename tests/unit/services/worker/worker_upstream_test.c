@@ -573,7 +573,7 @@ call(int port, const char *which, const char *tp, int64_t timeout_ms,
 	                                 MSTR_NULL, MSTR(which)),
 	         0);
 	c = worker_upstream_start(up, url, &body, tp ? MSTR(tp) : MSTR_NULL,
-	                          timeout_ms, on_done, g);
+	                          MSTR_NULL, timeout_ms, on_done, g);
 	T_ASSERT(c != NULL);
 	T_ASSERT(body.b == NULL && body.len == 0); /* taken */
 	return (c);
@@ -628,6 +628,67 @@ t_loop_bad_traceparent(void)
 	T_ASSERT(strcasestr(srv.last_head.b, "traceparent") == NULL);
 	T_ASSERT(strcasestr(srv.last_head.b, "X-Evil") == NULL);
 	free(g.a.content);
+	teardown();
+}
+
+/* One call with traceparent tp and tracestate ts (a plugin POST if
+ * post); what the server saw is in srv.last_head. */
+static void
+call_ts(const char *tp, const char *ts, int post)
+{
+	char url[128];
+	struct buf body = {0};
+	struct got g = {0};
+
+	setup(4096, 8);
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/%s", srv.port,
+	         post ? "plug/ok" : "ok/v1/chat/completions");
+	if (post)
+		(void)buf_adds(&body, "{\"a\":1}");
+	else
+		T_EQ_INT(worker_upstream_request(&body, MSTR("m"), MSTR_NULL,
+		                                 MSTR_NULL, MSTR("ok")),
+		         0);
+	if (post)
+		T_ASSERT(worker_upstream_post(up, url, &body, MSTR(tp),
+		                              MSTR(ts), NULL, 0, 5000, on_done,
+		                              &g) != NULL);
+	else
+		T_ASSERT(worker_upstream_start(up, url, &body, MSTR(tp),
+		                               MSTR(ts), 5000, on_done,
+		                               &g) != NULL);
+	wait_for(&g.n, 1, 5000);
+	T_EQ_INT(g.a.status, 200);
+	free(g.a.content);
+}
+
+static void
+t_loop_tracestate(void)
+{
+	static const char tp[] =
+	        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+	/* Sent with the traceparent, as given, to the LLM and a plugin. */
+	for (int post = 0; post < 2; post++) {
+		call_ts(tp, "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", post);
+		T_ASSERT(strcasestr(srv.last_head.b,
+		                    "\r\ntraceparent: 00-0af7651916") != NULL);
+		T_ASSERT(strcasestr(srv.last_head.b,
+		                    "\r\ntracestate: rojo=00f067aa0ba902b7,"
+		                    "congo=t61rcWkgMzE\r\n") != NULL);
+		teardown();
+	}
+	/* Empty: no header.  Without a usable traceparent: none either. */
+	call_ts(tp, "", 0);
+	T_ASSERT(strcasestr(srv.last_head.b, "tracestate") == NULL);
+	teardown();
+	call_ts("", "rojo=1", 0);
+	T_ASSERT(strcasestr(srv.last_head.b, "tracestate") == NULL);
+	teardown();
+	/* Not printable ASCII (a CR or LF above all): not sent. */
+	call_ts(tp, "rojo=1\r\nX-Evil: 1", 1);
+	T_ASSERT(strcasestr(srv.last_head.b, "tracestate") == NULL);
+	T_ASSERT(strcasestr(srv.last_head.b, "X-Evil") == NULL);
 	teardown();
 }
 
@@ -924,8 +985,8 @@ scall(const char *which, int64_t timeout_ms, struct sgot *s)
 	                                        MSTR_NULL, MSTR_NULL,
 	                                        MSTR(which)),
 	         0);
-	c = worker_upstream_start_stream(up, url, &body, MSTR_NULL, timeout_ms,
-	                                 on_delta, on_sdone, s);
+	c = worker_upstream_start_stream(up, url, &body, MSTR_NULL, MSTR_NULL,
+	                                 timeout_ms, on_delta, on_sdone, s);
 	T_ASSERT(c != NULL);
 	return (c);
 }
@@ -1183,8 +1244,9 @@ post(const char *which, const char *const *hdrs, size_t nh, int64_t timeout_ms,
 	snprintf(url, sizeof(url), "http://127.0.0.1:%d/plug/%s", srv.port,
 	         which);
 	(void)buf_adds(&body, "{\"a\":1}");
-	T_ASSERT(worker_upstream_post(up, url, &body, MSTR_NULL, hdrs, nh,
-	                              timeout_ms, on_done, g) != NULL);
+	T_ASSERT(worker_upstream_post(up, url, &body, MSTR_NULL, MSTR_NULL,
+	                              hdrs, nh, timeout_ms, on_done,
+	                              g) != NULL);
 	T_EQ_INT(body.len, 0);
 }
 
@@ -1265,6 +1327,7 @@ T_TESTS = {
         {"retry_after", t_retry_after},
         {"loop_ok", t_loop_ok},
         {"loop_bad_traceparent", t_loop_bad_traceparent},
+        {"loop_tracestate", t_loop_tracestate},
         {"loop_keepalive", t_loop_keepalive},
         {"loop_parallel_limit", t_loop_parallel_limit},
         {"loop_errors", t_loop_errors},
