@@ -109,6 +109,12 @@ edge_conf_load(struct edge_conf *c, char *err, size_t errlen)
 	         offsetof(struct edge_conf, chat_timeout_ms)},
 	        {"drain_ms", 5000, 0, 600000,
 	         offsetof(struct edge_conf, drain_ms)},
+	        {"max_conns_per_addr", EDGE_MAX_CONNS_PER_ADDR, 0, 10000000,
+	         offsetof(struct edge_conf, max_conns_per_addr)},
+	        {"conn_rate_per_addr", EDGE_CONN_RATE_PER_ADDR, 0, 10000000,
+	         offsetof(struct edge_conf, conn_rate_per_addr)},
+	        {"conn_burst_per_addr", EDGE_CONN_BURST_PER_ADDR, 1, 10000000,
+	         offsetof(struct edge_conf, conn_burst_per_addr)},
 	};
 	const char *l;
 	char *cred;
@@ -186,6 +192,21 @@ static const struct svc_def edge_def = {
                 "  chat_timeout_ms  deadline of a chat (30000)\n"
                 "  drain_ms         on stop, wait for answers this long "
                 "(5000)\n"
+                "  l3_inflight      in tier L3, shed new chats when this "
+                "many are open\n"
+                "                   (0: as many as were open when L3 "
+                "began)\n"
+                "  max_conns_per_addr\n"
+                "                   open connections per client address "
+                "(IPv4, IPv6\n"
+                "                   /64); past it a new one gets 503 and "
+                "is closed\n"
+                "                   (16384; 0: no limit)\n"
+                "  conn_rate_per_addr\n"
+                "                   new connections per second per "
+                "address (0: no limit)\n"
+                "  conn_burst_per_addr\n"
+                "                   ... of which at once (200)\n"
                 "[webhook] keys:\n"
                 "  verify_token     signing token of POST /api/v1/execute "
                 "(empty:\n"

@@ -14,6 +14,11 @@
 #include "proto.h"
 #include "svc.h"
 
+/* Defaults of the per-address limits (docs/services/edge.md says why). */
+#define EDGE_MAX_CONNS_PER_ADDR 16384
+#define EDGE_CONN_RATE_PER_ADDR 0
+#define EDGE_CONN_BURST_PER_ADDR 200
+
 /* [edge] settings (docs/services/edge.md). */
 struct edge_conf {
 	char listen[128];  /* host:port, used without a systemd socket */
@@ -23,6 +28,10 @@ struct edge_conf {
 	uint64_t head_timeout_ms; /* a started request must be in by then */
 	uint64_t chat_timeout_ms; /* deadline of a chat, from its arrival */
 	uint64_t drain_ms;        /* on stop: wait this long for answers */
+	/* Per client address (IPv4, IPv6 /64); 0: no limit. */
+	uint64_t max_conns_per_addr;  /* open connections */
+	uint64_t conn_rate_per_addr;  /* new connections per second */
+	uint64_t conn_burst_per_addr; /* ... of which at once */
 	/* [webhook] verify_token (or the credential webhook-verify-token):
 	 * the plugin webhook's signing token; empty: the webhook is off. */
 	char verify_token[512];

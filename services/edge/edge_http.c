@@ -59,6 +59,7 @@
 #include <inttypes.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +71,7 @@
 
 #include "coze.h"
 #include "edge.h"
+#include "edge_addr.h"
 #include "edge_pending.h"
 #include "edge_req.h"
 #include "edge_tier.h"
@@ -98,6 +100,7 @@ int phr_parse_request(const char *buf, size_t len, const char **method,
 #define EDGE_LINGER_MS 2000      /* drain a socket this long before close */
 #define EDGE_DRAIN_CHECK_MS 20
 #define EDGE_CTR_CACHE 24 /* (status, code) pairs cached per endpoint */
+#define EDGE_ADDR_GC_BUCKETS 1024 /* address buckets looked at per sweep */
 
 #define EDGE_STREAM_QMAX (1 << 20) /* bytes a slow stream client may owe */
 
@@ -148,6 +151,8 @@ struct edge_conn {
 	uint64_t partial_since; /* h2o time a partial request was seen */
 	int linger_fd;          /* dup for a lingering close, or -1 */
 	struct edge_waiter *w;  /* its v3 chat waiting or streaming, or NULL */
+	/* its client address in the per-address table, or NULL */
+	struct edge_addr_ent *addr;
 };
 
 /* A socket being drained before it is closed. */
@@ -216,6 +221,8 @@ static struct {
 	struct edge_waiter *redo; /* the waiter a new attempt continues */
 	h2o_timeout_entry_t pause_ent, sweep_ent, drain_ent;
 	uint64_t last_pause_log;
+	struct edge_addr addrs; /* per-address limits */
+	uint64_t last_full_log;
 
 	h2o_linklist_t conns, rewrap;
 	h2o_socket_cb h2o_read; /* h2o's HTTP/1 read callback */
@@ -228,6 +235,8 @@ static struct {
 	double *g_pending, *g_conns;
 	uint64_t *c_pauses, *c_head_big, *c_head_slow, *c_gone, *c_dropped;
 	uint64_t *c_resends;
+	uint64_t *c_ref_conns, *c_ref_rate, *c_untracked;
+	double *g_addrs;
 	uint64_t nconns;
 } E;
 
@@ -299,6 +308,7 @@ gauges(void)
 {
 	*E.g_pending = (double)edge_pending_count(&E.pending);
 	*E.g_conns = (double)E.nconns;
+	*E.g_addrs = (double)edge_addr_count(&E.addrs);
 }
 
 static int
@@ -365,6 +375,32 @@ metrics_setup(struct svc *svc)
 		E.c_dropped = &ctr_sink;
 	if (E.c_resends == NULL)
 		E.c_resends = &ctr_sink;
+	snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"per_addr_conns\"",
+	         svc->name);
+	E.c_ref_conns = metrics_counter(
+	        svc->metrics, "troupe_edge_refused_connections_total",
+	        "New connections refused by a per-address limit", lb);
+	snprintf(lb, sizeof(lb), "service=\"%s\",reason=\"per_addr_rate\"",
+	         svc->name);
+	E.c_ref_rate = metrics_counter(
+	        svc->metrics, "troupe_edge_refused_connections_total",
+	        "New connections refused by a per-address limit", lb);
+	E.c_untracked = metrics_counter(
+	        svc->metrics, "troupe_edge_untracked_connections_total",
+	        "Connections admitted without per-address limits (the address "
+	        "table was full)",
+	        lb_svc);
+	E.g_addrs = metrics_gauge(
+	        svc->metrics, "troupe_edge_tracked_addresses",
+	        "Client addresses in the per-address table", lb_svc);
+	if (E.c_ref_conns == NULL)
+		E.c_ref_conns = &ctr_sink;
+	if (E.c_ref_rate == NULL)
+		E.c_ref_rate = &ctr_sink;
+	if (E.c_untracked == NULL)
+		E.c_untracked = &ctr_sink;
+	if (E.g_addrs == NULL)
+		E.g_addrs = &gauge_sink;
 	return (0);
 }
 
@@ -1758,6 +1794,8 @@ conn_on_close(void *arg)
 	if (h2o_linklist_is_linked(&ec->rewrap))
 		h2o_linklist_unlink(&ec->rewrap);
 	E.nconns--;
+	if (ec->addr != NULL)
+		edge_addr_release(&E.addrs, ec->addr, h2o_now(E.loop));
 	if (ec->linger_fd != -1)
 		linger_start(ec->linger_fd);
 	free(ec);
@@ -1941,6 +1979,10 @@ sweep(h2o_timeout_entry_t *to)
 	h2o_linklist_t *node, *next;
 
 	(void)to;
+	if (edge_addr_count(&E.addrs) > 0) {
+		edge_addr_gc(&E.addrs, now, EDGE_ADDR_GC_BUCKETS);
+		gauges();
+	}
 	for (node = E.conns.next; node != &E.conns; node = next) {
 		struct edge_conn *ec =
 		        H2O_STRUCT_FROM_MEMBER(struct edge_conn, link, node);
@@ -2007,29 +2049,151 @@ accept_pause(int err)
 		h2o_timeout_link(E.loop, &E.pause_to, &E.pause_ent);
 }
 
+/*
+ * Refuse a new connection at once, without h2o: a short 503 (5030,
+ * Retry-After: 1, Connection: close) if the socket takes it now, then
+ * close.  Never waits.
+ */
+static void
+addr_refuse(int fd, const char *msg)
+{
+	char id[EDGE_REQID_LEN + 1], tr[EDGE_TRACE_LEN], body[512], out[1024];
+	size_t bn;
+	ssize_t r;
+	int n, i;
+
+	/* Read (and drop) what the client sent already: close() with
+	 * unread bytes would reset the answer away.  A client that has
+	 * left (end of file, an error) is not answered. */
+	for (i = 0; i < 4; i++) {
+		if ((r = recv(fd, out, sizeof(out), MSG_DONTWAIT)) > 0)
+			continue;
+		if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+			close(fd);
+			return;
+		}
+		break;
+	}
+	edge_reqid_next(&E.ids, h2o_now(E.loop), id);
+	id[EDGE_REQID_LEN] = '\0';
+	edge_trace_new(&E.ids, tr);
+	bn = edge_json_error(body, sizeof(body), 5030, msg, strlen(msg), id,
+	                     NULL);
+	n = snprintf(out, sizeof(out),
+	             "HTTP/1.1 503 Service Unavailable\r\n"
+	             "Content-Type: application/json\r\n"
+	             "Content-Length: %zu\r\nRetry-After: 1\r\n"
+	             "Connection: close\r\nX-Tt-Logid: %s\r\n"
+	             "traceparent: %.*s\r\n\r\n%s",
+	             bn, id, EDGE_TRACE_LEN, tr, body);
+	if (n > 0 && (size_t)n < sizeof(out))
+		(void)send(fd, out, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+	(void)shutdown(fd, SHUT_WR);
+	close(fd);
+}
+
+/*
+ * The per-address limits for a connection from sa: 0 to go on (*ent its
+ * entry or NULL), -1 if it was refused (fd closed).
+ */
+static int
+addr_check(int fd, const struct sockaddr *sa, socklen_t sl,
+           struct edge_addr_ent **ent)
+{
+	struct edge_addr_key k;
+	char a[EDGE_ADDR_STRLEN];
+	uint64_t now = h2o_now(E.loop);
+	int warn;
+
+	*ent = NULL;
+	if (!edge_addr_on(&E.addrs) || edge_addr_key_of(sa, sl, &k) == -1)
+		return (0);
+	switch (edge_addr_admit(&E.addrs, &k, now, ent, &warn)) {
+	case EDGE_ADDR_OK:
+		return (0);
+	case EDGE_ADDR_UNTRACKED:
+		++*E.c_untracked;
+		if (now - E.last_full_log >= EDGE_ADDR_WARN_MS ||
+		    E.last_full_log == 0) {
+			E.last_full_log = now;
+			log_warnx("%s: %d client addresses tracked: new ones "
+			          "are admitted without per-address limits",
+			          __func__, EDGE_ADDR_MAX);
+		}
+		return (0);
+	case EDGE_ADDR_OVER_CONNS:
+		++*E.c_ref_conns;
+		if (warn) {
+			edge_addr_fmt(&k, a);
+			log_warnx("%s: %s: refusing new connections: %" PRIu64
+			          " open (max_conns_per_addr); next report "
+			          "in a minute at the earliest",
+			          __func__, a, E.conf.max_conns_per_addr);
+		}
+		addr_refuse(fd, "too many connections from this address");
+		return (-1);
+	case EDGE_ADDR_OVER_RATE:
+	default:
+		++*E.c_ref_rate;
+		if (warn) {
+			edge_addr_fmt(&k, a);
+			log_warnx("%s: %s: refusing new connections: over "
+			          "%" PRIu64 "/s, burst %" PRIu64
+			          " (conn_rate_per_addr); next report in a "
+			          "minute at the earliest",
+			          __func__, a, E.conf.conn_rate_per_addr,
+			          E.conf.conn_burst_per_addr);
+		}
+		addr_refuse(fd, "connecting too often from this address");
+		return (-1);
+	}
+}
+
+/*
+ * Accept like h2o_evloop_socket_accept() (accept4, TCP_NODELAY, the
+ * socket flagged as accepted) but with the peer's address, so that the
+ * per-address limits can refuse a connection before h2o sees it.
+ */
 static void
 on_accept(h2o_socket_t *listener, const char *err)
 {
-	h2o_socket_t *sock;
+	struct sockaddr_storage ss;
+	struct edge_addr_ent *ae;
 	struct edge_conn *ec;
-	int i;
+	h2o_socket_t *sock;
+	socklen_t sl;
+	int i, fd, one = 1;
 
 	if (err != NULL)
 		return;
 	for (i = 0; i < EDGE_ACCEPT_BATCH; i++) {
-		if ((sock = h2o_evloop_socket_accept(listener)) == NULL) {
+		sl = sizeof(ss);
+		if ((fd = accept4(h2o_socket_get_fd(listener),
+		                  (struct sockaddr *)&ss, &sl,
+		                  SOCK_NONBLOCK | SOCK_CLOEXEC)) == -1) {
 			if (errno == EMFILE || errno == ENFILE ||
 			    errno == ENOBUFS || errno == ENOMEM)
 				accept_pause(errno);
-			return;
+			break;
 		}
+		if (addr_check(fd, (struct sockaddr *)&ss, sl, &ae) == -1)
+			continue;
 		if ((ec = calloc(1, sizeof(*ec))) == NULL) {
-			h2o_socket_close(sock);
+			if (ae != NULL)
+				edge_addr_release(&E.addrs, ae,
+				                  h2o_now(E.loop));
+			close(fd);
 			accept_pause(ENOMEM);
-			return;
+			break;
 		}
+		if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)
+			(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+			                 sizeof(one));
+		sock = h2o_evloop_socket_create(
+		        E.loop, fd, H2O_SOCKET_FLAG_IS_ACCEPTED_CONNECTION);
 		ec->sock = sock;
 		ec->linger_fd = -1;
+		ec->addr = ae;
 		sock->on_close.cb = conn_on_close;
 		sock->on_close.data = ec;
 		h2o_linklist_insert(&E.conns, &ec->link);
@@ -2142,7 +2306,7 @@ edge_http_init(struct svc *svc, const struct edge_conf *c, int listen_fd,
 	h2o_pathconf_t *path;
 	h2o_handler_t *h;
 	h2o_filter_t *f;
-	unsigned char seed[32];
+	unsigned char seed[48];
 	int lfd, from_systemd = listen_fd >= 0;
 
 	memset(&E, 0, sizeof(E));
@@ -2155,10 +2319,14 @@ edge_http_init(struct svc *svc, const struct edge_conf *c, int listen_fd,
 		return (-1);
 	}
 	edge_ids_init(&E.ids, seed);
-	if (edge_pending_init(&E.pending, 1024) == -1) {
+	if (edge_pending_init(&E.pending, 1024) == -1 ||
+	    edge_addr_init(&E.addrs, seed + 32) == -1) {
 		snprintf(err, errlen, "out of memory");
 		return (-1);
 	}
+	edge_addr_limits(&E.addrs, (uint32_t)c->max_conns_per_addr,
+	                 (uint32_t)c->conn_rate_per_addr,
+	                 (uint32_t)c->conn_burst_per_addr);
 	metrics_setup(svc);
 	gauges();
 
@@ -2223,6 +2391,12 @@ edge_http_reconf(const struct edge_conf *c)
 	E.conf.head_timeout_ms = c->head_timeout_ms;
 	E.conf.chat_timeout_ms = c->chat_timeout_ms;
 	E.conf.drain_ms = c->drain_ms;
+	E.conf.max_conns_per_addr = c->max_conns_per_addr;
+	E.conf.conn_rate_per_addr = c->conn_rate_per_addr;
+	E.conf.conn_burst_per_addr = c->conn_burst_per_addr;
+	edge_addr_limits(&E.addrs, (uint32_t)c->max_conns_per_addr,
+	                 (uint32_t)c->conn_rate_per_addr,
+	                 (uint32_t)c->conn_burst_per_addr);
 	memcpy(E.conf.verify_token, c->verify_token,
 	       sizeof(E.conf.verify_token));
 	E.gconf.max_request_entity_size = c->max_body;
