@@ -784,10 +784,18 @@ dispatcher_run_done(struct dispatcher *d, int slot, const struct msg *m,
 		run_refuse(d, r, wait, "throttled again");
 		dispatcher_run_remove(&d->d_runs, r);
 		free(r);
+	} else if (d->d_stopping) {
+		/* No child will take it again: answer now, not at the
+		 * client's deadline. */
+		run_count(d->m_rej_stopping);
+		run_fail(d, r, 503, DISPATCHER_CODE_STOPPING, "shutting down",
+		         1);
+		dispatcher_run_remove(&d->d_runs, r);
+		free(r);
 	} else {
 		r->r_tries++;
-		run_count(d->m_requeued);
-		(void)run_park(d, r, 1);
+		if (run_park(d, r, 1))
+			run_count(d->m_requeued);
 	}
 	dispatcher_run_drain(d);
 }
